@@ -1,0 +1,182 @@
+"""Dice: the metric and the loss of the segmentation pipelines, and the Dice-per-epoch plot.
+
+Dice = 2 |P n T| / (|P| + |T|) for a predicted mask P and a true mask T. It is undefined when both are
+empty, and how a pipeline scores those images changes its figure a lot (about 60% of the nerve
+ultrasound masks are empty), so the convention is always explicit here:
+
+- `empty="one"`: an image whose truth is empty scores 1 if the prediction is empty too, else 0. This is
+  the Kaggle nerve-segmentation metric, and MONAI's `DiceMetric(ignore_empty=False)`.
+- `empty="skip"`: images whose truth is empty are left out of the mean (NaN per image). This is MONAI's
+  default `DiceMetric(ignore_empty=True)`; it cannot see false positives on empty images.
+
+`global_dice` sums intersections and volumes over a whole set before dividing, as nnU-Net reports
+its validation Dice: large and small cases then weigh by their volume, and empty cases cannot make it
+undefined.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+EMPTY_CONVENTIONS = ("one", "skip")
+
+
+def _dice_terms(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image: |P n T|, |P| + |T| and |T|, as float64, for binary masks shaped (B, ...)."""
+    if pred.shape != target.shape:
+        raise ValueError(f"Prediction and truth differ in shape: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    pred = pred.reshape(pred.shape[0], -1).bool()
+    target = target.reshape(target.shape[0], -1).bool()
+    intersection = (pred & target).sum(1, dtype=torch.float64)
+    truth = target.sum(1, dtype=torch.float64)
+    return intersection, pred.sum(1, dtype=torch.float64) + truth, truth
+
+
+def _per_image(intersection: torch.Tensor, total: torch.Tensor, truth: torch.Tensor, empty: str) -> torch.Tensor:
+    if empty not in EMPTY_CONVENTIONS:
+        raise ValueError(f"empty must be one of {EMPTY_CONVENTIONS}, not {empty!r}")
+    dice = 2 * intersection / total.clamp(min=1)
+    if empty == "one":
+        return torch.where(total > 0, dice, torch.ones_like(dice))  # nothing to find, nothing found
+    return torch.where(truth > 0, dice, torch.full_like(dice, math.nan))
+
+
+def dice_per_image(pred: torch.Tensor, target: torch.Tensor, empty: str = "one") -> torch.Tensor:
+    """Dice of each image of a batch of binary masks (B, ...) -> float64 (B,); see the module for `empty`.
+
+    Threshold first (`logits > 0`): Dice of soft values is a loss, not this metric.
+    """
+    return _per_image(*_dice_terms(pred, target), empty)
+
+
+def mean_dice(pred: torch.Tensor, target: torch.Tensor, empty: str = "one") -> float:
+    """Mean over the images of a batch of their Dice; skipped images (NaN) are left out."""
+    return torch.nanmean(dice_per_image(pred, target, empty)).item()
+
+
+def global_dice(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Dice of a whole set at once: 2 sum|P n T| / sum(|P| + |T|); 1.0 when there is nothing anywhere."""
+    intersection, total, _ = _dice_terms(pred, target)
+    return _global(intersection.sum().item(), total.sum().item())
+
+
+def _global(intersection: float, total: float) -> float:
+    return 2 * intersection / total if total > 0 else 1.0
+
+
+class DiceAccumulator:
+    """Collects Dice over the batches of one validation pass; read `mean()` and `global_dice()` at the end.
+
+    acc = DiceAccumulator(empty="one")
+    for batch in val_loader:
+        acc.update(model(img) > 0, seg)
+    history.append({"val_dice": acc.mean(), "val_global_dice": acc.global_dice()})
+    """
+
+    def __init__(self, empty: str = "one"):
+        if empty not in EMPTY_CONVENTIONS:
+            raise ValueError(f"empty must be one of {EMPTY_CONVENTIONS}, not {empty!r}")
+        self.empty = empty
+        self._terms: list[torch.Tensor] = []  # one (3, B) tensor per batch, kept on the CPU
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        self._terms.append(torch.stack(_dice_terms(pred, target)).cpu())
+
+    def per_image(self) -> torch.Tensor:
+        """Dice of every image seen so far, in order (NaN for skipped ones)."""
+        if not self._terms:
+            return torch.empty(0, dtype=torch.float64)
+        return _per_image(*torch.cat(self._terms, dim=1), self.empty)
+
+    def mean(self) -> float:
+        """Mean per-image Dice (skipped images left out); NaN before any update or if all were skipped."""
+        scores = self.per_image()
+        return torch.nanmean(scores).item() if scores.numel() else math.nan
+
+    def global_dice(self) -> float:
+        if not self._terms:
+            return math.nan
+        intersection, total, _ = torch.cat(self._terms, dim=1).sum(dim=1)
+        return _global(intersection.item(), total.item())
+
+
+def soft_dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    smooth: float = 1e-5,
+    batch: bool = False,
+) -> torch.Tensor:
+    """1 - soft Dice of sigmoid(logits) against binary targets, both (B, C, *spatial); mean over (B, C).
+
+    Computed in float32 even inside an autocast (AMP) region: sums over a whole volume in float16 or
+    bfloat16 lose the small lesions this loss is meant to see. `batch=True` sums over the batch too
+    (each image then weighs by its volume, and images with empty truth do not each add a loss of ~1).
+    Same definition as `monai.losses.DiceLoss(sigmoid=True, smooth_nr=smooth, smooth_dr=smooth, batch=batch)`.
+    """
+    if logits.shape != target.shape:
+        raise ValueError(f"Logits and target differ in shape: {tuple(logits.shape)} vs {tuple(target.shape)}")
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        prob = torch.sigmoid(logits.float())
+        target = target.float()
+        dims = tuple(range(2, logits.ndim))
+        if batch:
+            dims = (0, *dims)
+        intersection = (prob * target).sum(dims)
+        denominator = prob.sum(dims) + target.sum(dims)
+        return (1 - (2 * intersection + smooth) / (denominator + smooth)).mean()
+
+
+class SoftDiceLoss(torch.nn.Module):
+    """`soft_dice_loss` as a module, to sit beside `torch.nn.BCEWithLogitsLoss` in a model's loss."""
+
+    def __init__(self, smooth: float = 1e-5, batch: bool = False):
+        super().__init__()
+        self.smooth, self.batch = smooth, batch
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return soft_dice_loss(logits, target, self.smooth, self.batch)
+
+
+def plot_dice_history(
+    dice: Sequence[float],
+    path: str | Path,
+    epochs: Sequence[int] | None = None,
+    title: str = "Validation Dice per epoch",
+    label: str = "validation Dice",
+) -> int | None:
+    """Write the Dice-per-epoch curve to the PNG `path`, best epoch marked; return that epoch (None if none).
+
+    `epochs` defaults to 1, 2, ...; pass them when validation runs every few epochs. NaN values (epochs
+    not validated) are left out. The file is replaced atomically, so a viewer that reloads it during
+    training never reads half a PNG. Uses a bare `Figure`, not pyplot: no window, no global state, any backend.
+    """
+    epochs = list(range(1, len(dice) + 1)) if epochs is None else list(epochs)
+    if len(epochs) != len(dice):
+        raise ValueError(f"{len(dice)} Dice values for {len(epochs)} epochs")
+    points = [(e, float(d)) for e, d in zip(epochs, dice) if not math.isnan(float(d))]
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.add_subplot()
+    best_epoch = None
+    if points:
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        best_epoch, best = max(points, key=lambda p: p[1])  # the first epoch reaching the best value
+        ax.plot([best_epoch], [best], marker="*", markersize=14, color="tab:red", linestyle="none",
+                label=f"best {best:.4f} (epoch {best_epoch})")  # fmt: skip
+        ax.legend(loc="lower right")
+    ax.set(xlabel="epoch", ylabel="Dice", title=title, ylim=(0, 1))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    fig.savefig(partial, format="png", bbox_inches="tight")
+    os.replace(partial, path)
+    return best_epoch
