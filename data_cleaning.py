@@ -6,7 +6,16 @@ when the prepared output is missing, and can also be run by hand.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
 
 # %% Ultrasound nerve segmentation (Kaggle): run-length encoding of masks
 
@@ -38,3 +47,275 @@ def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
             raise ValueError(f"Run {start} {length} falls outside an image of {shape[0]}x{shape[1]} pixels")
         flat[start - 1 : start - 1 + length] = 1
     return flat.reshape(shape, order="F")
+
+
+# Near-duplicate frames with contradictory labels. Each subject's frames come from one ultrasound video, so
+# many are near copies of each other; in a few pairs one copy has the nerve outlined and the other an empty
+# mask. Such a pair teaches the model both answers for one image. The pipeline finds these pairs on small
+# standardised thumbnails, reports them, and by default leaves the empty-labelled frame out of training.
+
+
+def frame_signature(pixels: np.ndarray, size: int = 32) -> np.ndarray:
+    """A frame shrunk to `size` x `size` by area averaging, then standardised: float32 (size * size,).
+
+    Averaging blocks of about 13 x 18 pixels (580x420 -> 32x32) smooths the speckle, which differs between
+    any two frames, and keeps the anatomy; standardising removes the gain, which the operator changes.
+    """
+    small = Image.fromarray(np.asarray(pixels, dtype=np.float32)).resize((size, size), Image.Resampling.BOX)
+    values = np.asarray(small, dtype=np.float32).ravel()
+    return (values - values.mean()) / max(float(values.std()), 1e-6)
+
+
+def find_near_duplicates(signatures: np.ndarray, groups, max_distance: float) -> list[tuple[int, int, float]]:
+    """Pairs (i, j, distance), i < j, of rows of `signatures` in the same group whose distance is <= max_distance.
+
+    The distance is the root-mean-square difference of two signatures: 0 for a copy, about 1.4 for unrelated
+    frames (for standardised signatures it is sqrt(2 (1 - correlation))). Only frames of one group (subject)
+    are compared: two subjects never share a frame, and this keeps the work linear in the number of subjects.
+    """
+    signatures, groups = np.asarray(signatures, dtype=np.float64), np.asarray(groups)
+    pairs = []
+    for group in np.unique(groups):
+        index = np.flatnonzero(groups == group)
+        s = signatures[index]
+        squared = (s**2).sum(axis=1)
+        distance = np.sqrt(np.clip(squared[:, None] + squared[None, :] - 2 * s @ s.T, 0, None) / s.shape[1])
+        for a, b in zip(*np.nonzero(np.triu(distance <= max_distance, k=1))):
+            pairs.append((int(index[a]), int(index[b]), float(distance[a, b])))
+    return sorted(pairs)
+
+
+def find_contradictory_pairs(frames: pd.DataFrame, signatures: np.ndarray, max_distance: float) -> pd.DataFrame:
+    """Near-duplicate frames of one subject of which one mask is empty and the other is not.
+
+    `frames` has one row per frame (`subject`, `img`, `has_nerve`), in the order of `signatures` (one
+    `frame_signature` each). Returns one row per pair: subject, img_with_nerve, img_empty, distance.
+    """
+    has_nerve = frames["has_nerve"].to_numpy(bool)
+    rows = []
+    for i, j, distance in find_near_duplicates(signatures, frames["subject"].to_numpy(), max_distance):
+        if has_nerve[i] != has_nerve[j]:
+            nerve, empty = (i, j) if has_nerve[i] else (j, i)
+            rows.append((frames["subject"].iat[i], frames["img"].iat[nerve], frames["img"].iat[empty], distance))
+    return pd.DataFrame(rows, columns=["subject", "img_with_nerve", "img_empty", "distance"])
+
+
+# %% Montgomery County chest X-rays (NLM): lung masks, 512x512, seeded train/test split
+
+LUNG_MASK_FOLDERS = ("ManualMask/leftMask", "ManualMask/rightMask")  # the patient's left and right lung
+SHENZHEN_IMAGE_FOLDER = "CXR_png"  # ChinaSet_AllFiles/CXR_png/CHNCXR_0001_0.png; masks <name>_mask.png anywhere below
+PREPARED_MANIFEST = "prepared.json"  # written last: a prepared folder without it is not complete
+PREPARED_CASES = "cases.csv"
+UNREADABLE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what Pillow raises on bad files
+
+
+class BadCase(ValueError):
+    """A case that cannot be used, with the reason it is counted under ("unreadable PNG", ...) and a message."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def read_gray(path: Path) -> np.ndarray:
+    """The pixels of a grayscale PNG as stored (8-bit, 16-bit, palette or RGB), float32 (H, W).
+
+    Raises BadCase naming the file when it cannot be decoded (truncated, not an image): Pillow opens
+    lazily and only fails at `load()`, with a message that does not say which file it was reading.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in ("L", "I", "I;16", "I;16B", "I;16L", "F"):
+                img = img.convert("L")  # RGB, palette, 1-bit: the gray value (masks: anything > 0 counts)
+            return np.asarray(img, dtype=np.float32)
+    except UNREADABLE_ERRORS as error:
+        raise BadCase("unreadable PNG", f"{path} is not a readable PNG ({error})") from error
+
+
+def to_unit_range(pixels: np.ndarray) -> np.ndarray:
+    """Map an X-ray to 0..1: its 0.5 and 99.5 percentiles go to 0 and 1, values beyond are clipped.
+
+    Per image, not by bit depth: Montgomery stores 12-bit values in 16-bit PNGs (max 4095, not 65535),
+    Shenzhen 8-bit, and exposure differs from film to film. A percentile window gives every image the same
+    contrast range whatever its bit depth (an 8-bit image and the same image x257 or x16 map to the same
+    result), and a burned-in marker or a few hot pixels cannot squeeze the anatomy into a sliver, as
+    dividing by the image's maximum would.
+    """
+    low, high = np.percentile(pixels, [0.5, 99.5])
+    return np.clip((pixels - low) / max(high - low, 1e-6), 0, 1).astype(np.float32)
+
+
+def read_lung_mask(paths: list[Path], shape: tuple[int, int]) -> np.ndarray:
+    """The union of the masks in `paths` (left and right lung, or Shenzhen's single mask) as bool `shape`.
+
+    Raises BadCase naming the file when one is unreadable or not of `shape` (the image's (height, width)).
+    """
+    union = np.zeros(shape, dtype=bool)
+    for path in paths:
+        mask = read_gray(path) > 0  # 0/255 as written by NLM; 0/1 works too
+        if mask.shape != union.shape:
+            raise BadCase(
+                "mask of another size",
+                f"{path} is {mask.shape[1]}x{mask.shape[0]} pixels, its image {shape[1]}x{shape[0]}",
+            )
+        union |= mask
+    return union
+
+
+def find_lung_cases(montgomery_dir: Path, shenzhen_dir: Path | None = None) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Pair every image with its masks by file name: (cases, problems), problems as (reason, message).
+
+    A case is {"name", "source", "image", "masks"}. Unpaired files are problems, never silently dropped:
+    an image without (one of) its masks, and masks without an image.
+    """
+    cases, problems = [], []
+    images = {p.name: p for p in sorted((montgomery_dir / "CXR_png").glob("*.png"))}
+    masks = [{p.name: p for p in sorted((montgomery_dir / folder).glob("*.png"))} for folder in LUNG_MASK_FOLDERS]
+    for name, image in images.items():
+        missing = [f"{folder}/{name}" for folder, found in zip(LUNG_MASK_FOLDERS, masks) if name not in found]
+        if missing:
+            problems.append(("image without mask", f"CXR_png/{name}: no mask {' or '.join(missing)}"))
+        else:
+            cases.append(
+                {
+                    "name": Path(name).stem,
+                    "source": "Montgomery",
+                    "image": image,
+                    "masks": [found[name] for found in masks],
+                }
+            )
+    for name in sorted(set().union(*masks) - set(images)):
+        where = " and ".join(f"{folder}/{name}" for folder, found in zip(LUNG_MASK_FOLDERS, masks) if name in found)
+        problems.append(("mask without image", f"{where}: no image CXR_png/{name}"))
+    if shenzhen_dir is not None:
+        images = {p.stem: p for p in sorted((shenzhen_dir / SHENZHEN_IMAGE_FOLDER).glob("*.png"))}
+        masks = {p.stem.removesuffix("_mask"): p for p in sorted(shenzhen_dir.rglob("*_mask.png"))}
+        for stem, image in images.items():
+            if stem in masks:
+                cases.append({"name": stem, "source": "Shenzhen", "image": image, "masks": [masks[stem]]})
+            else:
+                problems.append(("image without mask", f"{image.relative_to(shenzhen_dir)}: no {stem}_mask.png"))
+        for stem in sorted(set(masks) - set(images)):
+            problems.append(("mask without image", f"{masks[stem].relative_to(shenzhen_dir)}: no image {stem}.png"))
+    return cases, problems
+
+
+def _prepare_case(case: dict, size: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """(uint16 image, uint8 0/255 mask), both size x size, and the original (height, width); BadCase if bad."""
+    pixels = read_gray(case["image"])
+    mask = read_lung_mask(case["masks"], pixels.shape)
+    # Images: Lanczos, an antialiasing filter (a 4020x4892 film shrinks ~9x; plain sampling would alias the ribs).
+    small = Image.fromarray(pixels, mode="F").resize((size, size), Image.Resampling.LANCZOS)
+    image = np.round(to_unit_range(np.asarray(small)) * 65535).astype(np.uint16)  # 16 bits: no precision lost
+    # Masks: nearest neighbour, so they stay strictly 0/255 (a bilinear resize invents in-between values).
+    mask = Image.fromarray(mask.astype(np.uint8) * np.uint8(255)).resize((size, size), Image.Resampling.NEAREST)
+    return image, np.asarray(mask), pixels.shape
+
+
+def prepare_lung_segmentation(
+    montgomery_dir: Path,
+    out_dir: Path | None = None,
+    size: int = 512,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    shenzhen_dir: Path | None = None,
+) -> Path:
+    """Write the lung segmentation cases to `out_dir/{train,test}/{image,mask}/<name>.png`; return `out_dir`.
+
+    As the original preparation: the union of the left and right lung masks, images and masks resized to
+    `size` x `size` (images with an antialiasing filter, masks nearest-neighbour), paired by file name, a
+    seeded split by file name (one film per patient in both sets, so by patient). `out_dir` defaults to
+    `segmentation/` beside the download, which is only read. Also written: `cases.csv` (each case's split,
+    original size and source files, relative to the parent of `out_dir`) and, last, `prepared.json`.
+
+    Idempotent: a complete folder prepared with the same settings is reused as it is. Bad cases (an image
+    without a mask, a mask without an image, an unreadable PNG, a mask of another size) are named, skipped
+    and counted; with no usable case left, a FileNotFoundError says what was expected where.
+    """
+    montgomery_dir = Path(montgomery_dir).resolve()
+    out_dir = (montgomery_dir.parent / "segmentation" if out_dir is None else Path(out_dir)).resolve()
+    if out_dir.is_relative_to(montgomery_dir):
+        raise ValueError(f"{out_dir} is inside the download {montgomery_dir}, which is never modified")
+    settings = {
+        "version": 1,
+        "source": montgomery_dir.name,
+        "size": size,
+        "test_fraction": test_fraction,
+        "seed": seed,
+        "shenzhen": None if shenzhen_dir is None else Path(shenzhen_dir).name,
+    }
+    manifest = out_dir / PREPARED_MANIFEST
+    if manifest.exists():
+        previous = json.loads(manifest.read_text())
+        if all(previous.get(key) == value for key, value in settings.items()):
+            print(
+                f"Reusing the prepared cases in {out_dir} ({previous['train']} train, {previous['test']} test, "
+                f"{sum(previous['skipped'].values())} skipped at preparation)"
+            )
+            return out_dir
+        print(f"{out_dir} was prepared with other settings: preparing it again")
+    elif out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists but has no {PREPARED_MANIFEST}: it was not written here; move it away")
+    if shenzhen_dir is not None and not (Path(shenzhen_dir) / SHENZHEN_IMAGE_FOLDER).is_dir():
+        raise FileNotFoundError(f"Shenzhen set asked for, but {Path(shenzhen_dir) / SHENZHEN_IMAGE_FOLDER} is missing")
+
+    cases, problems = find_lung_cases(montgomery_dir, None if shenzhen_dir is None else Path(shenzhen_dir))
+    partial = out_dir.with_name(f".{out_dir.name}.partial")  # renamed into place at the end: never half-written
+    shutil.rmtree(partial, ignore_errors=True)
+    for folder in ("image", "mask"):
+        (partial / folder).mkdir(parents=True)
+    rows = []
+    for case in tqdm(cases, desc="Preparing lung cases", disable=None):
+        try:
+            image, mask, (height, width) = _prepare_case(case, size)
+        except BadCase as error:
+            problems.append((error.reason, f"{case['name']}: {error}"))
+            continue
+        Image.fromarray(image).save(partial / "image" / f"{case['name']}.png")
+        Image.fromarray(mask).save(partial / "mask" / f"{case['name']}.png")
+        relative = [os.path.relpath(p.resolve(), out_dir.parent) for p in (case["image"], *case["masks"])]
+        rows.append(
+            {
+                "name": case["name"],
+                "source": case["source"],
+                "height": height,
+                "width": width,
+                "image_file": relative[0],
+                "mask_files": ";".join(relative[1:]),
+            }
+        )
+    for reason, message in problems:
+        print(f"Skipped ({reason}): {message}")
+    skipped = dict(Counter(reason for reason, _ in problems))
+    if not rows:
+        shutil.rmtree(partial)
+        raise FileNotFoundError(
+            f"No usable image/mask pair in {montgomery_dir} ({len(problems)} skipped): expected CXR_png/<name>.png "
+            f"with {LUNG_MASK_FOLDERS[0]}/<name>.png and {LUNG_MASK_FOLDERS[1]}/<name>.png"
+        )
+
+    # Seeded split of the sorted names: the same cases go to test on every machine and every run.
+    names = sorted(row["name"] for row in rows)
+    n_test = min(max(1, round(test_fraction * len(names))), len(names) - 1) if len(names) > 1 else 0
+    test_names = set(np.random.default_rng(seed).permutation(names)[:n_test])
+    for row in rows:
+        row["split"] = "test" if row["name"] in test_names else "train"
+        for folder in ("image", "mask"):
+            (partial / row["split"] / folder).mkdir(parents=True, exist_ok=True)
+            os.replace(partial / folder / f"{row['name']}.png", partial / row["split"] / folder / f"{row['name']}.png")
+    for folder in ("image", "mask"):
+        (partial / folder).rmdir()
+    cases_table = pd.DataFrame(rows).sort_values(["split", "name"])
+    cases_table.to_csv(partial / PREPARED_CASES, index=False)
+    counts = {split: int((cases_table["split"] == split).sum()) for split in ("train", "test")}
+    (partial / PREPARED_MANIFEST).write_text(json.dumps({**settings, **counts, "skipped": skipped}, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # only ever a folder with our manifest (checked above)
+    os.replace(partial, out_dir)
+    summary = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
+    print(
+        f"Prepared {len(rows)} cases in {out_dir} ({counts['train']} train, {counts['test']} test); "
+        f"skipped {len(problems)}{f' ({summary})' if summary else ''}"
+    )
+    return out_dir

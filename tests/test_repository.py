@@ -22,7 +22,8 @@ def quick_start_commands():
 
 def test_quick_start_is_two_commands_install_then_test():
     run, test = quick_start_commands()
-    assert run.startswith("python -m pip install -r requirements.txt && python ")
+    assert re.fullmatch(r"python -m pip install -r requirements\.txt && (QUICK=1 )?python \w+\.py", run)
+    assert (REPO_ROOT / run.split()[-1]).is_file()
     assert test == "python -m pip install -r requirements-dev.txt && python -m pytest"
 
 
