@@ -1,0 +1,298 @@
+"""nerve_ultrasound_segmentation.py and its cleaning step: the Kaggle run-length encoding against train_masks.csv,
+the split by subject, contradictory near-duplicates, the minimum-area filter, bad input files named and counted,
+and a quick training run on the synthetic sample that must beat the all-empty baseline and write a submission.
+
+The script is loaded as a module with the quick-run switch on; the sample is written once per session (conftest).
+"""
+
+import importlib.util
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from data_cleaning import find_contradictory_pairs, find_near_duplicates, frame_signature, rle_decode, rle_encode
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NERVE = "ultrasound-nerve-segmentation"
+SHAPE = (420, 580)  # (height, width)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One CPU thread for torch in this module. On a small machine shared with other processes (2 cores here),
+    two OpenMP threads wait for each other at every one of the UNet's many small operations whenever the other
+    is descheduled: the quick run took 422 s with 2 threads and 12 s with 1 (measured), with the same result."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def nerve():
+    """The script as a module, loaded with QUICK=1 as CI runs it (the configuration cell reads it once)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("QUICK", "1")
+        name = "nerve_ultrasound_segmentation"
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    assert module.QUICK
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture
+def nerve_copy(sample_root, tmp_path):
+    """A private copy of the sample download, to damage."""
+    return Path(shutil.copytree(sample_root / NERVE, tmp_path / NERVE))
+
+
+def frame_keys(frames) -> set[tuple[int, int]]:
+    return {(f["subject"], f["img"]) for f in frames}
+
+
+def read(path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img)
+
+
+# %% Run-length encoding
+
+
+def test_encoding_of_every_sample_mask_is_its_train_masks_csv_row(sample_root):
+    root = sample_root / NERVE
+    table = pd.read_csv(root / "train_masks.csv", keep_default_na=False)
+    assert len(table) == 50
+    for subject, img, pixels in table.itertuples(index=False):
+        mask = read(root / f"train/{subject}_{img}_mask.tif")
+        assert rle_encode(mask) == pixels, f"{subject}_{img}"
+        np.testing.assert_array_equal(rle_decode(pixels, SHAPE), mask > 0)
+    assert 0 < (table["pixels"] == "").sum() < len(table)  # both empty and non-empty masks were compared
+
+
+def test_submission_round_trip_through_the_csv(nerve, tmp_path):
+    rng = np.random.default_rng(0)
+    masks = {1: rng.random(SHAPE) > 0.7, 2: np.zeros(SHAPE, bool), 10: np.ones(SHAPE, bool)}
+    rows = pd.DataFrame([(img, rle_encode(mask)) for img, mask in masks.items()], columns=["img", "pixels"])
+    nerve.write_submission(rows, tmp_path / "submission.csv")
+    table = pd.read_csv(tmp_path / "submission.csv")
+    assert list(table.columns) == ["img", "pixels"] and list(table["img"]) == [1, 2, 10]
+    for img, pixels in zip(table["img"], table["pixels"]):
+        np.testing.assert_array_equal(rle_decode(pixels, SHAPE), masks[img])
+
+
+# %% Split, near-duplicates, minimum area
+
+
+def test_split_is_by_subject_seeded_and_deterministic(nerve):
+    subjects = [s for s in range(1, 48) for _ in range(3)]  # 47 subjects, several frames each
+    train, val = nerve.split_by_subject(subjects, 0.2, seed=0)
+    assert not set(train) & set(val) and set(train) | set(val) == set(range(1, 48))
+    assert len(val) == 9
+    assert nerve.split_by_subject(subjects, 0.2, seed=0) == (train, val)
+    assert nerve.split_by_subject(subjects, 0.2, seed=1)[1] != val
+    assert nerve.split_by_subject([7, 7, 3], 0.5, seed=0) in [([3], [7]), ([7], [3])]  # one each side, at least
+    with pytest.raises(ValueError, match="at least 2 subjects"):
+        nerve.split_by_subject([4, 4], 0.2, seed=0)
+
+
+def test_near_duplicates_are_found_within_a_subject_and_different_frames_are_not():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    anatomy = 100 + 60 * np.sin(xx / 45) * np.cos(yy / 35) + 40 * (yy < 150)
+    frame = np.clip(anatomy * rng.rayleigh(0.5, SHAPE), 0, 255)  # speckle, rarely clipped
+    frames = [
+        frame,  # subject 1, img 1
+        np.clip(1.2 * frame + rng.integers(-2, 3, SHAPE), 0, 255),  # img 2: the same frame, more gain
+        np.roll(frame, 80, axis=1),  # img 3: the probe moved: same subject, another frame
+        frame,  # subject 2: identical pixels, but another subject is never compared
+    ]
+    signatures = np.stack([frame_signature(f) for f in frames])
+    pairs = find_near_duplicates(signatures, [1, 1, 1, 2], max_distance=0.15)
+    assert [(i, j) for i, j, _ in pairs] == [(0, 1)]
+    assert pairs[0][2] < 0.05
+    table = pd.DataFrame({"subject": [1, 1, 1, 2], "img": [1, 2, 3, 1], "has_nerve": [False, True, False, True]})
+    contradictory = find_contradictory_pairs(table, signatures, 0.15)
+    assert contradictory[["subject", "img_with_nerve", "img_empty"]].values.tolist() == [[1, 2, 1]]
+    table["has_nerve"] = [True, True, False, True]  # a duplicate with the same labels is no contradiction
+    assert find_contradictory_pairs(table, signatures, 0.15).empty
+
+
+def test_contradictory_frames_leave_training_by_default_and_stay_when_configured(nerve, sample_root, tmp_path, capsys):
+    root = sample_root / NERVE
+    cfg = replace(nerve.cfg, output_dir=tmp_path)
+    train, val = nerve.prepare_data(cfg, root)
+    pairs = pd.read_csv(tmp_path / "contradictory_pairs.csv")
+    assert len(pairs) >= 2  # the sample plants a near copy with an empty mask in 2-3 subjects
+    for subject, with_nerve, empty in pairs[["subject", "img_with_nerve", "img_empty"]].itertuples(index=False):
+        assert read(root / f"train/{subject}_{with_nerve}_mask.tif").any()
+        assert not read(root / f"train/{subject}_{empty}_mask.tif").any()
+    out = capsys.readouterr().out
+    assert f"{len(pairs)} pair(s)" in out and "left out of training" in out
+
+    train_all, val_all = nerve.prepare_data(replace(cfg, drop_contradictory=False), root)
+    train_subjects = {f["subject"] for f in train_all}
+    expected = {(s, e) for s, e in zip(pairs["subject"], pairs["img_empty"]) if s in train_subjects}
+    assert expected  # at least one pair lies in the training subjects
+    assert frame_keys(train_all) - frame_keys(train) == expected
+    assert frame_keys(train) < frame_keys(train_all)
+    assert frame_keys(val) == frame_keys(val_all)  # validation keeps every frame, as Kaggle scores them
+    assert not {f["subject"] for f in val} & train_subjects
+
+
+def test_min_area_filter_and_its_choice_on_a_constructed_case(nerve):
+    truth = torch.zeros(4, 1, *SHAPE, dtype=torch.bool)
+    truth[2:, :, 100:140, 200:260] = True  # two frames with a 2,400-pixel nerve, two without
+    pred = torch.zeros_like(truth)
+    pred[0, :, 10:15, 10:16] = True  # a 30-pixel false alarm on an empty frame
+    pred[2, :, 100:140, 200:260] = True  # exact
+    pred[3, :, 100:140, 210:270] = True  # shifted by 10 columns: Dice 2 * 2000 / 4800
+    assert nerve.apply_min_area(pred, 50)[0].sum() == 0 and nerve.apply_min_area(pred, 50)[2:].sum() == 4800
+    assert nerve.apply_min_area(pred, 2401).sum() == 0 and nerve.apply_min_area(pred, 30)[0].sum() == 30
+
+    scores = nerve.MinAreaScores()
+    scores.update(pred[:2], truth[:2])  # two batches, as in a validation pass
+    scores.update(pred[2:], truth[2:])
+    shifted = 2 * 2000 / 4800
+    assert scores.dice(0) == pytest.approx((0 + 1 + 1 + shifted) / 4)
+    assert scores.dice(50) == pytest.approx((1 + 1 + 1 + shifted) / 4)
+    assert scores.dice(3000) == pytest.approx((1 + 1 + 0 + 0) / 4)
+    assert scores.all_empty.mean() == pytest.approx(0.5)
+    assert [scores.presence_accuracy(n) for n in (0, 50, 3000)] == [0.75, 1.0, 0.5]
+    assert nerve.choose_min_area(scores, [3000, 0, 50, 40]) == 40  # 40 and 50 tie: the smaller one
+
+
+# %% Bad input
+
+
+def damage_corrupt(root):
+    path = root / "train/1_2.tif"
+    path.write_bytes(path.read_bytes()[:5000])  # truncated
+    return path, "unreadable", (1, 2)
+
+
+def damage_mask_without_image(root):
+    (root / "train/2_3.tif").unlink()
+    return root / "train/2_3_mask.tif", "mask without image", (2, 3)
+
+
+def damage_image_without_mask(root):
+    (root / "train/4_6_mask.tif").unlink()
+    return root / "train/4_6.tif", "image without mask", (4, 6)
+
+
+def damage_other_size(root):
+    path = root / "train/3_5.tif"
+    Image.fromarray(np.zeros((400, 600), np.uint8)).save(path, format="TIFF")
+    return path, "wrong size", (3, 5)
+
+
+def damage_csv_row(root):
+    table = pd.read_csv(root / "train_masks.csv", keep_default_na=False)
+    row = table.index[table["pixels"] != ""][0]  # a frame with a nerve
+    subject, img = table.loc[row, ["subject", "img"]]
+    table.loc[row, "pixels"] = "1 10"
+    table.to_csv(root / "train_masks.csv", index=False)
+    return root / f"train/{subject}_{img}_mask.tif", "disagrees with train_masks.csv", (subject, img)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [damage_corrupt, damage_mask_without_image, damage_image_without_mask, damage_other_size, damage_csv_row],
+)
+def test_each_bad_input_is_named_skipped_and_counted(nerve, nerve_copy, tmp_path, capsys, damage):
+    path, kind, key = damage(nerve_copy)
+    cfg = replace(nerve.cfg, output_dir=tmp_path / "out", drop_contradictory=False)
+    train, val = nerve.prepare_data(cfg, nerve_copy)
+    out = capsys.readouterr().out
+    assert f"Skipped {path}: {kind}" in out
+    assert f"skipped 1 (1 {kind})" in out
+    assert key not in frame_keys(train + val)
+    assert len(train) + len(val) == 49  # every other frame is used
+
+
+def test_missing_csv_is_said_and_the_mask_files_are_used(nerve, nerve_copy, tmp_path, capsys):
+    (nerve_copy / "train_masks.csv").unlink()
+    cfg = replace(nerve.cfg, output_dir=tmp_path / "out", drop_contradictory=False)
+    train, val = nerve.prepare_data(cfg, nerve_copy)
+    assert "train_masks.csv not found" in capsys.readouterr().out
+    assert len(train) + len(val) == 50
+
+
+def test_nothing_usable_is_one_clear_error(nerve, nerve_copy, tmp_path):
+    for path in (nerve_copy / "train").glob("*_mask.tif"):
+        path.unlink()
+    with pytest.raises(FileNotFoundError, match=r"Found 0 image/mask pairs .* expected <subject>_<img>.tif"):
+        nerve.prepare_data(replace(nerve.cfg, output_dir=tmp_path / "out"), nerve_copy)
+
+
+def test_bad_or_missing_test_frames_are_named_and_predicted_empty(nerve, nerve_copy, capsys):
+    corrupt, missing = nerve_copy / "test/2.tif", nerve_copy / "test/5.tif"
+    corrupt.write_bytes(b"not a TIFF")
+    missing.unlink()  # still listed in sample_submission.csv
+    model = nerve.build_model(nerve.cfg)
+    rows = nerve.predict_test(model, nerve_copy / "test", nerve.cfg, torch.device("cpu"), min_area=0)
+    out = capsys.readouterr().out
+    assert f"Skipped {corrupt}: unreadable" in out and f"Skipped {missing}: missing" in out
+    assert "skipped 2 (" in out
+    assert list(rows["img"]) == [1, 2, 3, 4, 5, 6]  # a complete submission all the same
+    assert rows.loc[rows["img"].isin([2, 5]), "pixels"].tolist() == ["", ""]
+
+
+def test_train_masks_csv_rows_without_files_are_reported(nerve, nerve_copy, tmp_path, capsys):
+    table = pd.read_csv(nerve_copy / "train_masks.csv", keep_default_na=False)
+    extra = pd.DataFrame({"subject": [9], "img": [1], "pixels": [""]})
+    pd.concat([table, extra]).to_csv(nerve_copy / "train_masks.csv", index=False)
+    train, val = nerve.prepare_data(replace(nerve.cfg, output_dir=tmp_path / "out"), nerve_copy)
+    assert "train_masks.csv has 1 row(s) without an image/mask pair" in capsys.readouterr().out
+    assert 9 not in {f["subject"] for f in train + val}
+
+
+# %% Training
+
+
+def test_quick_run_learns_and_writes_checkpoint_plot_history_and_submission(nerve, sample_root, tmp_path, capsys):
+    data_dir = tmp_path / "data"  # no real download there: the script must say it uses the sample
+    (data_dir / "sample").mkdir(parents=True)
+    (data_dir / "sample" / NERVE).symlink_to(sample_root / NERVE)
+    cfg = replace(nerve.cfg, data_dir=data_dir, output_dir=tmp_path / "out")
+    history = nerve.main(cfg)
+    out = capsys.readouterr().out
+    assert "SYNTHETIC" in out and "all-empty baseline" in out
+
+    assert len(history) == cfg.max_epochs
+    best = max(history, key=lambda row: row["val_dice"])
+    baseline = best["val_dice_all_empty"]
+    assert 0 < baseline < 1
+    assert best["val_dice"] > baseline + 0.15, (best["val_dice"], baseline)  # learnt, not just "no nerve"
+    assert best["presence_accuracy"] > 0.7
+
+    table = pd.read_csv(cfg.output_dir / "history.csv")
+    assert list(table.columns[:5]) == ["epoch", "train_loss", "val_loss", "val_dice", "val_dice_no_filter"]
+    assert {"min_area", "presence_accuracy", "val_dice_all_empty"} <= set(table.columns)
+    np.testing.assert_allclose(table["val_dice"], [row["val_dice"] for row in history])
+
+    checkpoint = torch.load(cfg.output_dir / "2D_Nerve_Segmentation.pt", weights_only=True)
+    assert {"model", "optimizer", "config", "epoch", "metric", "min_area"} <= set(checkpoint)
+    assert checkpoint["epoch"] == best["epoch"] and checkpoint["metric"] == pytest.approx(best["val_dice"])
+    assert checkpoint["min_area"] == best["min_area"] in cfg.min_area_candidates
+    assert checkpoint["config"]["image_size"] == cfg.image_size
+    nerve.build_model(cfg).load_state_dict(checkpoint["model"])  # strict: every weight is there
+
+    with Image.open(cfg.output_dir / "dice_per_epoch.png") as plot:
+        assert plot.format == "PNG"
+
+    submission = pd.read_csv(cfg.output_dir / "submission.csv", keep_default_na=False)
+    assert list(submission.columns) == ["img", "pixels"] and list(submission["img"]) == [1, 2, 3, 4, 5, 6]
+    areas = [rle_decode(pixels, SHAPE).sum() for pixels in submission["pixels"]]
+    assert all(area == 0 or area >= checkpoint["min_area"] for area in areas)  # the filter was applied
+    assert any(areas)  # the sample's test frames show a nerve about half the time
