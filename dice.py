@@ -150,12 +150,14 @@ def plot_dice_history(
     epochs: Sequence[int] | None = None,
     title: str = "Validation Dice per epoch",
     label: str = "validation Dice",
+    ylabel: str = "Dice",
 ) -> int | None:
     """Write the Dice-per-epoch curve to the PNG `path`, best epoch marked; return that epoch (None if none).
 
     `epochs` defaults to 1, 2, ...; pass them when validation runs every few epochs. NaN values (epochs
-    not validated) are left out. The file is replaced atomically, so a viewer that reloads it during
-    training never reads half a PNG. Uses a bare `Figure`, not pyplot: no window, no global state, any backend.
+    not validated) are left out. `ylabel` names another metric in 0..1 (pneumonia_detection's RSNA metric).
+    The file is replaced atomically, so a viewer that reloads it during training never reads half a PNG.
+    Uses a bare `Figure`, not pyplot: no window, no global state, any backend.
     """
     epochs = list(range(1, len(dice) + 1)) if epochs is None else list(epochs)
     if len(epochs) != len(dice):
@@ -171,7 +173,7 @@ def plot_dice_history(
         ax.plot([best_epoch], [best], marker="*", markersize=14, color="tab:red", linestyle="none",
                 label=f"best {best:.4f} (epoch {best_epoch})")  # fmt: skip
         ax.legend(loc="lower right")
-    ax.set(xlabel="epoch", ylabel="Dice", title=title, ylim=(0, 1))
+    ax.set(xlabel="epoch", ylabel=ylabel, title=title, ylim=(0, 1))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     path = Path(path)

@@ -161,3 +161,6 @@ def test_plot_dice_history_draws_the_values_it_was_given(tmp_path):
     plot_dice_history([0.9, 0.2, 0.3], tmp_path / "b.png")
     a, b = (np.asarray(Image.open(tmp_path / name).convert("L")) for name in ("a.png", "b.png"))
     assert a.shape == b.shape and (a != b).any()
+    plot_dice_history([0.1, 0.2, 0.3], tmp_path / "c.png", ylabel="RSNA metric")  # another metric's name
+    c = np.asarray(Image.open(tmp_path / "c.png").convert("L"))
+    assert c.shape != a.shape or (c != a).any()

@@ -1,0 +1,761 @@
+"""Pneumonia detection on chest radiographs: the RSNA Pneumonia Detection Challenge (Kaggle, 2018) with Faster R-CNN.
+
+Finds the lung opacities of pneumonia as boxes: groups the label rows by patient (one radiograph, zero or more
+boxes), samples patients per class, splits train/validation by patient with a seed, trains torchvision's Faster
+R-CNN (COCO weights when they are in the local torch cache, else from scratch), scores every epoch with the
+challenge metric and with COCO mAP, keeps the best epoch by the challenge metric, chooses on the validation set the
+score above which a box is kept, and writes a Kaggle submission for `stage_2_test_images/`.
+Challenge and metric: https://www.kaggle.com/c/rsna-pneumonia-detection-challenge (Overview > Evaluation).
+
+Data: `data/rsna-pneumonia-detection-challenge/` as unzipped from Kaggle (`stage_2_train_labels.csv`,
+`stage_2_detailed_class_info.csv`, `stage_2_train_images/<patientId>.dcm`, `stage_2_test_images/<patientId>.dcm`).
+Without it the synthetic stand-in under `data/sample/` is used (written when missing), and the script says so.
+Outputs: `output/pneumonia_detection/`: `Pneumonia_detection.pt` (best epoch), `history.csv` and
+`rsna_metric_per_epoch.png` (rewritten every epoch), `examples.png` (training radiographs with their boxes),
+`val_predictions.png` (true and predicted boxes), `submission.csv`; the two figures are also copied to `Images/`
+for the README.
+
+Run: `python pneumonia_detection.py` (`QUICK=1` for a short first try), or cell by cell in VS Code or Jupyter;
+edit the configuration inline, e.g. `cfg = Config(max_epochs=10)`.
+"""
+
+# %% Imports
+import contextlib
+import io
+import math
+import os
+import random
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from pydicom.pixels import get_decoder
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.models.detection import (
+    FasterRCNN_ResNet50_FPN_V2_Weights,
+    FasterRCNN_ResNet50_FPN_Weights,
+    fasterrcnn_resnet50_fpn,
+    fasterrcnn_resnet50_fpn_v2,
+)
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.ops import box_iou
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from dice import plot_dice_history
+from sample_data import find_dataset
+
+# %% Configuration
+# The repository root, whether run as a file (from any directory) or in a notebook kernel (no __file__).
+ROOT = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+QUICK = os.environ.get("QUICK", "0") == "1"  # the collection's quick-run switch (README): fewer epochs, cases, pixels
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # picked once; no "cuda:0" anywhere
+
+
+@dataclass
+class Config:
+    data_dir: Path = ROOT / "data"  # holds rsna-pneumonia-detection-challenge/ as unzipped; else data/sample/ is used
+    output_dir: Path = ROOT / "output" / "pneumonia_detection"  # weights, history, plots, submission
+    images_dir: Path = ROOT / "Images"  # the README's pictures: the example and prediction figures are copied here
+    seed: int = 0  # one seed for the sampling, the split, the initial weights and the flips
+    quick: bool = QUICK  # recorded in the checkpoint: a quick model is not a result
+    patients_per_class: int | None = 12 if QUICK else 500  # per class of the detailed class CSV, drawn by patient
+    # (the original drew 500 label rows, so a patient's boxes could land on both sides of the split); None: all
+    val_fraction: float = 0.2  # of each class's patients: a patient is one radiograph, so a split by patient
+    image_size: int = 128 if QUICK else 512  # side the 1024-px radiographs are resized to; opacities are large
+    # (150-350 px), 128 px still shows them, 512 px is what most challenge solutions trained at
+    model: str = "fasterrcnn_resnet50_fpn"  # or "fasterrcnn_resnet50_fpn_v2" (Li et al. 2021: better, slower)
+    pretrained: str = "auto"  # "auto": COCO weights if in the torch cache (never downloaded); "none": from scratch
+    trainable_backbone_layers: int = 3  # with COCO weights: ResNet stages trained, from the top (torchvision's 3)
+    train_predictor_only: bool = False  # with COCO weights: train the new box predictor only, as the original did
+    rpn_proposals_train: int = 300 if QUICK else 2000  # RPN proposals kept per image in training (torchvision 2000)
+    rpn_proposals_test: int = 300 if QUICK else 1000  # ... at inference (1000); the box head runs on every one
+    box_batch_size_per_image: int = 64 if QUICK else 512  # proposals sampled per image for the box head's loss
+    # (torchvision 512): at 128 px on a CPU the box head on 512 of them costs twice the backbone
+    lr: float = 0.005  # SGD, as torchvision's detection fine-tuning tutorial and the original
+    momentum: float = 0.9  # ditto
+    weight_decay: float = 5e-4  # ditto
+    step_size: int = 10 if QUICK else 3  # epochs between learning-rate drops (StepLR); the quick run's epochs
+    # are 7 steps each, too few to gain from a drop: it has none
+    gamma: float = 0.1  # learning-rate factor at each drop
+    max_epochs: int = 10 if QUICK else 5  # quick: 70 steps; from scratch, the sample's opacities appear after ~30
+    batch_size: int = 4  # radiographs per step (torchvision's tutorial uses 2-4 at 800 px)
+    max_steps_per_epoch: int | None = None  # cap on training steps per epoch (tests); None: the whole training set
+    hflip: float = 0.5  # probability of a horizontal flip (boxes flipped too): opacities occur in either lung
+    score_thresholds: tuple[float, ...] = (0.01, 0.02, 0.03, *(round(0.05 * i, 2) for i in range(1, 20)))  # to 0.95:
+    # candidate scores above which a box is kept, chosen on validation (a box on a negative radiograph zeroes it);
+    # the low ones for a model trained from scratch for a few steps, whose scores are still low
+    precise_bn_batches: int = 50  # training batches over which batch-norm statistics are recomputed before each
+    # validation (0: never); see recompute_batch_norm
+    num_workers: int = 0  # radiographs are decoded once and cached as tensors: workers would only add start-up
+    amp: bool = True  # mixed precision on CUDA (float16 + gradient scaling); ignored on the CPU
+    examples: int = 4  # radiographs drawn in examples.png and val_predictions.png
+
+
+cfg = Config()
+
+# %% Data
+LABELS_CSV = "stage_2_train_labels.csv"  # patientId,x,y,width,height,Target: one row per box, or one NaN row
+CLASSES_CSV = "stage_2_detailed_class_info.csv"  # patientId,class: repeated on every label row of a patient
+TRAIN_IMAGES, TEST_IMAGES = "stage_2_train_images", "stage_2_test_images"  # <patientId>.dcm in each
+
+
+class UnusableImage(Exception):
+    """A radiograph that cannot be used; `problem` is its short kind, for the count of skipped patients."""
+
+    def __init__(self, problem: str, detail: str):
+        super().__init__(f"{problem}: {detail}")
+        self.problem = problem
+
+
+class SkippedPatients:
+    """Bad inputs: each patient is named on one line when found, skipped, and counted for a summary."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def skip(self, patient_id: str, err: UnusableImage) -> None:
+        print(f"Skipped patient {patient_id}: {err}")
+        self.counts[err.problem] += 1
+
+    def summary(self, what: str) -> str:
+        if not self.counts:
+            return f"{what}: no patient skipped"
+        kinds = ", ".join(f"{n} {problem}" for problem, n in self.counts.most_common())
+        return f"{what}: skipped {sum(self.counts.values())} patients ({kinds})"
+
+
+def read_patients(root: Path) -> list[dict]:
+    """The labelled patients of `root`, one dict per patient (= one radiograph), sorted by patientId.
+
+    {"patient_id", "class", "path" (the DICOM), "boxes" (k, 4) float64 x1, y1, x2, y2 in the image's pixels}; k is
+    0 for the negatives, which stay negatives (the original turned them into whole-image boxes of class 1).
+    """
+    labels_path, classes_path = root / LABELS_CSV, root / CLASSES_CSV
+    for path in (labels_path, classes_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: expected the Kaggle download unzipped in {root} (README.md)")
+    labels = pd.read_csv(labels_path)
+    classes = pd.read_csv(classes_path).drop_duplicates("patientId").set_index("patientId")["class"]
+    patients = []
+    for patient_id, rows in labels.groupby("patientId", sort=True):
+        xywh = rows.loc[rows["Target"] == 1, ["x", "y", "width", "height"]].to_numpy(np.float64)
+        patients.append(
+            {
+                "patient_id": patient_id,
+                "class": classes.get(patient_id, "unknown"),
+                "path": root / TRAIN_IMAGES / f"{patient_id}.dcm",
+                "boxes": np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1),  # (k, 4)
+            }
+        )
+    return patients
+
+
+def sample_patients(patients: list[dict], per_class: int | None, seed: int) -> list[dict]:
+    """Up to `per_class` patients of each class, drawn with `seed`; all of them when `per_class` is None."""
+    rng = np.random.default_rng(seed)
+    sampled = []
+    for name in sorted({p["class"] for p in patients}):
+        members = [p for p in patients if p["class"] == name]
+        if per_class is not None and len(members) > per_class:
+            members = [members[i] for i in sorted(rng.choice(len(members), size=per_class, replace=False))]
+        sampled += members
+    return sorted(sampled, key=lambda p: p["patient_id"])
+
+
+def split_by_patient(patients: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, validation): `val_fraction` of each class's patients to validation, drawn with `seed`.
+
+    Each patient is one radiograph with all its boxes, so no patient is on both sides. Stratifying by class keeps
+    positives and both kinds of negatives in a small validation set.
+    """
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for name in sorted({p["class"] for p in patients}):
+        members = [p for p in patients if p["class"] == name]
+        order = rng.permutation(len(members))
+        # At least one of each class in validation, at least one left for training.
+        n_val = min(max(round(val_fraction * len(members)), 1), len(members) - 1)
+        val += [members[i] for i in order[:n_val]]
+        train += [members[i] for i in order[n_val:]]
+    return sorted(train, key=lambda p: p["patient_id"]), sorted(val, key=lambda p: p["patient_id"])
+
+
+def read_dicom(path: Path) -> np.ndarray:
+    """The pixels of a radiograph as float32 (H, W), bright = dense: RescaleSlope/Intercept applied, MONOCHROME1
+    (where bright means air) inverted. Raises UnusableImage, never an error from deep inside pydicom."""
+    if not path.is_file():
+        raise UnusableImage("missing DICOM", f"{path} not found")
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as err:  # pydicom raises several kinds on a damaged or non-DICOM file
+        raise UnusableImage("unreadable DICOM", f"{path}: {err}") from err
+    if "PixelData" not in ds:
+        raise UnusableImage("no pixel data", f"{path} has no PixelData element")
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is not None and syntax.is_compressed:
+        decoder = get_decoder(syntax)
+        if not decoder.is_available:
+            needs = "; ".join(decoder.missing_dependencies)
+            raise UnusableImage("no decoder", f"{path} is compressed as {syntax.name}, install one of: {needs}")
+    try:
+        pixels = ds.pixel_array.astype(np.float32)
+    except Exception as err:  # the decoder plugins raise RuntimeError, ValueError, OSError...
+        raise UnusableImage("undecodable pixel data", f"{path}: {err}") from err
+    if pixels.ndim != 2:
+        raise UnusableImage("not a grayscale radiograph", f"{path} has pixel array shape {pixels.shape}")
+    pixels = pixels * np.float32(ds.get("RescaleSlope", 1)) + np.float32(ds.get("RescaleIntercept", 0))
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        pixels = pixels.max() + pixels.min() - pixels  # same range, reversed
+    return pixels
+
+
+def to_uint8(pixels: np.ndarray, size: int) -> torch.Tensor:
+    """(1, size, size) uint8: stretched to 0..255 (the challenge's images are 8-bit already), resized with
+    antialiasing. Cached as uint8, 1,000 radiographs at 512 px take 260 MB."""
+    low, high = float(pixels.min()), float(pixels.max())
+    unit = torch.from_numpy((pixels - low) / max(high - low, 1e-6))[None, None]  # (1, 1, H, W) in 0..1
+    resized = F.interpolate(unit, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return (resized[0] * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def load_patients(patients: list[dict], size: int, skipped: SkippedPatients, progress: bool = True) -> list[dict]:
+    """Decode each patient's DICOM once and cache it at `size`; bad inputs are named, skipped and counted.
+
+    Adds "image" (1, size, size) uint8, "scale" (size / the DICOM's side) and "target_boxes" (k, 4) float32 in
+    `size` pixels. A box reaching outside the image skips the whole patient: clipping it would train on a box we
+    know to be wrong, and dropping it would turn part of a positive radiograph into a negative.
+    """
+    items = []
+    for patient in tqdm(patients, desc="decoding", leave=False, disable=None if progress else True):
+        try:
+            pixels = read_dicom(patient["path"])
+            height, width = pixels.shape
+            boxes = patient["boxes"]
+            invalid = ~np.isfinite(boxes).all(1) | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+            if invalid.any():
+                corners = boxes[invalid][0].round(1).tolist()
+                raise UnusableImage("invalid box", f"a Target 1 row without a usable box: x1, y1, x2, y2 = {corners}")
+            outside = (boxes[:, :2] < 0).any(1) | (boxes[:, 2] > width) | (boxes[:, 3] > height)
+            if outside.any():
+                where = f"x1, y1, x2, y2 = {boxes[outside][0].round(1).tolist()} in a {width}x{height} image"
+                raise UnusableImage("box outside the image", f"{where} ({outside.sum()} of {len(boxes)} boxes)")
+        except UnusableImage as err:
+            skipped.skip(patient["patient_id"], err)
+            continue
+        scale = np.array([size / width, size / height, size / width, size / height])
+        items.append(
+            {
+                **patient,
+                "image": to_uint8(pixels, size),
+                "scale": scale,
+                "target_boxes": torch.as_tensor(boxes * scale, dtype=torch.float32).reshape(-1, 4),
+            }
+        )
+    return items
+
+
+def to_original(boxes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Boxes (n, 4) in network pixels back to the DICOM's pixels (1024 px for the challenge)."""
+    return np.asarray(boxes, dtype=np.float64).reshape(-1, 4) / scale
+
+
+# %% Peek at the data
+# `draw_boxes` is called by main(): once on training radiographs (examples.png, and the README's picture), once on
+# validation radiographs with the best epoch's predictions (val_predictions.png).
+
+
+def draw_boxes(items: list[dict], path: Path, predictions: list[dict] | None = None, title: str = "") -> None:
+    """Radiographs with their true boxes (green) and, if given, predicted boxes with their scores (red).
+
+    `predictions[i]` holds "boxes" (n, 4) in the DICOM's pixels and "scores" (n,), for `items[i]`.
+    """
+    fig = Figure(figsize=(3.2 * len(items), 3.7), dpi=100)
+    for i, item in enumerate(items):
+        ax = fig.add_subplot(1, len(items), i + 1)
+        ax.imshow(item["image"][0].numpy(), cmap="gray", vmin=0, vmax=255)
+        shown = [(box, "lime", "") for box in item["target_boxes"].numpy()]
+        if predictions is not None:
+            boxes = predictions[i]["boxes"] * item["scale"]
+            shown += [(box, "red", f"{score:.2f}") for box, score in zip(boxes, predictions[i]["scores"])]
+        for (x1, y1, x2, y2), color, text in shown:
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=1.5))
+            if text:
+                ax.text(x1, y1, text, color=color, fontsize=7, va="bottom")
+        n_boxes = len(item["target_boxes"])
+        ax.set_title(f"{item['patient_id'][:8]}\n{item['class']}, {n_boxes} box{'es' * (n_boxes != 1)}", fontsize=8)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+
+
+def pick_examples(items: list[dict], n: int) -> list[dict]:
+    """Up to `n` radiographs, positives first (with two boxes if any), then one of each kind of negative."""
+    positives = sorted((i for i in items if len(i["target_boxes"])), key=lambda i: -len(i["target_boxes"]))
+    negatives = {}
+    for item in items:
+        if not len(item["target_boxes"]):
+            negatives.setdefault(item["class"], item)  # the first of each kind of negative
+    n_pos = max(n - len(negatives), min(2, n))
+    return (positives[:n_pos] + list(negatives.values()))[:n]
+
+
+# %% Transforms
+# torchvision.transforms.v2 moves the boxes with the image; negatives carry an empty (0, 4) box tensor.
+
+
+def build_transforms(cfg: Config, train: bool) -> v2.Compose:
+    """uint8 (1, S, S) -> float (3, S, S) in 0..1, as the COCO-trained backbone takes; flipped when training."""
+    flips = [v2.RandomHorizontalFlip(cfg.hflip)] if train and cfg.hflip > 0 else []
+    return v2.Compose([*flips, v2.ToDtype(torch.float32, scale=True), v2.RGB()])
+
+
+class DetectionDataset(Dataset):
+    """Cached radiographs as torchvision detection models take them: (image (3, S, S), {"boxes", "labels"})."""
+
+    def __init__(self, items: list[dict], transforms: v2.Compose):
+        self.items, self.transforms = items, transforms
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        item = self.items[index]
+        boxes = item["target_boxes"]
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(item["image"].shape[-2:])),
+            "labels": torch.ones(len(boxes), dtype=torch.int64),  # 1 = opacity; 0 is the background
+        }
+        return self.transforms(tv_tensors.Image(item["image"]), target)
+
+
+def collate(batch: list[tuple]) -> tuple[tuple, tuple]:
+    """Images of a detection batch stay a list (the model batches them itself), with one target dict each."""
+    return tuple(zip(*batch))
+
+
+# %% Model and loss
+# Faster R-CNN: Ren, He, Girshick, Sun, "Faster R-CNN: Towards Real-Time Object Detection with Region Proposal
+# Networks", NeurIPS 2015, https://arxiv.org/abs/1506.01497; with a feature pyramid (Lin et al. 2017,
+# https://arxiv.org/abs/1612.03144). A region proposal network scores anchor boxes as object or not and refines
+# them; a box head classifies each proposal and refines it again. The loss is the sum of the four terms the model
+# returns in training: RPN objectness and box regression, box-head classification and box regression.
+# v2: Li et al. 2021, "Benchmarking Detection Transfer Learning with Vision Transformers", arXiv:2111.11429.
+MODELS = {
+    "fasterrcnn_resnet50_fpn": (fasterrcnn_resnet50_fpn, FasterRCNN_ResNet50_FPN_Weights.COCO_V1),
+    "fasterrcnn_resnet50_fpn_v2": (fasterrcnn_resnet50_fpn_v2, FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1),
+}
+
+
+def cached_weights_path(model_name: str) -> Path:
+    """Where torch.hub keeps the COCO weights of `model_name` once downloaded: <hub dir>/checkpoints/<file>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / MODELS[model_name][1].url.rsplit("/", 1)[-1]
+
+
+def build_model(cfg: Config) -> tuple[torch.nn.Module, bool]:
+    """(Faster R-CNN with a 2-class box predictor, whether it starts from COCO weights).
+
+    COCO weights are used only when already in the torch cache: nothing is ever downloaded (the machine may be
+    offline). Without them every layer trains from scratch, batch norm included.
+    """
+    if cfg.model not in MODELS:
+        raise ValueError(f"model must be one of {', '.join(MODELS)}, not {cfg.model!r}")
+    if cfg.pretrained not in ("auto", "none"):
+        raise ValueError(f"pretrained must be 'auto' or 'none', not {cfg.pretrained!r}")
+    builder, weights = MODELS[cfg.model]
+    path = cached_weights_path(cfg.model)
+    pretrained = cfg.pretrained == "auto" and path.is_file()
+    kwargs = {
+        "min_size": cfg.image_size,  # the model's own resize: to our size, i.e. none (it would upsample to 800)
+        "max_size": cfg.image_size,
+        "rpn_pre_nms_top_n_train": cfg.rpn_proposals_train,
+        "rpn_post_nms_top_n_train": cfg.rpn_proposals_train,
+        "rpn_pre_nms_top_n_test": cfg.rpn_proposals_test,
+        "rpn_post_nms_top_n_test": cfg.rpn_proposals_test,
+        "box_batch_size_per_image": cfg.box_batch_size_per_image,
+        "box_score_thresh": min(cfg.score_thresholds),  # lower scores can never be kept
+    }
+    if pretrained:
+        # The file exists, so torchvision loads it from the cache; v1 freezes its batch norm, as torchvision does.
+        model = builder(weights=weights, trainable_backbone_layers=cfg.trainable_backbone_layers, **kwargs)
+        print(f"Starting from the COCO weights in {path}")
+    else:
+        if cfg.pretrained == "auto":
+            print(f"COCO weights not found in {path}: training from scratch, all layers trainable")
+        model = builder(weights=None, weights_backbone=None, **kwargs)  # trainable_backbone_layers defaults to 5
+    # A new predictor for 2 classes (background, opacity) in place of COCO's 91.
+    model.roi_heads.box_predictor = FastRCNNPredictor(model.roi_heads.box_predictor.cls_score.in_features, 2)
+    if pretrained and cfg.train_predictor_only:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name.startswith("roi_heads.box_predictor."))
+    return model, pretrained
+
+
+# %% Train and evaluate
+# The challenge's IoU thresholds, 0.40, 0.45, ..., 0.75, rounded so that 0.6 is exactly the float 0.6.
+IOU_THRESHOLDS = np.round(np.arange(0.40, 0.751, 0.05), 2)
+
+
+def rsna_image_precision(
+    pred_boxes: np.ndarray, scores: np.ndarray, true_boxes: np.ndarray, thresholds: np.ndarray = IOU_THRESHOLDS
+) -> float | None:
+    """The challenge's score of one image (boxes x1, y1, x2, y2), or None when the image does not count.
+
+    For each IoU threshold t: the predictions, in descending confidence, each take the unmatched true box of highest
+    IoU if that IoU is above t (a hit); precision = TP / (TP + FP + FN); the score is the mean over thresholds. An
+    image without true boxes scores 0 with any prediction and is skipped (None) without.
+    """
+    pred_boxes, true_boxes = np.asarray(pred_boxes).reshape(-1, 4), np.asarray(true_boxes).reshape(-1, 4)
+    if len(true_boxes) == 0:
+        return None if len(pred_boxes) == 0 else 0.0
+    if len(pred_boxes) == 0:
+        return 0.0
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    # float64: an IoU of exactly 0.6 must not come out as 0.6000001 and pass the 0.6 threshold.
+    iou = box_iou(*(torch.as_tensor(b, dtype=torch.float64) for b in (pred_boxes[order], true_boxes))).numpy()
+    iou = iou[iou.max(axis=1) > min(thresholds)]  # the others are false positives at every threshold
+    precisions = []
+    for t in thresholds:
+        matched = np.zeros(len(true_boxes), dtype=bool)
+        for row in iou:
+            candidates = np.where(~matched & (row > t), row, -1.0)
+            if candidates.max() > t:
+                matched[candidates.argmax()] = True
+        tp = int(matched.sum())
+        fp, fn = len(pred_boxes) - tp, len(true_boxes) - tp
+        precisions.append(tp / (tp + fp + fn))
+    return float(np.mean(precisions))
+
+
+def rsna_metric(predictions: list[dict], truths: list[np.ndarray], min_score: float = 0.0) -> float:
+    """Mean over images of `rsna_image_precision`, keeping predictions scoring at least `min_score`.
+
+    `predictions[i]`: {"boxes" (n, 4), "scores" (n,)}; `truths[i]`: the true boxes (k, 4). NaN if no image counts.
+    """
+    values = []
+    for pred, truth in zip(predictions, truths):
+        keep = np.asarray(pred["scores"]) >= min_score
+        value = rsna_image_precision(np.asarray(pred["boxes"])[keep], np.asarray(pred["scores"])[keep], truth)
+        if value is not None:
+            values.append(value)
+    return float(np.mean(values)) if values else math.nan
+
+
+def choose_score_threshold(
+    predictions: list[dict], truths: list[np.ndarray], candidates: tuple[float, ...]
+) -> tuple[float, float]:
+    """(the candidate score threshold with the best RSNA metric, that metric); the lowest among equals."""
+    scored = [(rsna_metric(predictions, truths, t), t) for t in sorted(candidates)]
+    best_value, best_threshold = max(scored, key=lambda vt: -math.inf if math.isnan(vt[0]) else vt[0])
+    return best_threshold, best_value
+
+
+def coco_map(predictions: list[dict], truths: list[np.ndarray]) -> tuple[float, float]:
+    """(COCO mAP@[.5:.95], mAP@.5) of the predictions, with pycocotools' COCOeval ("bbox"), class "opacity".
+
+    Ground truth and detections are built in memory; pycocotools' prints are silenced. No prediction at all gives
+    0; no true box at all gives NaN (COCO's -1).
+    """
+
+    def xywh(box) -> list[float]:
+        return [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]
+
+    annotations = []
+    for i, truth in enumerate(truths):
+        for box in np.asarray(truth).reshape(-1, 4):
+            annotation = {"id": len(annotations) + 1, "image_id": i + 1, "category_id": 1, "bbox": xywh(box)}
+            annotations.append(annotation | {"area": float((box[2] - box[0]) * (box[3] - box[1])), "iscrowd": 0})
+    detections = [
+        {"image_id": i + 1, "category_id": 1, "bbox": xywh(box), "score": float(score)}
+        for i, pred in enumerate(predictions)
+        for box, score in zip(np.asarray(pred["boxes"]).reshape(-1, 4), pred["scores"])
+    ]
+    if not annotations:
+        return math.nan, math.nan
+    if not detections:
+        return 0.0, 0.0
+    truth = COCO()
+    truth.dataset = {
+        "images": [{"id": i + 1} for i in range(len(truths))],
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "opacity"}],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth.createIndex()
+        evaluator = COCOeval(truth, truth.loadRes(detections), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return float(evaluator.stats[0]), float(evaluator.stats[1])
+
+
+@torch.no_grad()
+def recompute_batch_norm(model, loader, device, cfg: Config) -> None:
+    """Precise BN: set the running statistics of every batch-norm layer to their average over training batches,
+    computed with the current weights (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", arXiv:2105.07576;
+    Detectron2's PreciseBN hook).
+
+    Eval mode normalises with running averages that lag behind the weights while they change fast: from scratch,
+    on the quick run, eval mode found no opacity for several epochs in which the same weights with batch statistics
+    already outlined them (mean best IoU 0.5). With COCO weights the v1 model's batch norm is frozen: nothing to do.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if not norms or cfg.precise_bn_batches <= 0:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # None: a plain average over the batches that follow
+    model.train()  # batch statistics, and the running averages updated; no gradient, so the weights stay
+    for step, (images, targets) in enumerate(loader):
+        if step >= cfg.precise_bn_batches:
+            break
+        with torch.autocast(device.type, enabled=cfg.amp and device.type == "cuda"):
+            model([img.to(device) for img in images], [{k: v.to(device) for k, v in t.items()} for t in targets])
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+
+
+def train_one_epoch(model, loader, optimizer, scaler, device, cfg: Config, epoch: int) -> dict[str, float]:
+    """One pass over the training radiographs; returns the mean loss and the mean of each of its four terms.
+
+    Stops with a clear error naming the epoch and batch if the loss is not finite.
+    """
+    model.train()
+    use_amp = cfg.amp and device.type == "cuda"
+    sums, steps = Counter(), 0
+    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=None)
+    for step, (images, targets) in enumerate(bar):
+        if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
+            break
+        images = [img.to(device, non_blocking=True) for img in images]
+        targets = [{key: value.to(device) for key, value in t.items()} for t in targets]
+        with torch.autocast(device.type, enabled=use_amp):
+            losses = model(images, targets)
+            loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            terms = ", ".join(f"{key} {value.item():.4g}" for key, value in losses.items())
+            raise FloatingPointError(
+                f"Loss became {loss.item()} at epoch {epoch}, batch {step} ({terms}): stopping "
+                f"(try a lower lr than {cfg.lr}, or amp=False)"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        sums["train_loss"] += loss.item()
+        for key, value in losses.items():
+            sums[key] += value.item()
+        steps += 1
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return {key: value / max(steps, 1) for key, value in sums.items()}
+
+
+@torch.no_grad()
+def predict(model, images: list[torch.Tensor], scales: list[np.ndarray], device, cfg: Config) -> list[dict]:
+    """Predicted boxes (in the DICOM's pixels) and scores of a list of (3, S, S) images, as numpy, best first."""
+    model.eval()
+    with torch.autocast(device.type, enabled=cfg.amp and device.type == "cuda"):
+        outputs = model([img.to(device) for img in images])
+    return [
+        {"boxes": to_original(out["boxes"].float().cpu().numpy(), scale), "scores": out["scores"].float().cpu().numpy()}
+        for out, scale in zip(outputs, scales)
+    ]
+
+
+def evaluate(model, items: list[dict], device, cfg: Config) -> list[dict]:
+    """Predictions for the validation radiographs (in the DICOM's pixels), in the order of `items`."""
+    dataset = DetectionDataset(items, build_transforms(cfg, train=False))
+    predictions = []
+    for start in tqdm(range(0, len(items), cfg.batch_size), desc="validation", leave=False, disable=None):
+        batch = range(start, min(start + cfg.batch_size, len(items)))
+        images = [dataset[i][0] for i in batch]
+        predictions += predict(model, images, [items[i]["scale"] for i in batch], device, cfg)
+    return predictions
+
+
+def prediction_string(pred: dict, min_score: float) -> str:
+    """Kaggle's PredictionString: "conf x y width height ..." (1024-px top-left corner and size), best first."""
+    parts = []
+    for (x1, y1, x2, y2), score in zip(pred["boxes"], pred["scores"]):
+        if score >= min_score:
+            parts.append(f"{score:.4f} {x1:.1f} {y1:.1f} {x2 - x1:.1f} {y2 - y1:.1f}")
+    return " ".join(parts)
+
+
+def predict_test(model, test_dir: Path, device, cfg: Config, min_score: float) -> pd.DataFrame:
+    """One submission row (patientId, PredictionString) per DICOM in `test_dir`, sorted by patientId.
+
+    A radiograph that cannot be used is named, counted and predicted empty, so that every patient has a row.
+    """
+    skipped = SkippedPatients()
+    paths = sorted(test_dir.glob("*.dcm"))
+    patients = [{"patient_id": p.stem, "class": "test", "path": p, "boxes": np.zeros((0, 4))} for p in paths]
+    rows = {p["patient_id"]: "" for p in patients}
+    transforms = build_transforms(cfg, train=False)
+    for start in tqdm(range(0, len(patients), cfg.batch_size), desc="test", leave=False, disable=None):
+        items = load_patients(patients[start : start + cfg.batch_size], cfg.image_size, skipped, progress=False)
+        if not items:
+            continue
+        images = [transforms(tv_tensors.Image(item["image"])) for item in items]
+        for item, pred in zip(items, predict(model, images, [item["scale"] for item in items], device, cfg)):
+            rows[item["patient_id"]] = prediction_string(pred, min_score)
+    print(skipped.summary(f"Test folder {test_dir} ({len(patients)} radiographs)"))
+    return pd.DataFrame(sorted(rows.items()), columns=["patientId", "PredictionString"])
+
+
+def write_atomically(path: Path, write) -> None:
+    """`write(temporary path)` in the same folder, then rename over `path`: a crash never leaves half a file."""
+    partial = path.with_name(f".{path.name}.partial")
+    write(partial)
+    os.replace(partial, path)
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    write_atomically(path, lambda partial: torch.save(state, partial))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # CPU and every GPU
+
+
+def main(cfg: Config) -> list[dict]:
+    """Train, keep the best epoch by the validation RSNA metric, choose the score threshold, write the submission.
+
+    Returns the history: one dict per epoch (also written to history.csv)."""
+    start_time = time.time()
+    seed_everything(cfg.seed)
+    device = DEVICE
+    torch.backends.cudnn.benchmark = True  # every image has the same size: let cuDNN pick its fastest kernels
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    root = find_dataset("rsna-pneumonia-detection-challenge", Path(cfg.data_dir))  # says real or synthetic
+    patients = read_patients(root)
+    per_class = Counter(p["class"] for p in patients)
+    print(f"{len(patients)} labelled patients ({', '.join(f'{n} {name}' for name, n in sorted(per_class.items()))})")
+
+    skipped = SkippedPatients()
+    sampled = sample_patients(patients, cfg.patients_per_class, cfg.seed)
+    items = load_patients(sampled, cfg.image_size, skipped)
+    print(skipped.summary(f"{root / TRAIN_IMAGES} ({len(sampled)} sampled patients)"))
+    train_items, val_items = split_by_patient(items, cfg.val_fraction, cfg.seed)
+    if not train_items or not val_items:
+        raise ValueError(
+            f"{len(items)} usable patients of {len(sampled)} sampled: need 2 at least, with their DICOMs in "
+            f"{root / TRAIN_IMAGES}/<patientId>.dcm and their boxes in {root / LABELS_CSV}"
+        )
+    n_pos = sum(len(i["target_boxes"]) > 0 for i in val_items)
+    print(f"{len(train_items)} train, {len(val_items)} validation radiographs ({n_pos} with opacities) at "
+          f"{cfg.image_size} px on {device.type}{' (QUICK run)' if cfg.quick else ''}")  # fmt: skip
+
+    examples = output_dir / "examples.png"
+    draw_boxes(pick_examples(train_items, cfg.examples), examples, title="Training radiographs and their boxes")
+    Path(cfg.images_dir).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(examples, Path(cfg.images_dir) / "pneumonia_detection_examples.png")
+
+    train_loader = DataLoader(
+        DetectionDataset(train_items, build_transforms(cfg, train=True)),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=len(train_items) > cfg.batch_size,  # no tiny last batch, unless there is only one batch
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+    )
+    images, targets = next(iter(train_loader))  # peek at one batch
+    print(f"One training batch: {len(images)} images {tuple(images[0].shape)} {images[0].dtype}, boxes per image "
+          f"{[len(t['boxes']) for t in targets]}; {len(train_loader)} steps per epoch")  # fmt: skip
+
+    model, pretrained = build_model(cfg)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    print(f"{cfg.model}: {sum(p.numel() for p in params):,} of {sum(p.numel() for p in model.parameters()):,} "
+          f"parameters trained ({'COCO weights' if pretrained else 'from scratch'})")  # fmt: skip
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+
+    truths = [item["boxes"] for item in val_items]  # the CSV's boxes, in the DICOM's pixels
+    nothing = rsna_metric([{"boxes": np.zeros((0, 4)), "scores": np.zeros(0)}] * len(val_items), truths)
+    checkpoint_path = output_dir / "Pneumonia_detection.pt"
+    history, best_metric, best_epoch = [], -math.inf, 0
+    for epoch in range(1, cfg.max_epochs + 1):
+        epoch_start = time.time()
+        lr = optimizer.param_groups[0]["lr"]
+        losses = train_one_epoch(model, train_loader, optimizer, scaler, device, cfg, epoch)
+        scheduler.step()
+        recompute_batch_norm(model, train_loader, device, cfg)
+        predictions = evaluate(model, val_items, device, cfg)
+        threshold, val_rsna = choose_score_threshold(predictions, truths, cfg.score_thresholds)
+        val_map, val_map50 = coco_map(predictions, truths)
+        history.append(
+            {
+                "epoch": epoch,
+                **losses,
+                "val_rsna": val_rsna,  # the challenge metric at the best score threshold of this epoch
+                "score_threshold": threshold,
+                "val_map": val_map,  # COCO mAP@[.5:.95] of all predictions (no threshold: COCO ranks by score)
+                "val_map50": val_map50,
+                "val_rsna_predict_nothing": nothing,  # the baseline on the same radiographs
+                "lr": lr,
+                "seconds": time.time() - epoch_start,
+            }
+        )
+        row = history[-1]
+        if best_epoch == 0 or val_rsna > best_metric:  # the first epoch always, so that a checkpoint exists
+            best_metric, best_epoch = val_rsna, epoch
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+            state |= {"scheduler": scheduler.state_dict(), "epoch": epoch, "metric": val_rsna}
+            config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}  # loads weights_only
+            state |= {"metric_name": "validation RSNA metric", "score_threshold": threshold, "config": config}
+            save_checkpoint(state, checkpoint_path)
+        write_atomically(output_dir / "history.csv", lambda path: pd.DataFrame(history).to_csv(path, index=False))
+        plot_dice_history([h["val_rsna"] for h in history], output_dir / "rsna_metric_per_epoch.png",
+                          title="Pneumonia detection: validation RSNA metric per epoch",
+                          label="validation RSNA metric", ylabel="RSNA metric")  # fmt: skip
+        print(f"epoch {epoch:2d}/{cfg.max_epochs}  loss {row['train_loss']:.3f} (rpn {row['loss_objectness']:.3f} + "
+              f"{row['loss_rpn_box_reg']:.3f}, head {row['loss_classifier']:.3f} + {row['loss_box_reg']:.3f})  "
+              f"val RSNA {val_rsna:.4f} at score >= {threshold:.2f}  mAP {val_map:.4f}  mAP@.5 {val_map50:.4f}  "
+              f"{row['seconds']:.1f} s" + ("  *best*" if best_epoch == epoch else ""))  # fmt: skip
+
+    # The best epoch's weights and score threshold, read back from the checkpoint, for the figure and submission.
+    checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
+    model.load_state_dict(checkpoint["model"])
+    threshold = checkpoint["score_threshold"]
+    print(f"Best epoch {best_epoch}: validation RSNA metric {best_metric:.4f} with score >= {threshold:.2f} "
+          f"(predicting nothing scores {nothing:.4f} on the same {len(val_items)} radiographs; mAP "
+          f"{history[best_epoch - 1]['val_map']:.4f}, mAP@.5 {history[best_epoch - 1]['val_map50']:.4f})")  # fmt: skip
+    shown = pick_examples(val_items, cfg.examples)
+    kept = [{k: v[p["scores"] >= threshold] for k, v in p.items()} for p in evaluate(model, shown, device, cfg)]
+    draw_boxes(shown, output_dir / "val_predictions.png", kept, f"Validation: true (green), predicted >= {threshold}")
+    shutil.copyfile(output_dir / "val_predictions.png", Path(cfg.images_dir) / "pneumonia_detection_predictions.png")
+
+    submission = predict_test(model, root / TEST_IMAGES, device, cfg, threshold)
+    write_atomically(output_dir / "submission.csv", lambda path: submission.to_csv(path, index=False))
+    print(f"Wrote {checkpoint_path.name}, history.csv, rsna_metric_per_epoch.png, examples.png, val_predictions.png "
+          f"and submission.csv ({len(submission)} test patients, "
+          f"{(submission['PredictionString'] != '').sum()} with boxes) to {output_dir} "
+          f"in {time.time() - start_time:.0f} s")  # fmt: skip
+    return history
+
+
+# %% Run
+if __name__ == "__main__":
+    history = main(cfg)

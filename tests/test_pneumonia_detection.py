@@ -1,0 +1,445 @@
+"""pneumonia_detection.py: grouping and splitting by patient, DICOM reading, the RSNA metric and COCO mAP against
+hand-computed cases, bad inputs, the COCO-weights switch, the submission format, and runs of the script."""
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import torch
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, SecondaryCaptureImageStorage, generate_uid
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "pneumonia_detection.py"
+RSNA = "rsna-pneumonia-detection-challenge"
+
+
+@pytest.fixture(scope="module")
+def det():
+    """The script loaded as a module: its `__main__` cell does not run."""
+    spec = importlib.util.spec_from_file_location("pneumonia_detection", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def rsna_copy(sample_root, tmp_path):
+    """A private copy of the synthetic RSNA download, to damage."""
+    return Path(shutil.copytree(sample_root / RSNA, tmp_path / RSNA))
+
+
+def tiny_config(det, tmp_path, data_dir, **changes):
+    """Settings for a run of a few seconds: 64 px, few patients, a couple of steps."""
+    small = dict(
+        data_dir=data_dir,
+        output_dir=tmp_path / "output",
+        images_dir=tmp_path / "Images",
+        patients_per_class=4,
+        image_size=64,
+        rpn_proposals_train=100,
+        rpn_proposals_test=50,
+        box_batch_size_per_image=32,
+        batch_size=2,
+        max_epochs=2,
+        max_steps_per_epoch=2,
+        examples=2,
+    )
+    return replace(det.Config(), **(small | changes))
+
+
+def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **tags) -> Path:
+    """A small uncompressed 16-bit grayscale DICOM with extra `tags` (RescaleSlope, ...)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# Data: one radiograph per patient, sampling and splitting by patient
+
+
+def test_label_rows_are_grouped_by_patient(det, sample_root):
+    labels = pd.read_csv(sample_root / RSNA / "stage_2_train_labels.csv")
+    patients = det.read_patients(sample_root / RSNA)
+    ids = [p["patient_id"] for p in patients]
+    assert len(ids) == len(set(ids)) == labels["patientId"].nunique() == 36
+    rows_per_patient = labels.groupby("patientId").size()
+    two_boxes = rows_per_patient[rows_per_patient == 2].index[0]  # the sample has patients with two boxes
+    patient = next(p for p in patients if p["patient_id"] == two_boxes)
+    rows = labels[labels["patientId"] == two_boxes]
+    expected = np.c_[rows[["x", "y"]], rows[["x", "y"]].to_numpy() + rows[["width", "height"]].to_numpy()]
+    np.testing.assert_allclose(patient["boxes"], expected)  # x1, y1, x2, y2
+    assert patient["class"] == "Lung Opacity" and patient["path"].is_file()
+    negatives = [p for p in patients if p["class"] != "Lung Opacity"]
+    assert len(negatives) == 24 and all(p["boxes"].shape == (0, 4) for p in negatives)
+
+
+def test_negatives_are_empty_targets_and_flips_move_the_boxes(det):
+    image = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    image[0, 10:20, 5:15] = 255
+    positive = {"image": image, "target_boxes": torch.tensor([[5.0, 10.0, 15.0, 20.0]])}
+    negative = {"image": image, "target_boxes": torch.zeros(0, 4)}
+    flipped = det.DetectionDataset([positive, negative], det.build_transforms(det.Config(hflip=1.0), train=True))
+    img, target = flipped[0]
+    assert img.shape == (3, 64, 64) and img.dtype == torch.float32 and img.max() == 1.0
+    assert target["boxes"].tolist() == [[49.0, 10.0, 59.0, 20.0]]  # mirrored: x -> 64 - x
+    assert img[0, 15, 50:59].min() == 1.0 and img[0, 15, 6:14].max() == 0.0  # the pixels moved with it
+    assert target["labels"].tolist() == [1]
+    _, empty = flipped[1]
+    assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,) and empty["labels"].dtype == torch.int64
+    img, target = det.DetectionDataset([positive], det.build_transforms(det.Config(), train=False))[0]
+    assert target["boxes"].tolist() == [[5.0, 10.0, 15.0, 20.0]]  # validation: never flipped
+
+
+def make_patients(per_class: int) -> list[dict]:
+    return [
+        {"patient_id": f"{k}-{i:02d}", "class": name, "boxes": np.zeros((i % 3, 4))}
+        for k, name in enumerate(("Lung Opacity", "No Lung Opacity / Not Normal", "Normal"))
+        for i in range(per_class)
+    ]
+
+
+def test_sampling_draws_patients_per_class_and_the_split_is_disjoint_and_seeded(det):
+    patients = make_patients(20)
+    sampled = det.sample_patients(patients, 10, seed=0)
+    counts = pd.Series([p["class"] for p in sampled]).value_counts()
+    assert counts.to_dict() == {"Lung Opacity": 10, "No Lung Opacity / Not Normal": 10, "Normal": 10}
+    ids = lambda group: [p["patient_id"] for p in group]  # noqa: E731
+    assert ids(sampled) == ids(det.sample_patients(patients, 10, seed=0))  # seeded
+    assert ids(sampled) != ids(det.sample_patients(patients, 10, seed=1))
+    assert len(det.sample_patients(patients, None, seed=0)) == 60 == len(det.sample_patients(patients, 50, seed=0))
+
+    train, val = det.split_by_patient(sampled, 0.2, seed=0)
+    assert set(ids(train)).isdisjoint(ids(val)) and sorted(ids(train) + ids(val)) == sorted(ids(sampled))
+    assert pd.Series([p["class"] for p in val]).value_counts().tolist() == [2, 2, 2]  # 20% of each class
+    train2, val2 = det.split_by_patient(sampled, 0.2, seed=0)
+    assert ids(val2) == ids(val) and ids(train2) == ids(train)
+    assert ids(det.split_by_patient(sampled, 0.2, seed=1)[1]) != ids(val)
+
+
+# DICOM reading
+
+
+def test_read_dicom_applies_rescale_and_inverts_monochrome1(det, tmp_path):
+    stored = np.array([[0, 100], [200, 4000]])
+    path = write_dicom(tmp_path / "ct.dcm", stored, RescaleSlope="2", RescaleIntercept="-1024")
+    np.testing.assert_array_equal(det.read_dicom(path), stored * 2 - 1024)
+    path = write_dicom(tmp_path / "mono1.dcm", stored, "MONOCHROME1")
+    inverted = det.read_dicom(path)
+    np.testing.assert_array_equal(inverted, 4000 - stored)  # same range, reversed: the dense pixel is bright
+    assert det.to_uint8(inverted, 2)[0, 0, 0] == 255 and det.to_uint8(inverted, 2)[0, 1, 1] == 0
+
+
+def test_sample_radiographs_decode_as_the_real_ones(det, sample_root):
+    patient = det.read_patients(sample_root / RSNA)[0]
+    pixels = det.read_dicom(patient["path"])  # JPEG Baseline, through pydicom's Pillow plugin
+    assert pixels.shape == (1024, 1024) and 0 <= pixels.min() and pixels.max() <= 255 and pixels.std() > 10
+    item = det.load_patients([patient], 128, det.SkippedPatients())[0]
+    assert item["image"].shape == (1, 128, 128) and item["image"].dtype == torch.uint8
+    np.testing.assert_allclose(item["target_boxes"].numpy(), patient["boxes"] / 8, rtol=1e-6)
+    np.testing.assert_allclose(det.to_original(item["target_boxes"].numpy(), item["scale"]), patient["boxes"])
+
+
+# Bad inputs: each named, skipped and counted
+
+
+def test_bad_inputs_are_named_skipped_and_counted(det, rsna_copy, capsys):
+    patients = det.read_patients(rsna_copy)
+    bad = [p["patient_id"] for p in patients if p["class"] == "Lung Opacity"][:6]
+    images = rsna_copy / "stage_2_train_images"
+    (images / f"{bad[0]}.dcm").unlink()
+    ds = pydicom.dcmread(images / f"{bad[1]}.dcm")
+    del ds.PixelData
+    ds.save_as(images / f"{bad[1]}.dcm")
+    ds = pydicom.dcmread(images / f"{bad[2]}.dcm")
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless  # a JPEG-LS file: no decoder is installed for it
+    ds.save_as(images / f"{bad[2]}.dcm")
+    (images / f"{bad[3]}.dcm").write_bytes(b"not a DICOM file")
+    labels = pd.read_csv(rsna_copy / "stage_2_train_labels.csv")
+    labels.loc[labels["patientId"] == bad[4], "x"] = 950.0  # with a width of 150 px or more: past the edge
+    labels.loc[labels["patientId"] == bad[5], "width"] = np.nan  # a box without a width
+    labels.to_csv(rsna_copy / "stage_2_train_labels.csv", index=False)
+
+    skipped = det.SkippedPatients()
+    items = det.load_patients(det.read_patients(rsna_copy), 64, skipped)
+    out = capsys.readouterr().out
+    problems = [
+        "missing DICOM",
+        "no pixel data",
+        "no decoder",
+        "unreadable DICOM",
+        "box outside the image",
+        "invalid box",
+    ]
+    for patient_id, problem in zip(bad, problems):
+        line = next(line for line in out.splitlines() if patient_id in line)
+        assert line.startswith(f"Skipped patient {patient_id}: {problem}"), line
+    assert "JPEG-LS" in out  # says which compression lacks a decoder
+    assert len(items) == 30 and not {i["patient_id"] for i in items} & set(bad)
+    assert skipped.counts == dict.fromkeys(problems, 1)
+    assert skipped.summary("train").startswith("train: skipped 6 patients")
+
+
+def test_no_usable_patient_is_one_clear_error(det, rsna_copy, tmp_path):
+    for path in (rsna_copy / "stage_2_train_images").glob("*.dcm"):
+        path.unlink()
+    with pytest.raises(ValueError, match=r"0 usable patients of 12 sampled.*stage_2_train_images/<patientId>\.dcm"):
+        det.main(tiny_config(det, tmp_path, rsna_copy.parent))
+    (rsna_copy / "stage_2_train_labels.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="stage_2_train_labels.csv not found"):
+        det.main(tiny_config(det, tmp_path, rsna_copy.parent))
+
+
+# The challenge metric and COCO mAP
+
+
+def test_rsna_metric_hand_computed_cases(det):
+    precision = det.rsna_image_precision
+    box, other = [100, 100, 300, 400], [600, 100, 800, 400]
+    assert precision([box], [0.9], [box]) == 1.0  # perfect
+    assert precision([box], [0.9], [box, other]) == 0.5  # one of two found: TP 1, FN 1 at every threshold
+    assert precision([box, other], [0.9, 0.8], [box]) == 0.5  # one false positive: TP 1, FP 1
+    assert precision([box], [0.9], []) == 0.0  # any box on a negative radiograph
+    assert precision([], [], []) is None  # neither: the image does not count
+    assert precision([], [], [box]) == 0.0
+    # IoU exactly 0.6 (a box 60% as tall, inside the true one) plus a false positive: hits above 0.40, 0.45, 0.50,
+    # 0.55 only (a hit needs IoU > t) -> precision 1/2 at 4 thresholds, 0/3 at the other 4: mean 0.25.
+    shorter = [100, 100, 300, 280]
+    assert precision([shorter, other], [0.9, 0.8], [box]) == pytest.approx(0.25)
+    # Two boxes on one true box: only one is a hit.
+    assert precision([box, box], [0.5, 0.9], [box]) == 0.5
+    # Order matters: the most confident box takes the true box it overlaps most, B (IoU 0.67; A: 0.43), so the
+    # second box, which is B exactly, finds nothing left: 1 hit, 1 miss, 1 false positive at every threshold but
+    # 0.70 and 0.75, where the first box misses and the second takes B: 1/3 everywhere. Taken least confident
+    # first, or to the first true box above the threshold, it would score more.
+    true_a, true_b = [0, 0, 10, 10], [6, 0, 16, 10]
+    assert precision([[4, 0, 14, 10], true_b], [0.9, 0.8], [true_a, true_b]) == pytest.approx(1 / 3)
+
+    empty = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0)}
+    perfect, missed = {"boxes": np.array([box]), "scores": np.array([0.9])}, empty
+    fp = {"boxes": np.array([other]), "scores": np.array([0.3])}
+    truths = [np.array([box]), np.array([box]), np.zeros((0, 4)), np.zeros((0, 4))]
+    # perfect 1, missed 0, a false positive 0, and an empty negative left out: (1 + 0 + 0) / 3
+    assert det.rsna_metric([perfect, missed, fp, empty], truths) == pytest.approx(1 / 3)
+    assert det.rsna_metric([perfect, missed, fp, empty], truths, min_score=0.5) == pytest.approx(1 / 2)  # fp dropped
+    assert det.rsna_metric([empty] * 4, truths) == 0.0  # predicting nothing
+    assert np.isnan(det.rsna_metric([empty, empty], [np.zeros((0, 4))] * 2))  # no image counts
+    # The score threshold is chosen to keep the true box and drop the false positive.
+    threshold, value = det.choose_score_threshold([perfect, missed, fp, empty], truths, (0.1, 0.2, 0.5, 0.95))
+    assert (threshold, value) == (0.5, pytest.approx(1 / 2))
+
+
+def test_coco_map_is_one_on_perfect_predictions(det):
+    truths = [np.array([[100, 100, 300, 400], [600, 100, 800, 400]]), np.zeros((0, 4)), np.array([[50, 60, 250, 300]])]
+    perfect = [{"boxes": t, "scores": np.linspace(0.9, 0.8, len(t))} for t in truths]
+    assert det.coco_map(perfect, truths) == (pytest.approx(1.0), pytest.approx(1.0))
+    shifted = [{"boxes": t + [30, 0, 30, 0], "scores": np.full(len(t), 0.9)} for t in truths]  # IoU 0.74-0.8
+    coco, coco50 = det.coco_map(shifted, truths)
+    assert coco < 0.6 and coco50 == pytest.approx(1.0)
+    no_predictions = [{"boxes": np.zeros((0, 4)), "scores": np.zeros(0)} for _ in truths]
+    assert det.coco_map(no_predictions, truths) == (0.0, 0.0)
+
+
+# The model: COCO weights from the cache, or from scratch
+
+
+def test_without_cached_weights_it_trains_from_scratch(det, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
+    model, pretrained = det.build_model(det.Config(image_size=64))
+    expected = tmp_path / "hub" / "checkpoints" / "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"
+    assert not pretrained
+    message = f"COCO weights not found in {expected}: training from scratch, all layers trainable\n"
+    assert capsys.readouterr().out == message  # one line
+    assert all(p.requires_grad for p in model.parameters())
+    assert isinstance(model.backbone.body.bn1, torch.nn.BatchNorm2d)  # learns its statistics, unlike frozen BN
+    assert model.roi_heads.box_predictor.cls_score.out_features == 2
+    assert model.transform.min_size == (64,) and model.transform.max_size == 64  # no upsampling to 800 px
+
+
+def test_cached_coco_weights_are_loaded_and_layers_frozen_as_configured(det, tmp_path, monkeypatch, capsys):
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
+    coco = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).state_dict()
+    path = det.cached_weights_path("fasterrcnn_resnet50_fpn")
+    path.parent.mkdir(parents=True)
+    torch.save(coco, path)
+
+    model, pretrained = det.build_model(det.Config(image_size=64, trainable_backbone_layers=3))
+    assert pretrained and f"Starting from the COCO weights in {path}" in capsys.readouterr().out
+    parameters = dict(model.named_parameters())
+    for name in ("backbone.body.layer4.0.conv1.weight", "rpn.head.cls_logits.weight"):
+        torch.testing.assert_close(parameters[name], coco[name])
+    assert model.roi_heads.box_predictor.cls_score.out_features == 2  # COCO's 91 classes replaced
+    # Three trainable ResNet stages counted from the top: layer4, layer3, layer2; the stem and layer1 frozen.
+    frozen = {name for name, p in parameters.items() if not p.requires_grad}
+    assert frozen == {name for name in parameters if name.startswith(("backbone.body.conv1", "backbone.body.layer1"))}
+
+    model, _ = det.build_model(det.Config(image_size=64, train_predictor_only=True))
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trained == {f"roi_heads.box_predictor.{layer}.{kind}" for layer in ("cls_score", "bbox_pred")
+                       for kind in ("weight", "bias")}  # fmt: skip
+
+    _, pretrained = det.build_model(det.Config(image_size=64, pretrained="none"))
+    assert not pretrained  # weights present, but from scratch asked for
+
+
+# The submission
+
+
+class FixedDetector(torch.nn.Module):
+    """Stands in for the trained model: the same two boxes (in network pixels) on every radiograph."""
+
+    def forward(self, images):
+        boxes = torch.tensor([[8.0, 4.0, 24.0, 36.0], [40.0, 8.0, 56.0, 30.0]])
+        return [{"boxes": boxes, "scores": torch.tensor([0.9, 0.3]), "labels": torch.ones(2)} for _ in images]
+
+
+def test_submission_lists_every_test_patient_in_1024_px(det, rsna_copy, tmp_path, capsys):
+    test_dir = rsna_copy / "stage_2_test_images"
+    broken = sorted(test_dir.glob("*.dcm"))[0]
+    broken.write_bytes(b"truncated")
+    cfg = tiny_config(det, tmp_path, rsna_copy.parent)
+    rows = det.predict_test(FixedDetector(), test_dir, torch.device("cpu"), cfg, min_score=0.5)
+    path = tmp_path / "submission.csv"
+    rows.to_csv(path, index=False)
+    assert f"Skipped patient {broken.stem}: unreadable DICOM" in capsys.readouterr().out
+
+    submission = pd.read_csv(path, keep_default_na=False)
+    assert list(submission.columns) == ["patientId", "PredictionString"]
+    assert submission["patientId"].tolist() == sorted(p.stem for p in test_dir.glob("*.dcm"))  # one row each
+    strings = dict(zip(submission["patientId"], submission["PredictionString"]))
+    assert strings.pop(broken.stem) == ""  # still listed, with no box
+    for string in strings.values():
+        conf, x, y, width, height = map(float, string.split())  # one box kept: the 0.3 one is under 0.5
+        # 64 px -> 1024 px: x 8 -> 128, y 4 -> 64, width 16 -> 256, height 32 -> 512
+        assert (conf, x, y, width, height) == (0.9, 128.0, 64.0, 256.0, 512.0)
+    assert det.prediction_string({"boxes": np.zeros((0, 4)), "scores": np.zeros(0)}, 0.5) == ""
+
+
+# Runs of the script
+
+
+def test_main_trains_and_writes_every_output(det, sample_root, tmp_path, capsys):
+    cfg = tiny_config(det, tmp_path, sample_root)
+    history = det.main(cfg)
+    out = capsys.readouterr().out
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert history[1]["train_loss"] < history[0]["train_loss"]  # it learns something in four steps
+    losses = ["train_loss", "loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"]
+    metrics = ["val_rsna", "score_threshold", "val_map", "val_map50", "val_rsna_predict_nothing"]
+    columns = ["epoch", *losses, *metrics, "lr", "seconds"]
+    table = pd.read_csv(cfg.output_dir / "history.csv")
+    assert list(table.columns) == columns and len(table) == 2
+    np.testing.assert_allclose(table["train_loss"], [row["train_loss"] for row in history])
+    assert (table["val_rsna_predict_nothing"] == 0).all()  # the validation set has opacities
+
+    checkpoint = torch.load(cfg.output_dir / "Pneumonia_detection.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "config", "epoch", "metric", "score_threshold"} <= set(checkpoint)
+    best = max(history, key=lambda row: row["val_rsna"])
+    assert checkpoint["epoch"] == best["epoch"] and checkpoint["metric"] == best["val_rsna"]
+    assert checkpoint["score_threshold"] in cfg.score_thresholds and checkpoint["config"]["image_size"] == 64
+
+    for name in ("rsna_metric_per_epoch.png", "examples.png", "val_predictions.png"):
+        with Image.open(cfg.output_dir / name) as img:
+            assert img.format == "PNG" and img.width > 100
+    assert (cfg.images_dir / "pneumonia_detection_examples.png").read_bytes() == (
+        cfg.output_dir / "examples.png"
+    ).read_bytes()
+    submission = pd.read_csv(cfg.output_dir / "submission.csv", keep_default_na=False)
+    assert len(submission) == 6 and submission["patientId"].is_unique
+    assert f"Using the real dataset in {sample_root / RSNA}" in out and "Best epoch" in out
+
+
+# A tiny run, written as a user edits the configuration cell: `cfg = Config(...)` inline.
+TINY = "max_epochs=1, max_steps_per_epoch=2, patients_per_class=3, image_size=64, examples=2"
+
+
+def copy_repository(sample_root: Path, folder: Path) -> Path:
+    """The script and its shared modules in a fresh folder, with the RSNA sample where the script writes it."""
+    folder.mkdir()
+    for name in ("pneumonia_detection.py", "dice.py", "sample_data.py", "data_cleaning.py"):
+        shutil.copy(REPO_ROOT / name, folder / name)
+    shutil.copytree(sample_root / RSNA, folder / "data" / "sample" / RSNA)
+    return folder
+
+
+def run_script(repo: Path, cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(repo / "pneumonia_detection.py")], cwd=cwd, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_runs_as_a_script_from_another_directory(sample_root, tmp_path, monkeypatch):
+    """`QUICK=1 python path/to/pneumonia_detection.py`: paths resolve against the script's folder, not the cwd."""
+    repo = copy_repository(sample_root, tmp_path / "repo")
+    script = repo / "pneumonia_detection.py"
+    assert script.read_text().count("\ncfg = Config()\n") == 1
+    script.write_text(script.read_text().replace("\ncfg = Config()\n", f"\ncfg = Config({TINY})\n"))
+    monkeypatch.setenv("QUICK", "1")
+    result = run_script(repo, cwd=tmp_path)
+    assert f"using the SYNTHETIC sample in {repo / 'data' / 'sample' / RSNA}" in result.stdout
+    assert "(QUICK run)" in result.stdout and "COCO weights" in result.stdout
+    output = repo / "output" / "pneumonia_detection"
+    assert {p.name for p in output.iterdir()} == {
+        "Pneumonia_detection.pt", "history.csv", "rsna_metric_per_epoch.png", "examples.png",
+        "val_predictions.png", "submission.csv",
+    }  # fmt: skip
+    assert {p.name for p in (repo / "Images").iterdir()} == {
+        "pneumonia_detection_examples.png", "pneumonia_detection_predictions.png"
+    }  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # nothing written to the working directory
+
+
+def test_runs_as_a_notebook(sample_root, tmp_path, monkeypatch):
+    """The script as a Jupyter notebook (jupytext + nbclient), QUICK=1, with a cell shrinking the run further."""
+    jupytext = pytest.importorskip("jupytext")
+    nbclient = pytest.importorskip("nbclient")
+    repo = copy_repository(sample_root, tmp_path / "repo")
+    notebook = jupytext.read(repo / "pneumonia_detection.py")
+    config_cell = next(i for i, cell in enumerate(notebook.cells) if cell.metadata.get("title") == "Configuration")
+    assert "cfg = Config()" in notebook.cells[config_cell].source
+    notebook.cells.insert(config_cell + 1, jupytext.reads(f"cfg = Config({TINY})", fmt="py:percent").cells[0])
+    monkeypatch.setenv("QUICK", "1")  # the kernel inherits it
+    nbclient.NotebookClient(notebook, timeout=600, resources={"metadata": {"path": str(repo)}}).execute()
+    outputs = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+    # No __file__ in a kernel: the root is the working directory, the repository here.
+    assert f"using the SYNTHETIC sample in {repo / 'data' / 'sample' / RSNA}" in outputs and "(QUICK run)" in outputs
+    assert (repo / "output" / "pneumonia_detection" / "submission.csv").is_file()
+
+
+@pytest.mark.slow
+def test_quick_run_learns_to_find_the_opacities(sample_root, tmp_path, monkeypatch):
+    """`QUICK=1 python pneumonia_detection.py` as it is (about 3 min on 2 CPU cores): the validation RSNA metric
+    beats predicting nothing (0)."""
+    repo = copy_repository(sample_root, tmp_path / "repo")
+    monkeypatch.setenv("QUICK", "1")
+    run_script(repo, cwd=repo)
+    history = pd.read_csv(repo / "output" / "pneumonia_detection" / "history.csv")
+    assert (history["val_rsna_predict_nothing"] == 0).all()
+    assert history["val_rsna"].max() > 0.1
+    submission = pd.read_csv(repo / "output" / "pneumonia_detection" / "submission.csv", keep_default_na=False)
+    assert len(submission) == 6 and (submission["PredictionString"] != "").any()
