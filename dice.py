@@ -1,4 +1,5 @@
-"""Dice: the metric and the loss of the segmentation pipelines, and the Dice-per-epoch plot.
+"""Dice: the metric and the loss of the segmentation pipelines, the Dice-per-epoch plot, and the optional
+TensorBoard log of the same history.
 
 Dice = 2 |P n T| / (|P| + |T|) for a predicted mask P and a true mask T. It is undefined when both are
 empty, and how a pipeline scores those images changes its figure a lot (about 60% of the nerve
@@ -182,3 +183,30 @@ def plot_dice_history(
     fig.savefig(partial, format="png", bbox_inches="tight")
     os.replace(partial, path)
     return best_epoch
+
+
+def tensorboard_writer(enabled: bool, log_dir: str | Path):
+    """A `torch.utils.tensorboard.SummaryWriter` writing to `log_dir` when `enabled`, else None.
+
+    TensorBoard is optional (`pip install tensorboard`): asked for but not installed, this says so in one line
+    and returns None, and the run goes on with its CSV history and PNG plot. Log one epoch with
+    `log_epoch(writer, row, epoch)`; view with `tensorboard --logdir output`.
+    """
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch imports it lazily; it needs the tensorboard package
+        print("tensorboard=True but the tensorboard package is not installed (pip install tensorboard): not logging")
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def log_epoch(writer, row: dict, epoch: int) -> None:
+    """Every number of one history row as a TensorBoard scalar at step `epoch` (nothing when `writer` is None)."""
+    if writer is None:
+        return
+    for key, value in row.items():
+        if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            writer.add_scalar(key, value, epoch)
+    writer.flush()  # visible in TensorBoard while training goes on

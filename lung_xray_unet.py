@@ -21,6 +21,7 @@ film's original size), `test_dice.csv` (Dice per test film) and `test_prediction
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from data_cleaning import PREPARED_CASES, prepare_lung_segmentation, read_gray, read_lung_mask, to_unit_range
-from dice import DiceAccumulator, SoftDiceLoss, plot_dice_history
+from dice import DiceAccumulator, SoftDiceLoss, log_epoch, plot_dice_history, tensorboard_writer
 from sample_data import find_dataset
 
 # %% Configuration
@@ -51,6 +52,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # picked 
 class Config:
     data_dir: Path = Path(os.environ.get("DATA_DIR", ROOT / "data"))  # holds MontgomerySet/ (else sample/ is used)
     output_dir: Path = Path(os.environ.get("OUTPUT_DIR", ROOT / "output" / "lung_xray_unet"))  # everything written
+    images_dir: Path = Path(os.environ.get("IMAGES_DIR", ROOT / "Images"))  # the README's pictures, copied there
+    # from runs on the synthetic sample only (pictures of real patients never land in a folder of the repository)
     seed: int = 0  # initial weights, shuffling and augmentation
     split_seed: int = 0  # test and validation films: kept apart from `seed` so a new seed keeps the same test set
     quick: bool = QUICK  # recorded in the checkpoint: a quick model is not a result
@@ -76,6 +79,7 @@ class Config:
     amp: bool = True  # mixed precision on CUDA (float16 + gradient scaling); ignored on the CPU
     threshold: float = 0.5  # lung probability above which a pixel is lung
     figure_cases: int = 4  # test films shown in test_predictions.png
+    tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
 
 
 cfg = Config()
@@ -346,6 +350,7 @@ class Trainer:
 
     def fit(self) -> list[dict]:
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        writer = tensorboard_writer(self.cfg.tensorboard, self.output_dir / "tensorboard")
         for epoch in range(1, self.cfg.max_epochs + 1):
             start = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
@@ -370,11 +375,14 @@ class Trainer:
                 self.output_dir / "history.csv", lambda path: pd.DataFrame(self.history).to_csv(path, index=False)
             )
             plot_dice_history([row["val_dice"] for row in self.history], self.output_dir / "dice_per_epoch.png")
+            log_epoch(writer, self.history[-1], epoch)
             print(
                 f"epoch {epoch:3d}/{self.cfg.max_epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
                 f"val Dice {val_dice:.4f}  (best {self.best_dice:.4f} at epoch {self.best_epoch})  "
                 f"{self.history[-1]['seconds']:.1f} s"
             )
+        if writer is not None:
+            writer.close()
         return self.history
 
 
@@ -480,11 +488,27 @@ def main(cfg: Config) -> list[dict]:
 
     inferencer = Inferencer(Path(cfg.output_dir) / "best_model.pt")
     print(f"Best epoch {inferencer.epoch}: validation Dice {inferencer.val_dice:.4f}")
-    test = inferencer.run(test_cases, Path(cfg.output_dir))
+    output_dir = Path(cfg.output_dir)
+    test = inferencer.run(test_cases, output_dir)
     print(
         f"Test Dice {test['test_dice']:.4f} (mean per film {test['test_mean_dice']:.4f}) on {len(test_cases)} films "
-        f"at their original size; {time.perf_counter() - start:.0f} s in all. Outputs in {cfg.output_dir}"
+        f"at their original size"
     )
+    synthetic = prepared.parent == Path(cfg.data_dir) / "sample"  # prepared beside the sample, not the real data
+    pictures = []
+    if synthetic:  # the README's pictures: films with outlines (true and predicted), and the Dice curve
+        Path(cfg.images_dir).mkdir(parents=True, exist_ok=True)
+        for name in ("test_predictions.png", "dice_per_epoch.png"):
+            pictures.append(Path(cfg.images_dir) / f"lung_xray_unet_{name}")
+            shutil.copyfile(output_dir / name, pictures[-1])
+    print(f"\nSummary ({time.perf_counter() - start:.0f} s{', QUICK run' if cfg.quick else ''})\n"
+          f"  data:    {'SYNTHETIC sample' if synthetic else 'real dataset'}, prepared in {prepared}: "
+          f"{len(train_cases)} train, {len(val_cases)} validation, {len(test_cases)} test films\n"
+          f"  best:    epoch {inferencer.epoch} of {len(history)}, validation Dice {inferencer.val_dice:.4f}; "
+          f"test Dice {test['test_dice']:.4f}\n"
+          f"  outputs: {output_dir}/ best_model.pt, history.csv, dice_per_epoch.png, predicted_masks/ "
+          f"({len(test_cases)} masks), test_dice.csv, test_predictions.png"
+          + "".join(f"\n  picture: {p}" for p in pictures))  # fmt: skip
     return history
 
 

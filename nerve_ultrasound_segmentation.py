@@ -11,7 +11,8 @@ Data: `data/ultrasound-nerve-segmentation/` as unzipped from Kaggle (`train/<sub
 `train/<subject>_<img>_mask.tif`, `test/<img>.tif`, `train_masks.csv`, `sample_submission.csv`). Without it
 the synthetic stand-in under `data/sample/` is used (written when missing), and the script says so.
 Outputs: `output/nerve_ultrasound_segmentation/`: `2D_Nerve_Segmentation.pt` (best epoch), `dice_per_epoch.png`,
-`history.csv`, `contradictory_pairs.csv`, `submission.csv`.
+`history.csv`, `contradictory_pairs.csv`, `val_predictions.png` (true and predicted outlines; also copied to
+`Images/` for the README when the synthetic sample was used), `submission.csv`.
 
 Run: `python nerve_ultrasound_segmentation.py` (`QUICK=1` for a short first try), or cell by cell in VS Code or
 Jupyter; edit the configuration inline, e.g. `cfg = Config(max_epochs=50)`.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -31,6 +33,8 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from monai.data import DataLoader, Dataset
 from monai.networks.nets import UNet
 from monai.transforms import Compose, EnsureTyped, RandFlipd
@@ -38,7 +42,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_cleaning import find_contradictory_pairs, frame_signature, rle_decode, rle_encode
-from dice import DiceAccumulator, SoftDiceLoss, plot_dice_history
+from dice import DiceAccumulator, SoftDiceLoss, dice_per_image, log_epoch, plot_dice_history, tensorboard_writer
 from sample_data import find_dataset
 
 # %% Configuration
@@ -51,7 +55,10 @@ QUICK = os.environ.get("QUICK", "0") == "1"  # the collection's quick-run switch
 class Config:
     data_dir: Path = ROOT / "data"  # holds ultrasound-nerve-segmentation/ as unzipped; else data/sample/ is used
     output_dir: Path = ROOT / "output" / "nerve_ultrasound_segmentation"  # weights, plot, history, submission
+    images_dir: Path = ROOT / "Images"  # the README's pictures: val_predictions.png is copied there, from runs on
+    # the synthetic sample only (pictures of real patients never land in a folder of the repository)
     seed: int = 0  # one seed for the split, the initial weights and the augmentation
+    quick: bool = QUICK  # recorded in the checkpoint: a quick model is not a result
     val_fraction: float = 0.2  # of subjects, not frames: one subject's frames on both sides inflate the score
     max_subjects: int | None = 6 if QUICK else None  # quick: the first few subjects of the real data (sample: 5)
     max_test_images: int | None = 60 if QUICK else None  # quick: a smoke-test submission, not a complete one
@@ -70,6 +77,8 @@ class Config:
     min_area_candidates: tuple[int, ...] = (0, 250, 500, 1000, 1500, 2000, 3000, 4000, 5000, 6000)  # px at 420x580
     num_workers: int = 0 if QUICK else 2  # frames are cached in memory: workers only flip and batch them
     amp: bool = True  # mixed precision on CUDA (ignored on the CPU): faster, and Dice is computed in float32
+    figure_frames: int = 4  # validation frames drawn in val_predictions.png (with a nerve first)
+    tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
 
 
 cfg = Config()
@@ -195,6 +204,7 @@ def load_frames(
         frame = {
             "subject": case["subject"],
             "img": case["img"],
+            "path": case["image"],  # to draw the frame at full size in val_predictions.png
             "image": resize(pixels, cfg.image_size),
             "label": resize(mask.view(np.uint8), cfg.image_size, mask=True),
             "has_nerve": bool(mask.any()),
@@ -468,6 +478,37 @@ def predict_test(model, test_dir: Path, cfg: Config, device, min_area: int) -> p
     return pd.DataFrame(sorted(rows.items()), columns=["img", "pixels"])
 
 
+@torch.no_grad()
+def draw_predictions(model, frames: list[dict], device, cfg: Config, min_area: int, path: Path) -> None:
+    """Validation frames at 420x580 with the true (green) and predicted (red) nerve outlines, and their Dice.
+
+    Frames with a nerve first, then one without (where a good model predicts nothing).
+    """
+    shown = [f for f in frames if f["has_nerve"]][: max(cfg.figure_frames - 1, 1)]
+    shown = (shown + [f for f in frames if not f["has_nerve"]][:1])[: cfg.figure_frames]
+    model.eval()
+    img = torch.stack([f["image"] for f in shown]).to(device).float() / 255  # (B, 1, H, W)
+    with torch.autocast(device.type, enabled=cfg.amp and device.type == "cuda"):
+        logits = model(img)
+    prob = F.interpolate(torch.sigmoid(logits.float()), size=SHAPE, mode="bilinear", align_corners=False)
+    pred = apply_min_area(prob > 0.5, min_area).cpu()
+    truth = torch.stack([f["full_label"] for f in shown])
+    scores = dice_per_image(pred, truth, empty="one")
+    fig = Figure(figsize=(3.4 * len(shown), 2.9), dpi=100)
+    for i, frame in enumerate(shown):
+        ax = fig.add_subplot(1, len(shown), i + 1)
+        ax.imshow(np.asarray(Image.open(frame["path"])), cmap="gray", vmin=0, vmax=255)
+        for mask, color in ((truth[i, 0], "lime"), (pred[i, 0], "red")):
+            if mask.any():
+                ax.contour(mask.numpy(), levels=[0.5], colors=color, linewidths=1.2)
+        ax.set_title(f"{frame['subject']}_{frame['img']}: Dice {scores[i]:.3f}", fontsize=9)
+        ax.axis("off")
+    handles = [Line2D([], [], color="lime", label="true nerve"), Line2D([], [], color="red", label="predicted")]
+    fig.legend(handles=handles, loc="lower center", ncol=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+
+
 def write_submission(rows: pd.DataFrame, path: Path) -> None:
     """submission.csv as Kaggle reads it: `img,pixels`, one row per test frame, empty pixels for no nerve."""
     partial = path.with_name(f".{path.name}.partial")
@@ -493,6 +534,7 @@ def main(cfg: Config) -> list[dict]:
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     root = find_dataset("ultrasound-nerve-segmentation", cfg.data_dir)
+    synthetic = root != Path(cfg.data_dir) / "ultrasound-nerve-segmentation"
     train_frames, val_frames = prepare_data(cfg, root)
 
     train_transforms.set_random_state(seed=cfg.seed)
@@ -518,6 +560,7 @@ def main(cfg: Config) -> list[dict]:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
     checkpoint_path = cfg.output_dir / "2D_Nerve_Segmentation.pt"
+    writer = tensorboard_writer(cfg.tensorboard, cfg.output_dir / "tensorboard")
     history, best_dice, best_epoch, best_min_area = [], -1.0, 0, 0
     for epoch in range(1, cfg.max_epochs + 1):
         epoch_start = time.time()
@@ -546,6 +589,7 @@ def main(cfg: Config) -> list[dict]:
         pd.DataFrame(history).to_csv(cfg.output_dir / "history.csv", index=False)
         plot_dice_history([h["val_dice"] for h in history], cfg.output_dir / "dice_per_epoch.png",
                           title="Nerve segmentation: validation Dice (Kaggle metric) per epoch")  # fmt: skip
+        log_epoch(writer, row, epoch)
         print(f"epoch {epoch:3d}/{cfg.max_epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
               f"val Dice {row['val_dice']:.4f} (min area {min_area}; no filter {row['val_dice_no_filter']:.4f})  "
               f"presence acc {row['presence_accuracy']:.3f}  {row['seconds']:.1f} s"
@@ -561,10 +605,24 @@ def main(cfg: Config) -> list[dict]:
     # The submission uses the best epoch's weights, read back from the checkpoint, and its minimum area.
     checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
     model.load_state_dict(checkpoint["model"])
+    draw_predictions(model, val_frames, device, cfg, checkpoint["min_area"], cfg.output_dir / "val_predictions.png")
+    pictures = []
+    if synthetic:  # the README's picture
+        Path(cfg.images_dir).mkdir(parents=True, exist_ok=True)
+        pictures.append(Path(cfg.images_dir) / "nerve_ultrasound_segmentation_predictions.png")
+        shutil.copyfile(cfg.output_dir / "val_predictions.png", pictures[-1])
     rows = predict_test(model, root / "test", cfg, device, checkpoint["min_area"])
     write_submission(rows, cfg.output_dir / "submission.csv")
-    print(f"Wrote {checkpoint_path.name}, dice_per_epoch.png, history.csv, contradictory_pairs.csv and submission.csv "
-          f"({len(rows)} test frames) to {cfg.output_dir}; {time.time() - start_time:.0f} s in all")  # fmt: skip
+    if writer is not None:
+        writer.close()
+    print(f"\nSummary ({time.time() - start_time:.0f} s{', QUICK run' if cfg.quick else ''})\n"
+          f"  data:    {'SYNTHETIC sample' if synthetic else 'real dataset'} {root}: {len(train_frames)} training "
+          f"frames, {len(val_frames)} validation frames, {len(rows)} test frames\n"
+          f"  best:    epoch {best_epoch} of {len(history)}, validation Dice {best_dice:.4f} (Kaggle metric; "
+          f"all-empty baseline {baseline:.4f}), min area {best_min_area} px\n"
+          f"  outputs: {cfg.output_dir}/ {checkpoint_path.name}, history.csv, dice_per_epoch.png, val_predictions.png, "
+          f"contradictory_pairs.csv, submission.csv"
+          + "".join(f"\n  picture: {p}" for p in pictures))  # fmt: skip
     return history
 
 

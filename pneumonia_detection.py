@@ -54,7 +54,7 @@ from torchvision.ops import box_iou
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from dice import plot_dice_history
+from dice import log_epoch, plot_dice_history, tensorboard_writer
 from sample_data import find_dataset
 
 # %% Configuration
@@ -68,7 +68,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # picked 
 class Config:
     data_dir: Path = ROOT / "data"  # holds rsna-pneumonia-detection-challenge/ as unzipped; else data/sample/ is used
     output_dir: Path = ROOT / "output" / "pneumonia_detection"  # weights, history, plots, submission
-    images_dir: Path = ROOT / "Images"  # the README's pictures: the example and prediction figures are copied here
+    images_dir: Path = ROOT / "Images"  # the README's pictures: the two figures are copied here, from the synthetic
+    # sample only (pictures of real patients never land in a folder of the repository)
     seed: int = 0  # one seed for the sampling, the split, the initial weights and the flips
     quick: bool = QUICK  # recorded in the checkpoint: a quick model is not a result
     patients_per_class: int | None = 12 if QUICK else 500  # per class of the detailed class CSV, drawn by patient
@@ -102,6 +103,7 @@ class Config:
     num_workers: int = 0  # radiographs are decoded once and cached as tensors: workers would only add start-up
     amp: bool = True  # mixed precision on CUDA (float16 + gradient scaling); ignored on the CPU
     examples: int = 4  # radiographs drawn in examples.png and val_predictions.png
+    tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
 
 
 cfg = Config()
@@ -646,6 +648,7 @@ def main(cfg: Config) -> list[dict]:
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     root = find_dataset("rsna-pneumonia-detection-challenge", Path(cfg.data_dir))  # says real or synthetic
+    synthetic = root != Path(cfg.data_dir) / "rsna-pneumonia-detection-challenge"
     patients = read_patients(root)
     per_class = Counter(p["class"] for p in patients)
     print(f"{len(patients)} labelled patients ({', '.join(f'{n} {name}' for name, n in sorted(per_class.items()))})")
@@ -666,8 +669,6 @@ def main(cfg: Config) -> list[dict]:
 
     examples = output_dir / "examples.png"
     draw_boxes(pick_examples(train_items, cfg.examples), examples, title="Training radiographs and their boxes")
-    Path(cfg.images_dir).mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(examples, Path(cfg.images_dir) / "pneumonia_detection_examples.png")
 
     train_loader = DataLoader(
         DetectionDataset(train_items, build_transforms(cfg, train=True)),
@@ -695,6 +696,7 @@ def main(cfg: Config) -> list[dict]:
     truths = [item["boxes"] for item in val_items]  # the CSV's boxes, in the DICOM's pixels
     nothing = rsna_metric([{"boxes": np.zeros((0, 4)), "scores": np.zeros(0)}] * len(val_items), truths)
     checkpoint_path = output_dir / "Pneumonia_detection.pt"
+    writer = tensorboard_writer(cfg.tensorboard, output_dir / "tensorboard")
     history, best_metric, best_epoch = [], -math.inf, 0
     for epoch in range(1, cfg.max_epochs + 1):
         epoch_start = time.time()
@@ -727,6 +729,7 @@ def main(cfg: Config) -> list[dict]:
             state |= {"metric_name": "validation RSNA metric", "score_threshold": threshold, "config": config}
             save_checkpoint(state, checkpoint_path)
         write_atomically(output_dir / "history.csv", lambda path: pd.DataFrame(history).to_csv(path, index=False))
+        log_epoch(writer, row, epoch)
         plot_dice_history([h["val_rsna"] for h in history], output_dir / "rsna_metric_per_epoch.png",
                           title="Pneumonia detection: validation RSNA metric per epoch",
                           label="validation RSNA metric", ylabel="RSNA metric")  # fmt: skip
@@ -745,14 +748,26 @@ def main(cfg: Config) -> list[dict]:
     shown = pick_examples(val_items, cfg.examples)
     kept = [{k: v[p["scores"] >= threshold] for k, v in p.items()} for p in evaluate(model, shown, device, cfg)]
     draw_boxes(shown, output_dir / "val_predictions.png", kept, f"Validation: true (green), predicted >= {threshold}")
-    shutil.copyfile(output_dir / "val_predictions.png", Path(cfg.images_dir) / "pneumonia_detection_predictions.png")
+    pictures = []
+    if synthetic:  # the README's pictures
+        Path(cfg.images_dir).mkdir(parents=True, exist_ok=True)
+        for name, picture in (("examples.png", "examples"), ("val_predictions.png", "predictions")):
+            pictures.append(Path(cfg.images_dir) / f"pneumonia_detection_{picture}.png")
+            shutil.copyfile(output_dir / name, pictures[-1])
 
     submission = predict_test(model, root / TEST_IMAGES, device, cfg, threshold)
     write_atomically(output_dir / "submission.csv", lambda path: submission.to_csv(path, index=False))
-    print(f"Wrote {checkpoint_path.name}, history.csv, rsna_metric_per_epoch.png, examples.png, val_predictions.png "
-          f"and submission.csv ({len(submission)} test patients, "
-          f"{(submission['PredictionString'] != '').sum()} with boxes) to {output_dir} "
-          f"in {time.time() - start_time:.0f} s")  # fmt: skip
+    if writer is not None:
+        writer.close()
+    n_boxes = (submission["PredictionString"] != "").sum()
+    print(f"\nSummary ({time.time() - start_time:.0f} s{', QUICK run' if cfg.quick else ''})\n"
+          f"  data:    {'SYNTHETIC sample' if synthetic else 'real dataset'} {root}: {len(items)} radiographs used "
+          f"({len(train_items)} train, {len(val_items)} validation), {len(submission)} test\n"
+          f"  best:    epoch {best_epoch} of {len(history)}, validation RSNA metric {best_metric:.4f} at score >= "
+          f"{threshold:.2f} (predicting nothing: {nothing:.4f})\n"
+          f"  outputs: {output_dir}/ {checkpoint_path.name}, history.csv, rsna_metric_per_epoch.png, examples.png, "
+          f"val_predictions.png, submission.csv ({n_boxes} of {len(submission)} test radiographs with boxes)"
+          + "".join(f"\n  picture: {p}" for p in pictures))  # fmt: skip
     return history
 
 

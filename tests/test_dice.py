@@ -1,6 +1,7 @@
 """dice.py against MONAI's DiceMetric and DiceLoss, and against cases worked out by hand."""
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -14,9 +15,11 @@ from dice import (
     SoftDiceLoss,
     dice_per_image,
     global_dice,
+    log_epoch,
     mean_dice,
     plot_dice_history,
     soft_dice_loss,
+    tensorboard_writer,
 )
 
 
@@ -164,3 +167,26 @@ def test_plot_dice_history_draws_the_values_it_was_given(tmp_path):
     plot_dice_history([0.1, 0.2, 0.3], tmp_path / "c.png", ylabel="RSNA metric")  # another metric's name
     c = np.asarray(Image.open(tmp_path / "c.png").convert("L"))
     assert c.shape != a.shape or (c != a).any()
+
+
+def test_tensorboard_log_holds_every_number_of_the_history(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    writer = tensorboard_writer(True, tmp_path / "tb")
+    log_epoch(writer, {"epoch": 1, "train_loss": 0.5, "val_dice": 0.25, "note": "text", "quick": True}, 1)
+    log_epoch(writer, {"epoch": 2, "train_loss": 0.4, "val_dice": 0.75, "note": "text", "quick": True}, 2)
+    writer.close()
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tb"))  # TensorBoard's own reader
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["train_loss", "val_dice"]  # numbers only, the epoch is the step
+    assert [(e.step, e.value) for e in events.Scalars("val_dice")] == [(1, 0.25), (2, 0.75)]
+    log_epoch(None, {"val_dice": 1.0}, 3)  # off: nothing to do, no error
+    assert tensorboard_writer(False, tmp_path / "off") is None and not (tmp_path / "off").exists()
+
+
+def test_tensorboard_asked_for_but_missing_is_one_line_and_no_log(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as without the package
+    assert tensorboard_writer(True, tmp_path / "tb") is None
+    assert capsys.readouterr().out == (
+        "tensorboard=True but the tensorboard package is not installed (pip install tensorboard): not logging\n"
+    )
+    assert not (tmp_path / "tb").exists()

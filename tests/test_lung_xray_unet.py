@@ -34,6 +34,7 @@ def lx():
         env.setenv("QUICK", "1")
         env.delenv("DATA_DIR", raising=False)
         env.delenv("OUTPUT_DIR", raising=False)
+        env.delenv("IMAGES_DIR", raising=False)
         spec = importlib.util.spec_from_file_location("lung_xray_unet", SCRIPT)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -280,7 +281,8 @@ def test_a_non_finite_loss_stops_training_with_a_clear_message(lx, tmp_path):
 def quick_run(lx, download, tmp_path_factory):
     """main() with the quick configuration on the synthetic set: (cfg, history, download before the run)."""
     before = snapshot(download)
-    cfg = replace(lx.cfg, data_dir=download.parent, output_dir=tmp_path_factory.mktemp("output"))
+    cfg = replace(lx.cfg, data_dir=download.parent, output_dir=tmp_path_factory.mktemp("output"), tensorboard=True)
+    cfg = replace(cfg, images_dir=tmp_path_factory.mktemp("images") / "Images")
     return cfg, lx.main(cfg), before
 
 
@@ -321,6 +323,8 @@ def test_quick_run_writes_history_plot_masks_and_figure(quick_run, download):
         predicted = Image.open(cfg.output_dir / "predicted_masks" / f"{case.name}.png")
         assert predicted.size == original.size and set(np.unique(np.asarray(predicted))) == {0, 255}
     assert snapshot(download) == before  # the run only read the download
+    assert not cfg.images_dir.exists()  # pictures of a "real" dataset are not copied to the README's folder
+    assert len(list((cfg.output_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
 def test_best_checkpoint_holds_config_epoch_metric_and_reproduces_the_masks(lx, quick_run):
@@ -337,6 +341,7 @@ def test_best_checkpoint_holds_config_epoch_metric_and_reproduces_the_masks(lx, 
 
 def test_script_runs_as_a_user_runs_it(tmp_path):
     env = {**os.environ, "QUICK": "1", "DATA_DIR": str(tmp_path / "data"), "OUTPUT_DIR": str(tmp_path / "out")}
+    env["IMAGES_DIR"] = str(tmp_path / "Images")
     result = subprocess.run([sys.executable, str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "using the SYNTHETIC sample" in result.stdout and "(QUICK run)" in result.stdout
@@ -345,6 +350,12 @@ def test_script_runs_as_a_user_runs_it(tmp_path):
     assert not (tmp_path / "data" / "segmentation").exists()
     for output in ("best_model.pt", "history.csv", "dice_per_epoch.png", "test_predictions.png", "test_dice.csv"):
         assert (tmp_path / "out" / output).is_file(), output
+    # The synthetic sample was used: its figures are the README's pictures; the summary says where everything went.
+    for name in ("test_predictions.png", "dice_per_epoch.png"):
+        assert (tmp_path / "Images" / f"lung_xray_unet_{name}").read_bytes() == (tmp_path / "out" / name).read_bytes()
+    summary = result.stdout[result.stdout.index("\nSummary (") :]
+    assert "data:    SYNTHETIC sample" in summary and f"outputs: {tmp_path / 'out'}/" in summary
+    assert f"picture: {tmp_path / 'Images' / 'lung_xray_unet_dice_per_epoch.png'}" in summary
 
 
 def test_script_runs_as_a_notebook_with_the_config_edited_inline(tmp_path, monkeypatch):
@@ -353,7 +364,8 @@ def test_script_runs_as_a_notebook_with_the_config_edited_inline(tmp_path, monke
     notebook = jupytext.read(SCRIPT)
     config_cell = next(cell for cell in notebook.cells if "cfg = Config()" in cell.source)
     config_cell.source = config_cell.source.replace("cfg = Config()", "cfg = Config(max_epochs=2)")  # as a user does
-    for name, value in {"QUICK": "1", "DATA_DIR": tmp_path / "data", "OUTPUT_DIR": tmp_path / "out"}.items():
+    env = {"QUICK": "1", "DATA_DIR": tmp_path / "data", "OUTPUT_DIR": tmp_path / "out", "IMAGES_DIR": tmp_path / "img"}
+    for name, value in env.items():
         monkeypatch.setenv(name, str(value))  # the kernel inherits this process's environment
     # The kernel starts in the repository root, as a notebook opened there does (no __file__ in a kernel).
     nbclient.NotebookClient(notebook, timeout=300, resources={"metadata": {"path": str(REPO_ROOT)}}).execute()

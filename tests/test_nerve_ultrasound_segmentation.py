@@ -264,8 +264,8 @@ def test_quick_run_learns_and_writes_checkpoint_plot_history_and_submission(nerv
     data_dir = tmp_path / "data"  # no real download there: the script must say it uses the sample
     (data_dir / "sample").mkdir(parents=True)
     (data_dir / "sample" / NERVE).symlink_to(sample_root / NERVE)
-    cfg = replace(nerve.cfg, data_dir=data_dir, output_dir=tmp_path / "out")
-    history = nerve.main(cfg)
+    cfg = replace(nerve.cfg, data_dir=data_dir, output_dir=tmp_path / "out", images_dir=tmp_path / "Images")
+    history = nerve.main(replace(cfg, tensorboard=True))
     out = capsys.readouterr().out
     assert "SYNTHETIC" in out and "all-empty baseline" in out
 
@@ -290,6 +290,15 @@ def test_quick_run_learns_and_writes_checkpoint_plot_history_and_submission(nerv
 
     with Image.open(cfg.output_dir / "dice_per_epoch.png") as plot:
         assert plot.format == "PNG"
+    with Image.open(cfg.output_dir / "val_predictions.png") as figure:
+        assert figure.format == "PNG" and figure.width > 4 * 200  # four frames side by side
+    picture = cfg.images_dir / "nerve_ultrasound_segmentation_predictions.png"  # the sample was used: README picture
+    assert picture.read_bytes() == (cfg.output_dir / "val_predictions.png").read_bytes()
+    assert len(list((cfg.output_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    summary = out[out.index("\nSummary (") :]
+    assert f"data:    SYNTHETIC sample {data_dir / 'sample' / NERVE}" in summary
+    assert f"best:    epoch {best['epoch']} of {cfg.max_epochs}, validation Dice {best['val_dice']:.4f}" in summary
+    assert f"outputs: {cfg.output_dir}/" in summary and f"picture: {picture}" in summary
 
     submission = pd.read_csv(cfg.output_dir / "submission.csv", keep_default_na=False)
     assert list(submission.columns) == ["img", "pixels"] and list(submission["img"]) == [1, 2, 3, 4, 5, 6]

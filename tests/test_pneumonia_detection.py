@@ -342,7 +342,7 @@ def test_submission_lists_every_test_patient_in_1024_px(det, rsna_copy, tmp_path
 
 
 def test_main_trains_and_writes_every_output(det, sample_root, tmp_path, capsys):
-    cfg = tiny_config(det, tmp_path, sample_root)
+    cfg = tiny_config(det, tmp_path, sample_root, tensorboard=True)
     history = det.main(cfg)
     out = capsys.readouterr().out
     assert [row["epoch"] for row in history] == [1, 2]
@@ -364,12 +364,15 @@ def test_main_trains_and_writes_every_output(det, sample_root, tmp_path, capsys)
     for name in ("rsna_metric_per_epoch.png", "examples.png", "val_predictions.png"):
         with Image.open(cfg.output_dir / name) as img:
             assert img.format == "PNG" and img.width > 100
-    assert (cfg.images_dir / "pneumonia_detection_examples.png").read_bytes() == (
-        cfg.output_dir / "examples.png"
-    ).read_bytes()
+    # The folder given as data_dir holds the dataset: a "real" one, so no picture is copied to images_dir.
+    assert not cfg.images_dir.exists()
+    assert len(list((cfg.output_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
     submission = pd.read_csv(cfg.output_dir / "submission.csv", keep_default_na=False)
     assert len(submission) == 6 and submission["patientId"].is_unique
     assert f"Using the real dataset in {sample_root / RSNA}" in out and "Best epoch" in out
+    summary = out[out.index("\nSummary (") :]
+    assert f"real dataset {sample_root / RSNA}" in summary and f"best:    epoch {checkpoint['epoch']} of 2" in summary
+    assert str(cfg.output_dir) in summary and "picture" not in summary
 
 
 # A tiny run, written as a user edits the configuration cell: `cfg = Config(...)` inline.
@@ -404,6 +407,7 @@ def test_runs_as_a_script_from_another_directory(sample_root, tmp_path, monkeypa
     assert f"using the SYNTHETIC sample in {repo / 'data' / 'sample' / RSNA}" in result.stdout
     assert "(QUICK run)" in result.stdout and "COCO weights" in result.stdout
     output = repo / "output" / "pneumonia_detection"
+    assert "  data:    SYNTHETIC sample" in result.stdout  # the closing summary
     assert {p.name for p in output.iterdir()} == {
         "Pneumonia_detection.pt", "history.csv", "rsna_metric_per_epoch.png", "examples.png",
         "val_predictions.png", "submission.csv",
@@ -411,6 +415,7 @@ def test_runs_as_a_script_from_another_directory(sample_root, tmp_path, monkeypa
     assert {p.name for p in (repo / "Images").iterdir()} == {
         "pneumonia_detection_examples.png", "pneumonia_detection_predictions.png"
     }  # fmt: skip
+    assert (repo / "Images" / "pneumonia_detection_examples.png").read_bytes() == (output / "examples.png").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # nothing written to the working directory
 
 
