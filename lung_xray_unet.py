@@ -80,6 +80,7 @@ class Config:
     threshold: float = 0.5  # lung probability above which a pixel is lung
     figure_cases: int = 4  # test films shown in test_predictions.png
     tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
+    resume: bool = False  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs
 
 
 cfg = Config()
@@ -290,7 +291,10 @@ class Trainer:
     """Trains on `train_loader`, validates every epoch, keeps the epoch with the best validation Dice.
 
     Each epoch appends a row to `history` and rewrites `history.csv` and `dice_per_epoch.png`; an epoch that
-    improves the validation Dice (summed over all validation films, as nnU-Net does) rewrites `best_model.pt`.
+    improves the validation Dice (summed over all validation films, as nnU-Net does) rewrites `best_model.pt`;
+    every epoch rewrites `last_checkpoint.pt`, everything needed to go on (`resume=True`). Both are replaced
+    atomically, so a kill at any moment leaves the previous ones whole. Ctrl-C or a loss that is not finite stops
+    training with one line that says where, and sets `stopped`; the checkpoints on disk are kept.
     """
 
     def __init__(self, cfg: Config, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader):
@@ -303,17 +307,21 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(DEVICE.type, enabled=self.use_amp)  # float16 gradients would underflow
         self.history: list[dict] = []
         self.best_dice, self.best_epoch = -math.inf, 0
+        self.stopped: str | None = None  # why training stopped before max_epochs, if it did
 
     def train_one_epoch(self, epoch: int) -> float:
         """One pass over the training films, augmented; the mean loss per film."""
         self.model.train()
         total, count = 0.0, 0
-        for img, seg in tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False, disable=None):
+        for step, (img, seg) in enumerate(tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False, disable=None)):
             img, seg = augment(img.to(DEVICE), seg.to(DEVICE), self.cfg)
             with torch.autocast(DEVICE.type, dtype=torch.float16, enabled=self.use_amp):
                 loss = self.loss_fn(self.model(img), seg)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"Loss is {loss.item()} at epoch {epoch}: lower lr ({self.cfg.lr}) or amp off")
+                raise FloatingPointError(
+                    f"Loss is {loss.item()} at epoch {epoch}, batch {step}: stopping (try a lower lr than "
+                    f"{self.cfg.lr}, or amp=False)"
+                )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -348,10 +356,58 @@ class Trainer:
         }
         save_atomically(self.output_dir / "best_model.pt", lambda path: torch.save(checkpoint, path))
 
+    def save_last(self, epoch: int) -> None:
+        """Everything needed to go on after `epoch`: weights, optimizer, scheduler, scaler, history, best so far."""
+        state = {name: getattr(self, name).state_dict() for name in ("model", "optimizer", "scheduler", "scaler")}
+        state |= {"config": config_dict(self.cfg), "epoch": epoch, "history": self.history}
+        save_atomically(self.output_dir / "last_checkpoint.pt", lambda path: torch.save(state, path))
+
+    def resume(self) -> int:
+        """Load `last_checkpoint.pt` if there is one; return the first epoch still to train."""
+        path = self.output_dir / "last_checkpoint.pt"
+        if not path.is_file():
+            print(f"resume=True but {path} does not exist: starting at epoch 1")
+            return 1
+        state = torch.load(path, map_location=DEVICE, weights_only=True)
+        try:
+            for name in ("model", "optimizer", "scheduler", "scaler"):
+                getattr(self, name).load_state_dict(state[name])
+        except (RuntimeError, ValueError, KeyError) as err:  # another network or optimizer than this config's
+            detail = str(err).strip().splitlines()[0][:200]
+            raise ValueError(f"{path} was written with another configuration than this one: {detail}") from None
+        self.history = state["history"]
+        best_path = self.output_dir / "best_model.pt"  # the best so far is what is on disk (a kill may fall between
+        if best_path.is_file():  # the two saves of an epoch)
+            best = torch.load(best_path, map_location="cpu", weights_only=True)
+            self.best_dice, self.best_epoch = best["metric"], best["epoch"]
+        print(f"Resuming from {path}: epoch {state['epoch']} done, best validation Dice {self.best_dice:.4f} at "
+              f"epoch {self.best_epoch}")  # fmt: skip
+        return state["epoch"] + 1
+
     def fit(self) -> list[dict]:
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        first_epoch = self.resume() if self.cfg.resume else 1
         writer = tensorboard_writer(self.cfg.tensorboard, self.output_dir / "tensorboard")
-        for epoch in range(1, self.cfg.max_epochs + 1):
+        try:
+            self.train_epochs(first_epoch, writer)
+        except KeyboardInterrupt:  # Ctrl-C, or "Interrupt" in a notebook: the epoch under way is dropped
+            done = self.history[-1]["epoch"] if self.history else 0
+            self.stopped = (
+                f"Interrupted during epoch {done + 1}: {self.output_dir / 'last_checkpoint.pt'} holds epoch {done}; "
+                "run again with resume=True to go on from there"
+            )
+        except FloatingPointError as err:
+            best = f"{self.output_dir / 'best_model.pt'} (epoch {self.best_epoch})" if self.best_epoch else "nothing"
+            self.stopped = f"{err}. Kept: {best}"
+        finally:
+            if writer is not None:
+                writer.close()
+        if self.stopped:
+            print(self.stopped)
+        return self.history
+
+    def train_epochs(self, first_epoch: int, writer) -> None:
+        for epoch in range(first_epoch, self.cfg.max_epochs + 1):
             start = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
             train_loss = self.train_one_epoch(epoch)
@@ -376,14 +432,12 @@ class Trainer:
             )
             plot_dice_history([row["val_dice"] for row in self.history], self.output_dir / "dice_per_epoch.png")
             log_epoch(writer, self.history[-1], epoch)
+            self.save_last(epoch)
             print(
                 f"epoch {epoch:3d}/{self.cfg.max_epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
                 f"val Dice {val_dice:.4f}  (best {self.best_dice:.4f} at epoch {self.best_epoch})  "
                 f"{self.history[-1]['seconds']:.1f} s"
             )
-        if writer is not None:
-            writer.close()
-        return self.history
 
 
 class Inferencer:
@@ -484,7 +538,10 @@ def main(cfg: Config) -> list[dict]:
         f"U-Net: depth {cfg.depth}, {cfg.start_filters} start filters, {cfg.up_mode} up-sampling, {cfg.norm} norm, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters; loss {cfg.loss}"
     )
-    history = Trainer(cfg, model, train_loader, val_loader).fit()
+    trainer = Trainer(cfg, model, train_loader, val_loader)
+    history = trainer.fit()
+    if trainer.stopped or not trainer.best_epoch:  # said why; the checkpoints on disk are kept
+        return history
 
     inferencer = Inferencer(Path(cfg.output_dir) / "best_model.pt")
     print(f"Best epoch {inferencer.epoch}: validation Dice {inferencer.val_dice:.4f}")

@@ -1,5 +1,5 @@
 """lung_xray_unet.py and its step in data_cleaning.py: preparation, bad inputs, the U-Net, the losses, and quick runs
-(as a function, as a script, as a notebook) that must learn the lungs of the synthetic Montgomery set."""
+(as a function and as a script; as a notebook: test_notebooks.py) that must learn the synthetic Montgomery lungs."""
 
 import hashlib
 import importlib.util
@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -266,12 +267,115 @@ def test_both_losses_are_finite_and_decrease_on_one_batch(lx, download, loss):
     assert np.isfinite(losses).all() and losses[-1] < 0.7 * losses[0]
 
 
-def test_a_non_finite_loss_stops_training_with_a_clear_message(lx, tmp_path):
-    cfg = replace(lx.cfg, output_dir=tmp_path)
-    nan_films = torch.utils.data.TensorDataset(torch.full((2, 1, 32, 32), float("nan")), torch.ones(2, 1, 32, 32))
-    loader = torch.utils.data.DataLoader(nan_films, batch_size=2)
-    with pytest.raises(FloatingPointError, match="Loss is nan at epoch 1"):
-        lx.Trainer(cfg, lx.build_model(cfg), loader, loader).fit()
+def tiny_films(value: float | None = None) -> torch.utils.data.DataLoader:
+    """Four 32-px films with random masks (or filled with `value`), two per batch: an epoch of milliseconds."""
+    generator = torch.Generator().manual_seed(0)
+    img = torch.rand(4, 1, 32, 32, generator=generator) if value is None else torch.full((4, 1, 32, 32), value)
+    seg = (torch.rand(4, 1, 32, 32, generator=generator) > 0.5).float()
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(img, seg), batch_size=2)
+
+
+def test_resume_goes_on_and_a_non_finite_loss_stops_keeping_the_best(lx, tmp_path, monkeypatch, capsys):
+    plotted = []
+    monkeypatch.setattr(lx, "plot_dice_history", lambda dice, path, **kw: plotted.append(list(dice)))
+    cfg = replace(lx.cfg, output_dir=tmp_path, max_epochs=2)
+    first = lx.Trainer(cfg, lx.build_model(cfg), tiny_films(), tiny_films()).fit()
+    assert [row["epoch"] for row in first] == [1, 2]
+
+    resumed = lx.Trainer(replace(cfg, max_epochs=4, resume=True), lx.build_model(cfg), tiny_films(), tiny_films())
+    history = resumed.fit()
+    assert "Resuming from" in capsys.readouterr().out and resumed.stopped is None
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4] and history[:2] == first
+    assert pd.read_csv(tmp_path / "history.csv")["epoch"].tolist() == [1, 2, 3, 4]
+    assert len(plotted[-1]) == 4  # the plot covers every epoch, those before the resume too
+    last = torch.load(tmp_path / "last_checkpoint.pt", weights_only=True)
+    assert last["epoch"] == 4 and {"model", "optimizer", "scheduler", "scaler", "history"} <= set(last)
+
+    best_before = (tmp_path / "best_model.pt").read_bytes()
+    best_epoch = torch.load(tmp_path / "best_model.pt", weights_only=True)["epoch"]
+    nan = lx.Trainer(replace(cfg, max_epochs=6, resume=True), lx.build_model(cfg), tiny_films(float("nan")), None)
+    assert nan.fit() == history  # stopped in epoch 5: nothing added
+    out = capsys.readouterr().out
+    assert f"Loss is nan at epoch 5, batch 0: stopping (try a lower lr than {cfg.lr}, or amp=False)" in out
+    assert f"Kept: {tmp_path / 'best_model.pt'} (epoch {best_epoch})" in out and nan.stopped
+    assert (tmp_path / "best_model.pt").read_bytes() == best_before
+    assert torch.load(tmp_path / "last_checkpoint.pt", weights_only=True)["epoch"] == 4
+
+
+def test_ctrl_c_stops_with_one_line_and_the_last_epoch_on_disk(lx, tmp_path, monkeypatch, capsys):
+    cfg = replace(lx.cfg, output_dir=tmp_path, max_epochs=5)
+    trainer = lx.Trainer(cfg, lx.build_model(cfg), tiny_films(), tiny_films())
+    train_one_epoch = trainer.train_one_epoch
+
+    def interrupted_in_epoch_3(epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return train_one_epoch(epoch)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", interrupted_in_epoch_3)
+    assert len(trainer.fit()) == 2
+    last = tmp_path / "last_checkpoint.pt"
+    assert capsys.readouterr().out.endswith(
+        f"Interrupted during epoch 3: {last} holds epoch 2; run again with resume=True to go on from there\n"
+    )
+    assert torch.load(last, weights_only=True)["epoch"] == 2
+
+
+def test_resume_with_another_network_is_one_clear_error(lx, tmp_path):
+    cfg = replace(lx.cfg, output_dir=tmp_path, max_epochs=1)
+    lx.Trainer(cfg, lx.build_model(cfg), tiny_films(), tiny_films()).fit()
+    wider = replace(cfg, start_filters=2 * cfg.start_filters, resume=True, max_epochs=2)
+    with pytest.raises(ValueError, match="last_checkpoint.pt was written with another configuration than this one"):
+        lx.Trainer(wider, lx.build_model(wider), tiny_films(), tiny_films()).fit()
+
+
+KILLED_RUN = """
+import importlib.util, sys
+from dataclasses import replace
+sys.path.insert(0, {tests!r})
+spec = importlib.util.spec_from_file_location("lung_xray_unet", {script!r})
+lx = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lx)
+from test_lung_xray_unet import tiny_films
+cfg = replace(lx.cfg, output_dir={out!r}, max_epochs=10_000, resume=True)
+lx.Trainer(cfg, lx.build_model(cfg), tiny_films(), tiny_films()).fit()
+"""
+
+
+def test_a_kill_at_any_moment_leaves_loadable_checkpoints_and_resume_goes_on(tmp_path):
+    code = KILLED_RUN.format(tests=str(REPO_ROOT / "tests"), script=str(SCRIPT), out=str(tmp_path))
+    last_path, rng, epochs = tmp_path / "last_checkpoint.pt", np.random.default_rng(0), [0]
+    for _ in range(3):
+        before = last_path.stat().st_mtime_ns if last_path.exists() else 0
+        process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while not last_path.exists() or last_path.stat().st_mtime_ns == before:  # until this run ends an epoch
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no epoch ended within 2 minutes"
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.5))  # then somewhere in an epoch, a save or a plot
+        process.kill()  # SIGKILL: no handler runs, nothing is cleaned up
+        process.wait()
+        last = torch.load(last_path, weights_only=True)
+        best = torch.load(tmp_path / "best_model.pt", weights_only=True)
+        assert len(last["history"]) == last["epoch"] > epochs[-1]  # each run went on from the one before
+        assert 1 <= best["epoch"] <= last["epoch"] + 1  # best is saved before last in an epoch
+        logged = pd.read_csv(tmp_path / "history.csv")["epoch"].tolist()
+        assert logged == list(range(1, len(logged) + 1)) and len(logged) - last["epoch"] in (0, 1)
+        epochs.append(last["epoch"])
+
+
+def test_same_seed_same_split_and_same_first_epoch_on_the_cpu(lx, download, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        cfg = replace(lx.cfg, data_dir=download.parent, output_dir=tmp_path / name, max_epochs=1)
+        history = lx.main(cfg)
+        runs.append((lx.split_cases(download.parent / "segmentation", cfg), history[0]))
+    (split_a, first_a), (split_b, first_b) = runs
+    assert split_a == split_b
+    assert first_a["train_loss"] == first_b["train_loss"] and first_a["val_dice"] == first_b["val_dice"]  # bitwise
+    other = lx.main(replace(cfg, output_dir=tmp_path / "c", max_epochs=1, seed=1))
+    assert other[0]["train_loss"] != first_a["train_loss"]  # the seed does reach the weights and the shuffling
 
 
 # %% Quick runs
@@ -356,19 +460,3 @@ def test_script_runs_as_a_user_runs_it(tmp_path):
     summary = result.stdout[result.stdout.index("\nSummary (") :]
     assert "data:    SYNTHETIC sample" in summary and f"outputs: {tmp_path / 'out'}/" in summary
     assert f"picture: {tmp_path / 'Images' / 'lung_xray_unet_dice_per_epoch.png'}" in summary
-
-
-def test_script_runs_as_a_notebook_with_the_config_edited_inline(tmp_path, monkeypatch):
-    jupytext = pytest.importorskip("jupytext")
-    nbclient = pytest.importorskip("nbclient")
-    notebook = jupytext.read(SCRIPT)
-    config_cell = next(cell for cell in notebook.cells if "cfg = Config()" in cell.source)
-    config_cell.source = config_cell.source.replace("cfg = Config()", "cfg = Config(max_epochs=2)")  # as a user does
-    env = {"QUICK": "1", "DATA_DIR": tmp_path / "data", "OUTPUT_DIR": tmp_path / "out", "IMAGES_DIR": tmp_path / "img"}
-    for name, value in env.items():
-        monkeypatch.setenv(name, str(value))  # the kernel inherits this process's environment
-    # The kernel starts in the repository root, as a notebook opened there does (no __file__ in a kernel).
-    nbclient.NotebookClient(notebook, timeout=300, resources={"metadata": {"path": str(REPO_ROOT)}}).execute()
-    printed = "".join(output.get("text", "") for output in notebook.cells[-1].outputs)
-    assert "Test Dice" in printed and "epoch   2/2" in printed
-    assert (tmp_path / "out" / "best_model.pt").is_file()
