@@ -23,7 +23,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
+from checkpoints import best_so_far, config_dict, resume, save_checkpoint, save_history, save_last, stop_message
 from data_cleaning import PREPARED_CASES, prepare_lung_segmentation, read_gray, read_lung_mask, to_unit_range
 from dice import DiceAccumulator, SoftDiceLoss, log_epoch, plot_dice_history, tensorboard_writer
 from sample_data import find_dataset
@@ -275,18 +276,6 @@ class LungLoss(nn.Module):
 # %% Train and evaluate
 
 
-def config_dict(cfg: Config) -> dict:
-    """The configuration as plain values (paths as text), loadable with torch.load(weights_only=True)."""
-    return {key: str(value) if isinstance(value, Path) else value for key, value in asdict(cfg).items()}
-
-
-def save_atomically(path: Path, write) -> None:
-    """`write(temporary path)`, then rename over `path`: a crash or a reader mid-write never sees half a file."""
-    partial = path.with_name(f".{path.name}.partial")
-    write(partial)
-    os.replace(partial, path)
-
-
 class Trainer:
     """Trains on `train_loader`, validates every epoch, keeps the epoch with the best validation Dice.
 
@@ -344,7 +333,7 @@ class Trainer:
             dice.update(torch.sigmoid(lung_logit(logits).float()) > self.cfg.threshold, seg > 0.5)
         return total / count, dice
 
-    def save_checkpoint(self, epoch: int, val_dice: float) -> None:
+    def save_best(self, epoch: int, val_dice: float) -> None:
         checkpoint = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -354,51 +343,21 @@ class Trainer:
             "metric": val_dice,
             "metric_name": "validation Dice",
         }
-        save_atomically(self.output_dir / "best_model.pt", lambda path: torch.save(checkpoint, path))
-
-    def save_last(self, epoch: int) -> None:
-        """Everything needed to go on after `epoch`: weights, optimizer, scheduler, scaler, history, best so far."""
-        state = {name: getattr(self, name).state_dict() for name in ("model", "optimizer", "scheduler", "scaler")}
-        state |= {"config": config_dict(self.cfg), "epoch": epoch, "history": self.history}
-        save_atomically(self.output_dir / "last_checkpoint.pt", lambda path: torch.save(state, path))
-
-    def resume(self) -> int:
-        """Load `last_checkpoint.pt` if there is one; return the first epoch still to train."""
-        path = self.output_dir / "last_checkpoint.pt"
-        if not path.is_file():
-            print(f"resume=True but {path} does not exist: starting at epoch 1")
-            return 1
-        state = torch.load(path, map_location=DEVICE, weights_only=True)
-        try:
-            for name in ("model", "optimizer", "scheduler", "scaler"):
-                getattr(self, name).load_state_dict(state[name])
-        except (RuntimeError, ValueError, KeyError) as err:  # another network or optimizer than this config's
-            detail = str(err).strip().splitlines()[0][:200]
-            raise ValueError(f"{path} was written with another configuration than this one: {detail}") from None
-        self.history = state["history"]
-        best_path = self.output_dir / "best_model.pt"  # the best so far is what is on disk (a kill may fall between
-        if best_path.is_file():  # the two saves of an epoch)
-            best = torch.load(best_path, map_location="cpu", weights_only=True)
-            self.best_dice, self.best_epoch = best["metric"], best["epoch"]
-        print(f"Resuming from {path}: epoch {state['epoch']} done, best validation Dice {self.best_dice:.4f} at "
-              f"epoch {self.best_epoch}")  # fmt: skip
-        return state["epoch"] + 1
+        save_checkpoint(checkpoint, self.output_dir / "best_model.pt")
 
     def fit(self) -> list[dict]:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        first_epoch = self.resume() if self.cfg.resume else 1
+        parts = {name: getattr(self, name) for name in ("model", "optimizer", "scheduler", "scaler")}
+        first_epoch = 1
+        if self.cfg.resume:
+            first_epoch, self.history = resume(self.output_dir, DEVICE, **parts)
+            self.best_dice, self.best_epoch = best_so_far(self.output_dir / "best_model.pt")
         writer = tensorboard_writer(self.cfg.tensorboard, self.output_dir / "tensorboard")
         try:
-            self.train_epochs(first_epoch, writer)
-        except KeyboardInterrupt:  # Ctrl-C, or "Interrupt" in a notebook: the epoch under way is dropped
-            done = self.history[-1]["epoch"] if self.history else 0
-            self.stopped = (
-                f"Interrupted during epoch {done + 1}: {self.output_dir / 'last_checkpoint.pt'} holds epoch {done}; "
-                "run again with resume=True to go on from there"
-            )
-        except FloatingPointError as err:
-            best = f"{self.output_dir / 'best_model.pt'} (epoch {self.best_epoch})" if self.best_epoch else "nothing"
-            self.stopped = f"{err}. Kept: {best}"
+            self.train_epochs(first_epoch, writer, parts)
+        # Ctrl-C (or Interrupt in a notebook) drops the epoch under way; a loss that is not finite stops training.
+        except (KeyboardInterrupt, FloatingPointError) as err:
+            self.stopped = stop_message(err, self.output_dir, self.history, self.output_dir / "best_model.pt")
         finally:
             if writer is not None:
                 writer.close()
@@ -406,7 +365,7 @@ class Trainer:
             print(self.stopped)
         return self.history
 
-    def train_epochs(self, first_epoch: int, writer) -> None:
+    def train_epochs(self, first_epoch: int, writer, parts: dict) -> None:
         for epoch in range(first_epoch, self.cfg.max_epochs + 1):
             start = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
@@ -415,7 +374,7 @@ class Trainer:
             val_dice = dice.global_dice()
             if val_dice > self.best_dice:
                 self.best_dice, self.best_epoch = val_dice, epoch
-                self.save_checkpoint(epoch, val_dice)
+                self.save_best(epoch, val_dice)
             self.history.append(
                 {
                     "epoch": epoch,
@@ -427,12 +386,10 @@ class Trainer:
                     "seconds": time.perf_counter() - start,
                 }
             )
-            save_atomically(
-                self.output_dir / "history.csv", lambda path: pd.DataFrame(self.history).to_csv(path, index=False)
-            )
+            save_history(self.history, self.output_dir / "history.csv")
             plot_dice_history([row["val_dice"] for row in self.history], self.output_dir / "dice_per_epoch.png")
             log_epoch(writer, self.history[-1], epoch)
-            self.save_last(epoch)
+            save_last(self.output_dir, epoch, self.history, self.cfg, **parts)
             print(
                 f"epoch {epoch:3d}/{self.cfg.max_epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
                 f"val Dice {val_dice:.4f}  (best {self.best_dice:.4f} at epoch {self.best_epoch})  "

@@ -26,7 +26,7 @@ import re
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,16 @@ from monai.transforms import Compose, EnsureTyped, RandFlipd
 from PIL import Image
 from tqdm import tqdm
 
+from checkpoints import (
+    best_so_far,
+    config_dict,
+    resume,
+    save_atomically,
+    save_checkpoint,
+    save_history,
+    save_last,
+    stop_message,
+)
 from data_cleaning import find_contradictory_pairs, frame_signature, rle_decode, rle_encode
 from dice import DiceAccumulator, SoftDiceLoss, dice_per_image, log_epoch, plot_dice_history, tensorboard_writer
 from sample_data import find_dataset
@@ -79,6 +89,7 @@ class Config:
     amp: bool = True  # mixed precision on CUDA (ignored on the CPU): faster, and Dice is computed in float32
     figure_frames: int = 4  # validation frames drawn in val_predictions.png (with a nerve first)
     tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
+    resume: bool = False  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs
 
 
 cfg = Config()
@@ -398,7 +409,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, cfg: Conf
             loss = loss_fn(model(img), seg)
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"Loss became {loss.item()} at epoch {epoch}, step {step}: stopping "
+                f"Loss is {loss.item()} at epoch {epoch}, batch {step}: stopping "
                 f"(try a lower lr than {cfg.lr}, or amp=False)"
             )
         optimizer.zero_grad(set_to_none=True)
@@ -511,16 +522,7 @@ def draw_predictions(model, frames: list[dict], device, cfg: Config, min_area: i
 
 def write_submission(rows: pd.DataFrame, path: Path) -> None:
     """submission.csv as Kaggle reads it: `img,pixels`, one row per test frame, empty pixels for no nerve."""
-    partial = path.with_name(f".{path.name}.partial")
-    rows.to_csv(partial, index=False)
-    os.replace(partial, path)
-
-
-def save_checkpoint(state: dict, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a checkpoint."""
-    partial = path.with_name(f".{path.name}.partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    save_atomically(path, lambda partial: rows.to_csv(partial, index=False))
 
 
 def main(cfg: Config) -> list[dict]:
@@ -560,43 +562,57 @@ def main(cfg: Config) -> list[dict]:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
     checkpoint_path = cfg.output_dir / "2D_Nerve_Segmentation.pt"
+    parts = {"model": model, "optimizer": optimizer, "scaler": scaler}  # what last_checkpoint.pt holds
+    history, first_epoch = [], 1
+    if cfg.resume:
+        first_epoch, history = resume(cfg.output_dir, device, **parts)
+    best_dice, best_epoch = best_so_far(checkpoint_path) if cfg.resume else (-1.0, 0)
     writer = tensorboard_writer(cfg.tensorboard, cfg.output_dir / "tensorboard")
-    history, best_dice, best_epoch, best_min_area = [], -1.0, 0, 0
-    for epoch in range(1, cfg.max_epochs + 1):
-        epoch_start = time.time()
-        train_loss = train_one_epoch(model, train_loader, loss_fn, optimizer, scaler, device, cfg, epoch)
-        val_loss, scores = evaluate(model, val_loader, loss_fn, device, cfg)
-        min_area = choose_min_area(scores, cfg.min_area_candidates)
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-                "val_dice": scores.dice(min_area),  # Kaggle metric after the min-area filter
-                "val_dice_no_filter": scores.dice(0),
-                "min_area": min_area,
-                "presence_accuracy": scores.presence_accuracy(min_area),
-                "val_dice_all_empty": scores.all_empty.mean(),  # the baseline: no nerve predicted anywhere
-                "seconds": time.time() - epoch_start,
-            }
-        )
-        row = history[-1]
-        if row["val_dice"] > best_dice:
-            best_dice, best_epoch, best_min_area = row["val_dice"], epoch, min_area
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
-            config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}  # loads weights_only
-            save_checkpoint({**state, "config": config, "metric": best_dice, "min_area": min_area}, checkpoint_path)
-        pd.DataFrame(history).to_csv(cfg.output_dir / "history.csv", index=False)
-        plot_dice_history([h["val_dice"] for h in history], cfg.output_dir / "dice_per_epoch.png",
-                          title="Nerve segmentation: validation Dice (Kaggle metric) per epoch")  # fmt: skip
-        log_epoch(writer, row, epoch)
-        print(f"epoch {epoch:3d}/{cfg.max_epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
-              f"val Dice {row['val_dice']:.4f} (min area {min_area}; no filter {row['val_dice_no_filter']:.4f})  "
-              f"presence acc {row['presence_accuracy']:.3f}  {row['seconds']:.1f} s"
-              + ("  *best*" if best_epoch == epoch else ""))  # fmt: skip
+    try:
+        for epoch in range(first_epoch, cfg.max_epochs + 1):
+            epoch_start = time.time()
+            train_loss = train_one_epoch(model, train_loader, loss_fn, optimizer, scaler, device, cfg, epoch)
+            val_loss, scores = evaluate(model, val_loader, loss_fn, device, cfg)
+            min_area = choose_min_area(scores, cfg.min_area_candidates)
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "val_loss": val_loss,
+                    "val_dice": scores.dice(min_area),  # Kaggle metric after the min-area filter
+                    "val_dice_no_filter": scores.dice(0),
+                    "min_area": min_area,
+                    "presence_accuracy": scores.presence_accuracy(min_area),
+                    "val_dice_all_empty": scores.all_empty.mean(),  # the baseline: no nerve predicted anywhere
+                    "seconds": time.time() - epoch_start,
+                }
+            )
+            row = history[-1]
+            if row["val_dice"] > best_dice:
+                best_dice, best_epoch = row["val_dice"], epoch
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
+                state |= {"config": config_dict(cfg), "metric": best_dice, "min_area": min_area}
+                save_checkpoint(state, checkpoint_path)
+            save_history(history, cfg.output_dir / "history.csv")
+            plot_dice_history([h["val_dice"] for h in history], cfg.output_dir / "dice_per_epoch.png",
+                              title="Nerve segmentation: validation Dice (Kaggle metric) per epoch")  # fmt: skip
+            log_epoch(writer, row, epoch)
+            save_last(cfg.output_dir, epoch, history, cfg, **parts)
+            print(f"epoch {epoch:3d}/{cfg.max_epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
+                  f"val Dice {row['val_dice']:.4f} (min area {min_area}; no filter {row['val_dice_no_filter']:.4f})  "
+                  f"presence acc {row['presence_accuracy']:.3f}  {row['seconds']:.1f} s"
+                  + ("  *best*" if best_epoch == epoch else ""))  # fmt: skip
+    # Ctrl-C (or Interrupt in a notebook) drops the epoch under way; a loss that is not finite stops training.
+    except (KeyboardInterrupt, FloatingPointError) as err:
+        print(stop_message(err, cfg.output_dir, history, checkpoint_path))
+        return history
+    finally:
+        if writer is not None:
+            writer.close()
 
     baseline = history[-1]["val_dice_all_empty"]
     best = history[best_epoch - 1]
+    best_min_area = best["min_area"]
     print(f"Best epoch {best_epoch}: validation Dice {best_dice:.4f} (Kaggle metric, mean over {len(val_frames)} "
           f"frames at 420x580) with min area {best_min_area} px ({best['val_dice_no_filter']:.4f} without the "
           f"filter); all-empty baseline on the same frames {baseline:.4f}; nerve presence accuracy "
@@ -613,8 +629,6 @@ def main(cfg: Config) -> list[dict]:
         shutil.copyfile(cfg.output_dir / "val_predictions.png", pictures[-1])
     rows = predict_test(model, root / "test", cfg, device, checkpoint["min_area"])
     write_submission(rows, cfg.output_dir / "submission.csv")
-    if writer is not None:
-        writer.close()
     print(f"\nSummary ({time.time() - start_time:.0f} s{', QUICK run' if cfg.quick else ''})\n"
           f"  data:    {'SYNTHETIC sample' if synthetic else 'real dataset'} {root}: {len(train_frames)} training "
           f"frames, {len(val_frames)} validation frames, {len(rows)} test frames\n"

@@ -28,7 +28,7 @@ import random
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,16 @@ from torchvision.ops import box_iou
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from checkpoints import (
+    best_so_far,
+    config_dict,
+    resume,
+    save_atomically,
+    save_checkpoint,
+    save_history,
+    save_last,
+    stop_message,
+)
 from dice import log_epoch, plot_dice_history, tensorboard_writer
 from sample_data import find_dataset
 
@@ -104,6 +114,7 @@ class Config:
     amp: bool = True  # mixed precision on CUDA (float16 + gradient scaling); ignored on the CPU
     examples: int = 4  # radiographs drawn in examples.png and val_predictions.png
     tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
+    resume: bool = False  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs
 
 
 cfg = Config()
@@ -552,7 +563,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, cfg: Config, epoch
         if not torch.isfinite(loss):
             terms = ", ".join(f"{key} {value.item():.4g}" for key, value in losses.items())
             raise FloatingPointError(
-                f"Loss became {loss.item()} at epoch {epoch}, batch {step} ({terms}): stopping "
+                f"Loss is {loss.item()} at epoch {epoch}, batch {step} ({terms}): stopping "
                 f"(try a lower lr than {cfg.lr}, or amp=False)"
             )
         optimizer.zero_grad(set_to_none=True)
@@ -620,17 +631,6 @@ def predict_test(model, test_dir: Path, device, cfg: Config, min_score: float) -
     return pd.DataFrame(sorted(rows.items()), columns=["patientId", "PredictionString"])
 
 
-def write_atomically(path: Path, write) -> None:
-    """`write(temporary path)` in the same folder, then rename over `path`: a crash never leaves half a file."""
-    partial = path.with_name(f".{path.name}.partial")
-    write(partial)
-    os.replace(partial, path)
-
-
-def save_checkpoint(state: dict, path: Path) -> None:
-    write_atomically(path, lambda partial: torch.save(state, partial))
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -696,47 +696,59 @@ def main(cfg: Config) -> list[dict]:
     truths = [item["boxes"] for item in val_items]  # the CSV's boxes, in the DICOM's pixels
     nothing = rsna_metric([{"boxes": np.zeros((0, 4)), "scores": np.zeros(0)}] * len(val_items), truths)
     checkpoint_path = output_dir / "Pneumonia_detection.pt"
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}  # what "last" holds
+    history, first_epoch = [], 1
+    if cfg.resume:
+        first_epoch, history = resume(output_dir, device, **parts)
+    best_metric, best_epoch = best_so_far(checkpoint_path) if cfg.resume else (-math.inf, 0)
     writer = tensorboard_writer(cfg.tensorboard, output_dir / "tensorboard")
-    history, best_metric, best_epoch = [], -math.inf, 0
-    for epoch in range(1, cfg.max_epochs + 1):
-        epoch_start = time.time()
-        lr = optimizer.param_groups[0]["lr"]
-        losses = train_one_epoch(model, train_loader, optimizer, scaler, device, cfg, epoch)
-        scheduler.step()
-        recompute_batch_norm(model, train_loader, device, cfg)
-        predictions = evaluate(model, val_items, device, cfg)
-        threshold, val_rsna = choose_score_threshold(predictions, truths, cfg.score_thresholds)
-        val_map, val_map50 = coco_map(predictions, truths)
-        history.append(
-            {
-                "epoch": epoch,
-                **losses,
-                "val_rsna": val_rsna,  # the challenge metric at the best score threshold of this epoch
-                "score_threshold": threshold,
-                "val_map": val_map,  # COCO mAP@[.5:.95] of all predictions (no threshold: COCO ranks by score)
-                "val_map50": val_map50,
-                "val_rsna_predict_nothing": nothing,  # the baseline on the same radiographs
-                "lr": lr,
-                "seconds": time.time() - epoch_start,
-            }
-        )
-        row = history[-1]
-        if best_epoch == 0 or val_rsna > best_metric:  # the first epoch always, so that a checkpoint exists
-            best_metric, best_epoch = val_rsna, epoch
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-            state |= {"scheduler": scheduler.state_dict(), "epoch": epoch, "metric": val_rsna}
-            config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}  # loads weights_only
-            state |= {"metric_name": "validation RSNA metric", "score_threshold": threshold, "config": config}
-            save_checkpoint(state, checkpoint_path)
-        write_atomically(output_dir / "history.csv", lambda path: pd.DataFrame(history).to_csv(path, index=False))
-        log_epoch(writer, row, epoch)
-        plot_dice_history([h["val_rsna"] for h in history], output_dir / "rsna_metric_per_epoch.png",
-                          title="Pneumonia detection: validation RSNA metric per epoch",
-                          label="validation RSNA metric", ylabel="RSNA metric")  # fmt: skip
-        print(f"epoch {epoch:2d}/{cfg.max_epochs}  loss {row['train_loss']:.3f} (rpn {row['loss_objectness']:.3f} + "
-              f"{row['loss_rpn_box_reg']:.3f}, head {row['loss_classifier']:.3f} + {row['loss_box_reg']:.3f})  "
-              f"val RSNA {val_rsna:.4f} at score >= {threshold:.2f}  mAP {val_map:.4f}  mAP@.5 {val_map50:.4f}  "
-              f"{row['seconds']:.1f} s" + ("  *best*" if best_epoch == epoch else ""))  # fmt: skip
+    try:
+        for epoch in range(first_epoch, cfg.max_epochs + 1):
+            epoch_start = time.time()
+            lr = optimizer.param_groups[0]["lr"]
+            losses = train_one_epoch(model, train_loader, optimizer, scaler, device, cfg, epoch)
+            scheduler.step()
+            recompute_batch_norm(model, train_loader, device, cfg)
+            predictions = evaluate(model, val_items, device, cfg)
+            threshold, val_rsna = choose_score_threshold(predictions, truths, cfg.score_thresholds)
+            val_map, val_map50 = coco_map(predictions, truths)
+            history.append(
+                {
+                    "epoch": epoch,
+                    **losses,
+                    "val_rsna": val_rsna,  # the challenge metric at the best score threshold of this epoch
+                    "score_threshold": threshold,
+                    "val_map": val_map,  # COCO mAP@[.5:.95] of all predictions (no threshold: COCO ranks by score)
+                    "val_map50": val_map50,
+                    "val_rsna_predict_nothing": nothing,  # the baseline on the same radiographs
+                    "lr": lr,
+                    "seconds": time.time() - epoch_start,
+                }
+            )
+            row = history[-1]
+            if best_epoch == 0 or val_rsna > best_metric:  # the first epoch always, so that a checkpoint exists
+                best_metric, best_epoch = val_rsna, epoch
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+                state |= {"scheduler": scheduler.state_dict(), "epoch": epoch, "metric": val_rsna}
+                state |= {"metric_name": "validation RSNA metric", "score_threshold": threshold}
+                save_checkpoint(state | {"config": config_dict(cfg)}, checkpoint_path)
+            save_history(history, output_dir / "history.csv")
+            log_epoch(writer, row, epoch)
+            plot_dice_history([h["val_rsna"] for h in history], output_dir / "rsna_metric_per_epoch.png",
+                              title="Pneumonia detection: validation RSNA metric per epoch",
+                              label="validation RSNA metric", ylabel="RSNA metric")  # fmt: skip
+            save_last(output_dir, epoch, history, cfg, **parts)
+            print(f"epoch {epoch:2d}/{cfg.max_epochs}  loss {row['train_loss']:.3f} (rpn {row['loss_objectness']:.3f}"
+                  f" + {row['loss_rpn_box_reg']:.3f}, head {row['loss_classifier']:.3f} + {row['loss_box_reg']:.3f})"
+                  f"  val RSNA {val_rsna:.4f} at score >= {threshold:.2f}  mAP {val_map:.4f}  mAP@.5 {val_map50:.4f}"
+                  f"  {row['seconds']:.1f} s" + ("  *best*" if best_epoch == epoch else ""))  # fmt: skip
+    # Ctrl-C (or Interrupt in a notebook) drops the epoch under way; a loss that is not finite stops training.
+    except (KeyboardInterrupt, FloatingPointError) as err:
+        print(stop_message(err, output_dir, history, checkpoint_path))
+        return history
+    finally:
+        if writer is not None:
+            writer.close()
 
     # The best epoch's weights and score threshold, read back from the checkpoint, for the figure and submission.
     checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
@@ -756,9 +768,7 @@ def main(cfg: Config) -> list[dict]:
             shutil.copyfile(output_dir / name, pictures[-1])
 
     submission = predict_test(model, root / TEST_IMAGES, device, cfg, threshold)
-    write_atomically(output_dir / "submission.csv", lambda path: submission.to_csv(path, index=False))
-    if writer is not None:
-        writer.close()
+    save_atomically(output_dir / "submission.csv", lambda path: submission.to_csv(path, index=False))
     n_boxes = (submission["PredictionString"] != "").sum()
     print(f"\nSummary ({time.time() - start_time:.0f} s{', QUICK run' if cfg.quick else ''})\n"
           f"  data:    {'SYNTHETIC sample' if synthetic else 'real dataset'} {root}: {len(items)} radiographs used "

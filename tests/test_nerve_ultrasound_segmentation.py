@@ -305,3 +305,32 @@ def test_quick_run_learns_and_writes_checkpoint_plot_history_and_submission(nerv
     areas = [rle_decode(pixels, SHAPE).sum() for pixels in submission["pixels"]]
     assert all(area == 0 or area >= checkpoint["min_area"] for area in areas)  # the filter was applied
     assert any(areas)  # the sample's test frames show a nerve about half the time
+
+
+def test_resume_goes_on_and_ctrl_c_or_a_nan_loss_stop_with_one_line(nerve, sample_root, tmp_path, monkeypatch, capsys):
+    cfg = replace(nerve.cfg, data_dir=sample_root, output_dir=tmp_path / "out", max_epochs=2, max_test_images=1)
+    first = nerve.main(cfg)
+    history = nerve.main(replace(cfg, max_epochs=3, resume=True))
+    assert "2 epoch(s) done" in capsys.readouterr().out
+    assert [row["epoch"] for row in history] == [1, 2, 3] and history[:2] == first
+    assert pd.read_csv(cfg.output_dir / "history.csv")["epoch"].tolist() == [1, 2, 3]
+    best = cfg.output_dir / "2D_Nerve_Segmentation.pt"
+    kept = best.read_bytes()
+
+    def stop(error):
+        def train_one_epoch(*args, **kwargs):
+            raise error
+
+        return train_one_epoch
+
+    monkeypatch.setattr(nerve, "train_one_epoch", stop(KeyboardInterrupt()))
+    assert nerve.main(replace(cfg, max_epochs=5, resume=True)) == history
+    last = cfg.output_dir / "last_checkpoint.pt"
+    out = capsys.readouterr().out
+    assert f"Interrupted during epoch 4: {last} holds epoch 3; run again with resume=True" in out
+    assert "Summary" not in out  # stopped: no submission from a run the user interrupted
+    monkeypatch.setattr(nerve, "train_one_epoch", stop(FloatingPointError("Loss is nan at epoch 4, batch 0")))
+    nerve.main(replace(cfg, max_epochs=5, resume=True))
+    best_epoch = torch.load(best, weights_only=True)["epoch"]
+    assert f"Loss is nan at epoch 4, batch 0. Kept: {best} (epoch {best_epoch})" in capsys.readouterr().out
+    assert best.read_bytes() == kept and torch.load(last, weights_only=True)["epoch"] == 3

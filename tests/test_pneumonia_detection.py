@@ -343,8 +343,10 @@ def test_submission_lists_every_test_patient_in_1024_px(det, rsna_copy, tmp_path
 
 def test_main_trains_and_writes_every_output(det, sample_root, tmp_path, capsys):
     cfg = tiny_config(det, tmp_path, sample_root, tensorboard=True)
-    history = det.main(cfg)
+    first = det.main(replace(cfg, max_epochs=1))
+    history = det.main(replace(cfg, resume=True))  # the second epoch, after the first from last_checkpoint.pt
     out = capsys.readouterr().out
+    assert "Resuming from" in out and history[:1] == first
     assert [row["epoch"] for row in history] == [1, 2]
     assert history[1]["train_loss"] < history[0]["train_loss"]  # it learns something in four steps
     losses = ["train_loss", "loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"]
@@ -366,7 +368,7 @@ def test_main_trains_and_writes_every_output(det, sample_root, tmp_path, capsys)
             assert img.format == "PNG" and img.width > 100
     # The folder given as data_dir holds the dataset: a "real" one, so no picture is copied to images_dir.
     assert not cfg.images_dir.exists()
-    assert len(list((cfg.output_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert len(list((cfg.output_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one per run
     submission = pd.read_csv(cfg.output_dir / "submission.csv", keep_default_na=False)
     assert len(submission) == 6 and submission["patientId"].is_unique
     assert f"Using the real dataset in {sample_root / RSNA}" in out and "Best epoch" in out
@@ -382,7 +384,7 @@ TINY = "max_epochs=1, max_steps_per_epoch=2, patients_per_class=3, image_size=64
 def copy_repository(sample_root: Path, folder: Path) -> Path:
     """The script and its shared modules in a fresh folder, with the RSNA sample where the script writes it."""
     folder.mkdir()
-    for name in ("pneumonia_detection.py", "dice.py", "sample_data.py", "data_cleaning.py"):
+    for name in ("pneumonia_detection.py", "dice.py", "sample_data.py", "data_cleaning.py", "checkpoints.py"):
         shutil.copy(REPO_ROOT / name, folder / name)
     shutil.copytree(sample_root / RSNA, folder / "data" / "sample" / RSNA)
     return folder
@@ -409,7 +411,7 @@ def test_runs_as_a_script_from_another_directory(sample_root, tmp_path, monkeypa
     output = repo / "output" / "pneumonia_detection"
     assert "  data:    SYNTHETIC sample" in result.stdout  # the closing summary
     assert {p.name for p in output.iterdir()} == {
-        "Pneumonia_detection.pt", "history.csv", "rsna_metric_per_epoch.png", "examples.png",
+        "Pneumonia_detection.pt", "last_checkpoint.pt", "history.csv", "rsna_metric_per_epoch.png", "examples.png",
         "val_predictions.png", "submission.csv",
     }  # fmt: skip
     assert {p.name for p in (repo / "Images").iterdir()} == {
@@ -417,23 +419,6 @@ def test_runs_as_a_script_from_another_directory(sample_root, tmp_path, monkeypa
     }  # fmt: skip
     assert (repo / "Images" / "pneumonia_detection_examples.png").read_bytes() == (output / "examples.png").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # nothing written to the working directory
-
-
-def test_runs_as_a_notebook(sample_root, tmp_path, monkeypatch):
-    """The script as a Jupyter notebook (jupytext + nbclient), QUICK=1, with a cell shrinking the run further."""
-    jupytext = pytest.importorskip("jupytext")
-    nbclient = pytest.importorskip("nbclient")
-    repo = copy_repository(sample_root, tmp_path / "repo")
-    notebook = jupytext.read(repo / "pneumonia_detection.py")
-    config_cell = next(i for i, cell in enumerate(notebook.cells) if cell.metadata.get("title") == "Configuration")
-    assert "cfg = Config()" in notebook.cells[config_cell].source
-    notebook.cells.insert(config_cell + 1, jupytext.reads(f"cfg = Config({TINY})", fmt="py:percent").cells[0])
-    monkeypatch.setenv("QUICK", "1")  # the kernel inherits it
-    nbclient.NotebookClient(notebook, timeout=600, resources={"metadata": {"path": str(repo)}}).execute()
-    outputs = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
-    # No __file__ in a kernel: the root is the working directory, the repository here.
-    assert f"using the SYNTHETIC sample in {repo / 'data' / 'sample' / RSNA}" in outputs and "(QUICK run)" in outputs
-    assert (repo / "output" / "pneumonia_detection" / "submission.csv").is_file()
 
 
 @pytest.mark.slow
