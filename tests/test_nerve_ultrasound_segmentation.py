@@ -334,3 +334,15 @@ def test_resume_goes_on_and_ctrl_c_or_a_nan_loss_stop_with_one_line(nerve, sampl
     best_epoch = torch.load(best, weights_only=True)["epoch"]
     assert f"Loss is nan at epoch 4, batch 0. Kept: {best} (epoch {best_epoch})" in capsys.readouterr().out
     assert best.read_bytes() == kept and torch.load(last, weights_only=True)["epoch"] == 3
+
+
+def test_same_seed_same_split_and_same_first_epoch_on_the_cpu(nerve, sample_root, tmp_path):
+    runs = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        cfg = replace(nerve.cfg, data_dir=sample_root, output_dir=tmp_path / name, max_epochs=1, seed=seed)
+        train, val = nerve.prepare_data(cfg, sample_root / NERVE)
+        runs.append(([(f["subject"], f["img"]) for f in train + val], nerve.main(cfg)[0]))
+    (split_a, first_a), (split_b, first_b), (_, other) = runs
+    assert split_a == split_b and first_a["train_loss"] == first_b["train_loss"]  # bitwise
+    assert first_a["val_dice_no_filter"] == first_b["val_dice_no_filter"]
+    assert other["train_loss"] != first_a["train_loss"]  # the seed reaches the split, the weights, the shuffling

@@ -433,3 +433,15 @@ def test_quick_run_learns_to_find_the_opacities(sample_root, tmp_path, monkeypat
     assert history["val_rsna"].max() > 0.1
     submission = pd.read_csv(repo / "output" / "pneumonia_detection" / "submission.csv", keep_default_na=False)
     assert len(submission) == 6 and (submission["PredictionString"] != "").any()
+
+
+def test_same_seed_same_split_and_same_first_epoch_on_the_cpu(det, sample_root, tmp_path):
+    runs = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        cfg = tiny_config(det, tmp_path / name, sample_root, max_epochs=1, seed=seed)
+        sampled = det.sample_patients(det.read_patients(sample_root / RSNA), cfg.patients_per_class, seed)
+        split = det.split_by_patient(sampled, cfg.val_fraction, seed)
+        runs.append(([[p["patient_id"] for p in part] for part in split], det.main(cfg)[0]))
+    (split_a, first_a), (split_b, first_b), (split_c, other) = runs
+    assert split_a == split_b and split_c != split_a
+    assert first_a["train_loss"] == first_b["train_loss"] and other["train_loss"] != first_a["train_loss"]
