@@ -17,6 +17,14 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+
+class DatasetError(FileNotFoundError):
+    """A data folder that does not hold what README.md describes; the message says what was expected where.
+
+    The scripts' Run cell turns it into one line (`raise SystemExit(...)`) instead of a traceback.
+    """
+
+
 # %% Ultrasound nerve segmentation (Kaggle): run-length encoding of masks
 
 
@@ -258,7 +266,7 @@ def prepare_lung_segmentation(
     elif out_dir.exists():
         raise FileExistsError(f"{out_dir} exists but has no {PREPARED_MANIFEST}: it was not written here; move it away")
     if shenzhen_dir is not None and not (Path(shenzhen_dir) / SHENZHEN_IMAGE_FOLDER).is_dir():
-        raise FileNotFoundError(f"Shenzhen set asked for, but {Path(shenzhen_dir) / SHENZHEN_IMAGE_FOLDER} is missing")
+        raise DatasetError(f"Shenzhen set asked for, but {Path(shenzhen_dir) / SHENZHEN_IMAGE_FOLDER} is missing")
 
     cases, problems = find_lung_cases(montgomery_dir, None if shenzhen_dir is None else Path(shenzhen_dir))
     partial = out_dir.with_name(f".{out_dir.name}.partial")  # renamed into place at the end: never half-written
@@ -290,7 +298,7 @@ def prepare_lung_segmentation(
     skipped = dict(Counter(reason for reason, _ in problems))
     if not rows:
         shutil.rmtree(partial)
-        raise FileNotFoundError(
+        raise DatasetError(
             f"No usable image/mask pair in {montgomery_dir} ({len(problems)} skipped): expected CXR_png/<name>.png "
             f"with {LUNG_MASK_FOLDERS[0]}/<name>.png and {LUNG_MASK_FOLDERS[1]}/<name>.png"
         )

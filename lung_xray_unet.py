@@ -38,7 +38,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from checkpoints import best_so_far, config_dict, resume, save_checkpoint, save_history, save_last, stop_message
-from data_cleaning import PREPARED_CASES, prepare_lung_segmentation, read_gray, read_lung_mask, to_unit_range
+from data_cleaning import (
+    PREPARED_CASES,
+    DatasetError,
+    prepare_lung_segmentation,
+    read_gray,
+    read_lung_mask,
+    to_unit_range,
+)
 from dice import DiceAccumulator, SoftDiceLoss, log_epoch, plot_dice_history, tensorboard_writer
 from sample_data import find_dataset
 
@@ -121,7 +128,7 @@ def split_cases(prepared: Path, cfg: Config) -> tuple[list[dict], list[dict], li
     pool = [cases["train"][i] for i in np.random.default_rng(cfg.split_seed).permutation(len(cases["train"]))]
     pool, test = pool[: cfg.max_cases], cases["test"][: cfg.max_cases]
     if len(pool) < 2 or not test:
-        raise ValueError(f"{prepared} holds {len(pool)} train and {len(test)} test films: need 2 and 1 at least")
+        raise DatasetError(f"{prepared} holds {len(pool)} train and {len(test)} test films: need 2 and 1 at least")
     n_val = min(max(1, round(cfg.val_fraction * len(pool))), len(pool) - 1)
     return pool[n_val:], pool[:n_val], test
 
@@ -528,4 +535,7 @@ def main(cfg: Config) -> list[dict]:
 
 # %% Run
 if __name__ == "__main__":
-    history = main(cfg)
+    try:
+        history = main(cfg)
+    except DatasetError as err:  # a data folder unlike the README's: one line saying what was expected where
+        raise SystemExit(f"Data problem: {err}") from None

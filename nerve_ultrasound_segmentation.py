@@ -51,7 +51,7 @@ from checkpoints import (
     save_last,
     stop_message,
 )
-from data_cleaning import find_contradictory_pairs, frame_signature, rle_decode, rle_encode
+from data_cleaning import DatasetError, find_contradictory_pairs, frame_signature, rle_decode, rle_encode
 from dice import DiceAccumulator, SoftDiceLoss, dice_per_image, log_epoch, plot_dice_history, tensorboard_writer
 from sample_data import find_dataset
 
@@ -232,7 +232,7 @@ def prepare_data(cfg: Config, root: Path) -> tuple[list[dict], list[dict]]:
     skipped = SkippedFiles()
     train_dir = root / "train"
     if not train_dir.is_dir():
-        raise FileNotFoundError(f"No folder {train_dir}: expected train/<subject>_<img>.tif and _mask.tif in {root}")
+        raise DatasetError(f"No folder {train_dir}: expected train/<subject>_<img>.tif and _mask.tif in {root}")
     cases = find_train_cases(train_dir, skipped)
     masks_csv = read_masks_csv(root / "train_masks.csv")
     if masks_csv is not None:
@@ -246,7 +246,7 @@ def prepare_data(cfg: Config, root: Path) -> tuple[list[dict], list[dict]]:
         cases = [c for c in cases if c["subject"] in subjects]
         print(f"Quick run: the first {len(subjects)} subjects only")
     if len({c["subject"] for c in cases}) < 2:
-        raise FileNotFoundError(
+        raise DatasetError(
             f"Found {len(cases)} image/mask pairs of {len(subjects)} subject(s) in {train_dir}: expected "
             "<subject>_<img>.tif with <subject>_<img>_mask.tif (580x420, 8-bit) for at least 2 subjects"
         )
@@ -256,7 +256,7 @@ def prepare_data(cfg: Config, root: Path) -> tuple[list[dict], list[dict]]:
     train_frames = [f for f in frames if f["subject"] in train_subjects]
     val_frames = [f for f in frames if f["subject"] in val_subjects]
     if not train_frames or not val_frames:
-        raise FileNotFoundError(
+        raise DatasetError(
             f"No usable frame left for {'training' if not train_frames else 'validation'} in {train_dir} "
             f"(subjects {train_subjects if not train_frames else val_subjects}): expected readable 580x420 "
             "<subject>_<img>.tif with its _mask.tif, agreeing with train_masks.csv"
@@ -642,4 +642,7 @@ def main(cfg: Config) -> list[dict]:
 
 # %% Run
 if __name__ == "__main__":
-    history = main(cfg)
+    try:
+        history = main(cfg)
+    except DatasetError as err:  # a data folder unlike the README's: one line saying what was expected where
+        raise SystemExit(f"Data problem: {err}") from None

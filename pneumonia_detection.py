@@ -64,6 +64,7 @@ from checkpoints import (
     save_last,
     stop_message,
 )
+from data_cleaning import DatasetError
 from dice import log_epoch, plot_dice_history, tensorboard_writer
 from sample_data import find_dataset
 
@@ -159,7 +160,7 @@ def read_patients(root: Path) -> list[dict]:
     labels_path, classes_path = root / LABELS_CSV, root / CLASSES_CSV
     for path in (labels_path, classes_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: expected the Kaggle download unzipped in {root} (README.md)")
+            raise DatasetError(f"{path} not found: expected the Kaggle download unzipped in {root} (README.md)")
     labels = pd.read_csv(labels_path)
     classes = pd.read_csv(classes_path).drop_duplicates("patientId").set_index("patientId")["class"]
     patients = []
@@ -659,7 +660,7 @@ def main(cfg: Config) -> list[dict]:
     print(skipped.summary(f"{root / TRAIN_IMAGES} ({len(sampled)} sampled patients)"))
     train_items, val_items = split_by_patient(items, cfg.val_fraction, cfg.seed)
     if not train_items or not val_items:
-        raise ValueError(
+        raise DatasetError(
             f"{len(items)} usable patients of {len(sampled)} sampled: need 2 at least, with their DICOMs in "
             f"{root / TRAIN_IMAGES}/<patientId>.dcm and their boxes in {root / LABELS_CSV}"
         )
@@ -783,4 +784,7 @@ def main(cfg: Config) -> list[dict]:
 
 # %% Run
 if __name__ == "__main__":
-    history = main(cfg)
+    try:
+        history = main(cfg)
+    except DatasetError as err:  # a data folder unlike the README's: one line saying what was expected where
+        raise SystemExit(f"Data problem: {err}") from None

@@ -784,7 +784,8 @@ def find_dataset(name: str, data_dir: Path = DATA_DIR) -> Path:
         print(f"Using the real dataset in {real}")
         return real
     sample = write_dataset(name, Path(data_dir) / "sample")
-    print(f"{real} not found: using the SYNTHETIC sample in {sample} (README.md says where the real data goes)")
+    missing = "is empty" if real.is_dir() else "not found"
+    print(f"{real} {missing}: using the SYNTHETIC sample in {sample} (README.md says where the real data goes)")
     return sample
 
 

@@ -19,3 +19,25 @@ def sample_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample")
     sample_data.write_all(root)
     return root
+
+
+SHARED_MODULES = ("dice.py", "sample_data.py", "data_cleaning.py", "checkpoints.py")
+
+
+@pytest.fixture
+def repo_copy(tmp_path):
+    """make(script, datasets={}) -> a fresh copy of the repository in tmp_path/"repo": the script and the shared
+    modules, and for each `{folder under data/: source folder}` a copy of the source there, as a user's clone has
+    them. Running a script in it writes nothing into the real repository."""
+    import shutil
+
+    def make(script: str, datasets: dict | None = None) -> Path:
+        repo = tmp_path / "repo"
+        repo.mkdir(exist_ok=True)
+        for name in (script, *SHARED_MODULES):
+            shutil.copy(REPO_ROOT / name, repo / name)
+        for folder, source in (datasets or {}).items():
+            shutil.copytree(source, repo / "data" / folder)
+        return repo
+
+    return make

@@ -167,7 +167,7 @@ def test_shenzhen_films_join_when_asked_8_bit_rgb_and_all(lx, download, tmp_path
 
 
 def test_shenzhen_asked_for_but_missing_is_a_clear_error(lx, download, tmp_path):
-    with pytest.raises(FileNotFoundError, match="ChinaSet_AllFiles/CXR_png is missing"):
+    with pytest.raises(data_cleaning.DatasetError, match="ChinaSet_AllFiles/CXR_png is missing"):
         data_cleaning.prepare_lung_segmentation(download, tmp_path / "seg", shenzhen_dir=tmp_path / "ChinaSet_AllFiles")
 
 
@@ -208,7 +208,8 @@ def test_no_usable_case_is_one_clear_error(tmp_path, capsys):
     empty = tmp_path / "MontgomerySet"
     (empty / "CXR_png").mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(empty / "CXR_png" / "MCUCXR_0001_0.png")
-    with pytest.raises(FileNotFoundError, match="expected CXR_png/<name>.png with ManualMask/leftMask/<name>.png"):
+    expected = "expected CXR_png/<name>.png with ManualMask/leftMask/<name>.png"
+    with pytest.raises(data_cleaning.DatasetError, match=expected):
         data_cleaning.prepare_lung_segmentation(empty)
     assert "Skipped (image without mask): CXR_png/MCUCXR_0001_0.png" in capsys.readouterr().out
     assert sorted(path.name for path in tmp_path.iterdir()) == ["MontgomerySet"]  # nothing half-written left

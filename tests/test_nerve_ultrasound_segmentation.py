@@ -17,7 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-from data_cleaning import find_contradictory_pairs, find_near_duplicates, frame_signature, rle_decode, rle_encode
+from data_cleaning import (
+    DatasetError,
+    find_contradictory_pairs,
+    find_near_duplicates,
+    frame_signature,
+    rle_decode,
+    rle_encode,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NERVE = "ultrasound-nerve-segmentation"
@@ -231,7 +238,7 @@ def test_missing_csv_is_said_and_the_mask_files_are_used(nerve, nerve_copy, tmp_
 def test_nothing_usable_is_one_clear_error(nerve, nerve_copy, tmp_path):
     for path in (nerve_copy / "train").glob("*_mask.tif"):
         path.unlink()
-    with pytest.raises(FileNotFoundError, match=r"Found 0 image/mask pairs .* expected <subject>_<img>.tif"):
+    with pytest.raises(DatasetError, match=r"Found 0 image/mask pairs .* expected <subject>_<img>.tif"):
         nerve.prepare_data(replace(nerve.cfg, output_dir=tmp_path / "out"), nerve_copy)
 
 

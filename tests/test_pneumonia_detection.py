@@ -17,6 +17,8 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, SecondaryCaptureImageStorage, generate_uid
 
+from data_cleaning import DatasetError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "pneumonia_detection.py"
 RSNA = "rsna-pneumonia-detection-challenge"
@@ -202,10 +204,10 @@ def test_bad_inputs_are_named_skipped_and_counted(det, rsna_copy, capsys):
 def test_no_usable_patient_is_one_clear_error(det, rsna_copy, tmp_path):
     for path in (rsna_copy / "stage_2_train_images").glob("*.dcm"):
         path.unlink()
-    with pytest.raises(ValueError, match=r"0 usable patients of 12 sampled.*stage_2_train_images/<patientId>\.dcm"):
+    with pytest.raises(DatasetError, match=r"0 usable patients of 12 sampled.*stage_2_train_images/<patientId>\.dcm"):
         det.main(tiny_config(det, tmp_path, rsna_copy.parent))
     (rsna_copy / "stage_2_train_labels.csv").unlink()
-    with pytest.raises(FileNotFoundError, match="stage_2_train_labels.csv not found"):
+    with pytest.raises(DatasetError, match="stage_2_train_labels.csv not found"):
         det.main(tiny_config(det, tmp_path, rsna_copy.parent))
 
 
