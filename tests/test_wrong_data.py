@@ -13,6 +13,7 @@ SCRIPTS = {
     "lung_xray_unet.py": ("MontgomerySet", "expected CXR_png/<name>.png"),
     "nerve_ultrasound_segmentation.py": ("ultrasound-nerve-segmentation", "expected train/<subject>_<img>.tif"),
     "pneumonia_detection.py": ("rsna-pneumonia-detection-challenge", "expected the Kaggle download unzipped"),
+    "pleural_effusion_3d.py": ("pleural_effusion", "expected NSCLC-Radiomics/LUNG1-xxx/<study>/<series>/*.dcm"),
 }
 
 

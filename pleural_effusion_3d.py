@@ -1,0 +1,755 @@
+"""Pleural effusion segmentation on chest CT: NSCLC-Radiomics DICOM series and PleThora masks, with a MONAI 3D U-Net.
+
+Outlines the fluid that collects between the lung and the chest wall: reads each CT series with pydicom (slices
+sorted by position, Hounsfield units, the affine from the DICOM geometry), brings the PleThora mask into the
+image's orientation through both affines, windows, halves in-plane, crops the body, and caches every case in
+memory; splits by case with a seed, trains a MONAI UNet 3D on random crops (half centred on fluid) with Dice +
+weighted BCE, validates with gaussian-blended sliding windows, keeps the epoch with the best validation Dice, and
+writes the validation predictions as NIfTI in each series' geometry.
+Data: NSCLC-Radiomics (Aerts et al. 2014) https://www.cancerimagingarchive.net/collection/nsclc-radiomics/ and
+PleThora (Kiser et al. 2020) https://doi.org/10.7937/tcia.2020.6c7y-gq39.
+
+Data: `data/pleural_effusion/` holding `NSCLC-Radiomics/LUNG1-xxx/<study>/<series>/1-001.dcm ...` as TCIA's
+downloader writes it, and `Effusions/LUNG1-xxx/LUNG1-xxx_effusion_first_reviewer.nii.gz` from PleThora. Without
+it the synthetic stand-in under `data/sample/` is used (written when missing), and the script says so.
+Outputs: `output/pleural_effusion_3d/`: `best_model.pt` (best epoch), `last_checkpoint.pt`, `history.csv` and
+`dice_per_epoch.png` (rewritten every epoch), `val_cases.csv`, `predictions/<case>_effusion_predicted.nii.gz`,
+`val_predictions.png` (copied to `Images/pleural_effusion_3d_predictions.png` for the README when the synthetic
+sample was used), `skipped_cases.csv`.
+
+Run: `python pleural_effusion_3d.py` (`QUICK=1` for a short first try), or cell by cell in VS Code or Jupyter;
+edit the configuration inline, e.g. `cfg = Config(max_epochs=200)`; after Ctrl-C, `Config(resume=True)` goes on.
+"""
+
+# %% Imports
+import gzip
+import math
+import os
+import random
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pydicom
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from monai.data import DataLoader, Dataset
+from monai.inferers import sliding_window_inference
+from monai.networks.nets import UNet
+from monai.transforms import Compose, EnsureTyped, RandCropByPosNegLabeld, RandFlipd, RandRotate90d, SpatialPadd
+from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+from tqdm import tqdm
+
+from checkpoints import (
+    best_so_far,
+    config_dict,
+    resume,
+    save_atomically,
+    save_checkpoint,
+    save_history,
+    save_last,
+    stop_message,
+)
+from data_cleaning import DatasetError
+from dice import DiceAccumulator, log_epoch, plot_dice_history, soft_dice_loss, tensorboard_writer
+from sample_data import find_dataset
+
+# %% Configuration
+# The repository root, whether run as a file (from any directory) or in a notebook kernel (no __file__).
+ROOT = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+QUICK = os.environ.get("QUICK", "0") == "1"  # the collection's quick-run switch (README): fewer epochs, cases, pixels
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # picked once; no "cuda:0" anywhere
+
+
+@dataclass
+class Config:
+    data_dir: Path = ROOT / "data"  # holds pleural_effusion/ (NSCLC-Radiomics/ and Effusions/); else data/sample/
+    output_dir: Path = ROOT / "output" / "pleural_effusion_3d"  # weights, history, plot, predictions
+    images_dir: Path = ROOT / "Images"  # the README's pictures: val_predictions.png is copied there, from runs on
+    # the synthetic sample only (pictures of real patients never land in a folder of the repository)
+    seed: int = 0  # one seed for the split, the initial weights, the crops and the augmentation
+    quick: bool = QUICK  # recorded in the checkpoint: a quick model is not a result
+    reviewer: str = "first"  # PleThora mask to learn: "first" outlined every case, "second" only some
+    max_cases: int | None = None  # the first N cases with a mask (the original used 10); None: all (78 in PleThora)
+    val_fraction: float = 0.2  # of cases, drawn with `seed`: 10 cases -> 8 train / 2 validation, as the original
+    hu_window: tuple[float, float] = (-160.0, 240.0)  # HU mapped to 0..1, clipped: the soft-tissue window (W 400,
+    # L 40), see `window_hu`
+    in_plane_factor: int = 2  # in-plane downsampling: 512 x 512 -> 256 x 256 (the sample's 160 -> 80); 1: none
+    body_threshold_hu: float = -500.0  # foreground crop: the box around voxels denser than this (air is -1000)
+    crop_margin: int = 4  # voxels (after downsampling) kept around the body's box
+    roi_size: tuple[int, int, int] = (48, 48, 16) if QUICK else (96, 96, 48)  # training crop, (x, y, z) as MONAI
+    # orders NIfTI axes: the original's 48x96x96 (D x H x W); quick: the sample's bodies are ~68x50x28 once halved
+    samples_per_volume: int = 4  # random crops per case and epoch
+    pos_neg_ratio: tuple[float, float] = (1.0, 1.0)  # crops centred on fluid : elsewhere (RandCropByPosNegLabeld)
+    flip_prob: float = 0.25  # probability of a flip, for each of the three axes (MONAI's tutorials 0.1, nnU-Net 0.5)
+    rot90_prob: float = 0.25  # probability of 1-3 in-plane quarter turns (needs a square in-plane roi_size)
+    channels: tuple[int, ...] = (8, 16, 32, 64) if QUICK else (16, 32, 64, 128, 256)  # UNet features per level
+    strides: tuple[int, ...] = (2, 2, 2) if QUICK else (2, 2, 2, 2)  # roi_size must divide by their product
+    num_res_units: int = 2  # residual units per block, as MONAI's spleen tutorial
+    initial_logit: float = -2.0  # output bias at the start: logit(0.12), a guess at the fluid share of a real crop
+    # (the sample's effusions are small: about 1% of its crops)
+    bce_weight: float = 0.5  # loss = (1 - bce_weight) x Dice + bce_weight x BCE; 0.5 is the original's sum, halved
+    pos_weight: float = 3.0  # BCE weight of fluid voxels, as the original: see DiceBCELoss
+    lr: float = 1e-2 if QUICK else 1e-3  # AdamW; quick: 120 steps in all, so large ones
+    weight_decay: float = 1e-4  # AdamW's decoupled weight decay
+    lr_power: float = 0.9  # lr x (1 - epoch / max_epochs) ** lr_power: nnU-Net's "poly" decay to 0; 0 keeps lr fixed
+    max_epochs: int = 30 if QUICK else 300  # an epoch is `samples_per_volume` crops of every training case
+    batch_size: int = 2  # cases per step: batch_size x samples_per_volume crops
+    val_interval: int = 2 if QUICK else 5  # epochs between validations (MONAI's name); sliding windows cost time
+    sw_batch_size: int = 4  # windows per forward pass in sliding-window inference
+    sw_overlap: float = 0.75  # overlap of neighbouring windows, as the original; gaussian blending
+    num_workers: int = 4 if DEVICE.type == "cuda" and not QUICK else 0  # background crops and augmentation feed a
+    # GPU; on a CPU they would compete with the model for the same cores
+    amp: bool = True  # mixed precision on CUDA (bfloat16 where supported, else float16); ignored on the CPU
+    tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
+    resume: bool = False  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs
+
+
+cfg = Config()
+
+# %% Data
+CT_DIR, MASK_DIR = "NSCLC-Radiomics", "Effusions"  # the two folders under data/pleural_effusion/
+
+
+class UnusableCase(Exception):
+    """A case that cannot be used; `problem` is its short kind, for the count of skipped cases."""
+
+    def __init__(self, problem: str, detail: str):
+        super().__init__(f"{problem}: {detail}")
+        self.problem = problem
+
+
+class SkippedCases:
+    """Bad inputs: each case is named on one line when found, skipped, and counted for a summary.
+
+    A full NSCLC-Radiomics download has 422 patients, of whom PleThora outlined 78: the other 344 are "no mask".
+    So only the first `print_limit` of each kind are printed; all are kept in `rows` (skipped_cases.csv).
+    """
+
+    def __init__(self, print_limit: int = 10) -> None:
+        self.counts: Counter[str] = Counter()
+        self.rows: list[dict] = []
+        self.print_limit = print_limit
+
+    def skip(self, case: str, err: UnusableCase) -> None:
+        self.counts[err.problem] += 1
+        self.rows.append({"case": case, "problem": err.problem, "detail": str(err)})
+        if self.counts[err.problem] <= self.print_limit:
+            print(f"Skipped case {case}: {err}")
+        elif self.counts[err.problem] == self.print_limit + 1:
+            print(f"Skipped case {case}: {err.problem} (further cases skipped for this reason are not printed)")
+
+    def summary(self, what: str) -> str:
+        if not self.counts:
+            return f"{what}: no case skipped"
+        kinds = ", ".join(f"{n} {problem}" for problem, n in self.counts.most_common())
+        return f"{what}: skipped {sum(self.counts.values())} cases ({kinds})"
+
+
+def find_cases(root: Path, reviewer: str, skipped: SkippedCases) -> list[dict]:
+    """The cases of `root` that have both a patient folder and a mask, sorted by name:
+    {"case", "patient_dir", "mask_path"}. The others are skipped (named and counted) without reading a file."""
+    ct_root, mask_root = root / CT_DIR, root / MASK_DIR
+    for folder in (ct_root, mask_root):
+        if not folder.is_dir():
+            raise DatasetError(
+                f"{folder} not found: expected {CT_DIR}/LUNG1-xxx/<study>/<series>/*.dcm and "
+                f"{MASK_DIR}/LUNG1-xxx/LUNG1-xxx_effusion_{reviewer}_reviewer.nii.gz in {root} (README.md)"
+            )
+    patients = {p.name: p for p in ct_root.iterdir() if p.is_dir()}
+    cases = []
+    for name in sorted(patients.keys() | {p.name for p in mask_root.iterdir() if p.is_dir()}):
+        mask_path = mask_root / name / f"{name}_effusion_{reviewer}_reviewer.nii.gz"
+        if name not in patients:
+            skipped.skip(name, UnusableCase("no CT series", f"{mask_root / name} has no patient folder in {ct_root}"))
+        elif not mask_path.is_file():
+            skipped.skip(name, UnusableCase("no mask", f"{mask_path} not found"))
+        else:
+            cases.append({"case": name, "patient_dir": patients[name], "mask_path": mask_path})
+    return cases
+
+
+def find_ct_series(patient_dir: Path) -> Path:
+    """The one folder below `patient_dir` that holds CT images. TCIA nests them in UID-named study and series
+    folders, beside the RTSTRUCT (and SEG) series of the same patient, which are left alone."""
+    folders = sorted({path.parent for path in patient_dir.rglob("*.dcm")})
+    ct_folders = []
+    for folder in folders:
+        for path in sorted(folder.glob("*.dcm")):
+            try:
+                header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"])
+            except Exception as err:  # pydicom raises several kinds on a damaged or non-DICOM file
+                raise UnusableCase("unreadable DICOM", f"{path}: {err}") from err
+            if header.get("Modality") == "CT":
+                ct_folders.append(folder)
+                break
+    if not ct_folders:
+        raise UnusableCase("no CT series", f"no folder of CT DICOM files below {patient_dir}")
+    if len(ct_folders) > 1:
+        names = ", ".join(str(f.relative_to(patient_dir)) for f in ct_folders)
+        raise UnusableCase("several CT series", f"{len(ct_folders)} below {patient_dir} ({names}): keep one")
+    return ct_folders[0]
+
+
+def read_series(series_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(HU volume float32 (X, Y, Z), its NIfTI affine (RAS mm)) of the DICOM series in `series_dir`.
+
+    Axes as NIfTI and MONAI order them: X = DICOM columns, Y = rows, Z = slices sorted by ImagePositionPatient
+    projected on the slice normal. Never by file name or InstanceNumber: TCIA numbers these series from the head
+    down. Raises UnusableCase for a folder holding several series, a missing slice, inconsistent slices.
+    """
+    datasets = []
+    for path in sorted(series_dir.glob("*.dcm")):
+        try:
+            datasets.append(pydicom.dcmread(path))
+        except Exception as err:
+            raise UnusableCase("unreadable DICOM", f"{path}: {err}") from err
+    uids = Counter(str(ds.get("SeriesInstanceUID", "none")) for ds in datasets)
+    if len(uids) > 1:
+        series = ", ".join(f"{n} files of ...{uid[-10:]}" for uid, n in uids.most_common())
+        raise UnusableCase("mixed series", f"{series_dir} holds {len(uids)} SeriesInstanceUIDs ({series})")
+    if len(datasets) < 2:
+        raise UnusableCase("too few slices", f"{len(datasets)} DICOM file(s) in {series_dir}")
+    for keyword in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
+        if any(keyword not in ds for ds in datasets):
+            raise UnusableCase("no geometry", f"a slice in {series_dir} lacks {keyword}")
+    orientations = np.array([ds.ImageOrientationPatient for ds in datasets], dtype=np.float64)
+    sizes = {(int(ds.Rows), int(ds.Columns), tuple(float(s) for s in ds.PixelSpacing)) for ds in datasets}
+    if not np.allclose(orientations, orientations[0], atol=1e-4) or len(sizes) > 1:
+        raise UnusableCase("inconsistent slices", f"orientation, size or pixel spacing differs in {series_dir}")
+
+    row_dir, col_dir = orientations[0].reshape(2, 3)  # DICOM: direction of a row (columns increase), of a column
+    normal = np.cross(row_dir, col_dir)
+    positions = np.array([ds.ImagePositionPatient for ds in datasets], dtype=np.float64)  # (n, 3) LPS mm
+    order = np.argsort(positions @ normal, kind="stable")
+    datasets, positions = [datasets[i] for i in order], positions[order]
+    along = positions @ normal  # mm along the normal, increasing
+    gaps = np.diff(along)
+    step = float(np.median(gaps))
+    if gaps.min() < 1e-3:
+        raise UnusableCase("duplicate slice position", f"two slices at {along[gaps.argmin()]:.2f} mm in {series_dir}")
+    if np.abs(gaps - step).max() > 0.1 * step:  # real series are evenly spaced to well under 1%
+        i = int(np.abs(gaps - step).argmax())
+        where = f"{gaps[i]:.2f} mm between the slices at {along[i]:.2f} and {along[i + 1]:.2f} mm along the normal"
+        problem = "missing slice" if gaps[i] > 1.5 * step else "uneven slice spacing"
+        raise UnusableCase(problem, f"{where}, {step:.2f} mm elsewhere, in {series_dir}")
+
+    slices = []
+    for ds in datasets:
+        try:
+            pixels = ds.pixel_array
+        except Exception as err:  # a compression without an installed decoder, truncated data...
+            raise UnusableCase("undecodable pixel data", f"{ds.filename}: {err}") from err
+        # Stored values to HU, slice by slice: the slope and intercept may differ between slices.
+        slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
+        slices.append(pixels.T.astype(np.float32) * slope + intercept)  # (columns, rows) = (X, Y)
+    hu = np.stack(slices, axis=-1)
+
+    row_spacing, col_spacing = (float(s) for s in datasets[0].PixelSpacing)  # DICOM order: between rows, columns
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * col_spacing  # one column to the next: along the row direction, by the column spacing
+    lps[:3, 1] = col_dir * row_spacing
+    lps[:3, 2] = (positions[-1] - positions[0]) / (len(datasets) - 1)  # one slice to the next (a tilt included)
+    lps[:3, 3] = positions[0]
+    return hu, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM's patient axes are LPS, NIfTI's RAS: x and y flip
+
+
+def read_mask(path: Path, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The mask in `path` as bool on the image's voxel grid (`affine`, `shape`), through both affines.
+
+    PleThora stores its masks RPI while the series are RAI (ITK's codes), i.e. the mask's rows run the other way
+    from the image's, and only the affines say so: used as stored, the mask marks the front of the chest. The
+    orientation transform between the two affines flips (or permutes) the mask's axes onto the image's; then the
+    shapes, and the world positions of the corners, must agree.
+    """
+    try:
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:  # nibabel raises several kinds on damaged files
+        raise UnusableCase("unreadable mask", f"{path}: {err}") from err
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise UnusableCase("mask shape mismatch", f"{path.name} has shape {data.shape}, not 3D")
+    ornt = ornt_transform(io_orientation(img.affine), io_orientation(affine))
+    aligned = apply_orientation(data, ornt)
+    codes = f"{''.join(nib.aff2axcodes(img.affine))} -> {''.join(nib.aff2axcodes(affine))}"
+    if aligned.shape != tuple(shape):
+        raise UnusableCase(
+            "mask shape mismatch", f"{path.name} is {aligned.shape} once reoriented ({codes}), the series {shape}"
+        )
+    aligned_affine = img.affine @ inv_ornt_aff(ornt, data.shape)
+    corners = np.array([[i, j, k, 1] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    offset = np.abs((aligned_affine - affine) @ corners.T).max()
+    voxel = np.linalg.norm(affine[:3, :3], axis=0).min()
+    if offset > voxel / 2:  # half a voxel off: the mask's voxels no longer sit on the image's
+        raise UnusableCase("mask geometry mismatch", f"{path.name} is {offset:.1f} mm off the series once reoriented")
+    return aligned > 0.5  # PleThora stores 0.0 / 1.0 floats
+
+
+def read_case(case: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(HU (X, Y, Z), RAS affine, effusion mask bool (X, Y, Z)) of a case found by `find_cases`."""
+    hu, affine = read_series(find_ct_series(case["patient_dir"]))
+    mask = read_mask(case["mask_path"], affine, hu.shape)
+    if not mask.any():
+        raise UnusableCase("empty mask", f"{case['mask_path'].name} marks no voxel")
+    return hu, affine, mask
+
+
+def window_hu(hu: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:
+    """HU -> 0..1 through the window (low, high), clipped; denser is brighter.
+
+    Pleural fluid is 0-30 HU (transudates 0-20, exudates and blood more), between fat (-100) and the muscle of
+    the chest wall and diaphragm (40-60) it lies against; the lung around it is -850, bone 400 and more. The soft-
+    tissue (mediastinal) window, W 400 L 40 (-160..240 HU), is the one radiologists read effusions in: it keeps
+    fat, fluid and muscle apart in the middle of 0..1, clips lung and air to 0 (the fluid's edge against the lung
+    stays sharp) and bone to 1. The original's window was inverted.
+    """
+    low, high = window
+    return ((hu - low) / (high - low)).clamp(0, 1)
+
+
+def preprocess(hu: np.ndarray, cfg: Config) -> dict:
+    """The network's input of an HU volume (X, Y, Z), and the geometry to map a prediction back.
+
+    In-plane block mean by `in_plane_factor` (a 2x2 mean is also the antialiasing filter), then the box around
+    the body (plus a margin), windowed: {"image" (1, x, y, z) float16 in 0..1, "crop" (x0, x1, y0, y1, z0, z1) on
+    the downsampled grid, "grid_shape" of that grid}. float16 halves the cache: 0.0005 steps, 0.2 HU.
+    """
+    f = cfg.in_plane_factor
+    small = F.avg_pool3d(torch.from_numpy(hu)[None, None], kernel_size=(f, f, 1))[0, 0]  # (X // f, Y // f, Z)
+    body = small > cfg.body_threshold_hu  # on the HU, before windowing: the lungs are inside the body's box
+    crop = []
+    for axis in range(3):
+        present = np.flatnonzero(body.any(dim=[a for a in range(3) if a != axis]).numpy())
+        low, high = (present[0], present[-1] + 1) if present.size else (0, small.shape[axis])
+        crop += [max(int(low) - cfg.crop_margin, 0), min(int(high) + cfg.crop_margin, small.shape[axis])]
+    x0, x1, y0, y1, z0, z1 = crop
+    image = window_hu(small[x0:x1, y0:y1, z0:z1], cfg.hu_window)
+    return {"image": image[None].to(torch.float16), "crop": tuple(crop), "grid_shape": tuple(small.shape)}
+
+
+def downsample_mask(mask: np.ndarray, geometry: dict, cfg: Config) -> torch.Tensor:
+    """The mask (X, Y, Z) on the network's grid of `geometry` (`preprocess`'s crop and grid_shape), (1, x, y, z)
+    uint8: nearest neighbour, so it stays binary.
+
+    With a factor of 2 the centre of each 2x2 block lies between four voxels: the one at offset 1 is taken (as
+    torch's "nearest-exact"), half an original voxel from the image's block mean (0.4 mm at 0.8 mm pixels).
+    """
+    f, (gx, gy, _) = cfg.in_plane_factor, geometry["grid_shape"]
+    x0, x1, y0, y1, z0, z1 = geometry["crop"]
+    small = mask[f // 2 :: f, f // 2 :: f][:gx, :gy]
+    return torch.from_numpy(np.ascontiguousarray(small[x0:x1, y0:y1, z0:z1]))[None].to(torch.uint8)
+
+
+def to_original_grid(prob: torch.Tensor, geometry: dict, shape: tuple[int, int, int], cfg: Config) -> torch.Tensor:
+    """A probability volume on the network's grid (x, y, z) back on the series' grid `shape`: 0 outside the body
+    crop, upsampled in-plane by linear interpolation on the block centres (where the block mean put them)."""
+    f, (gx, gy, gz) = cfg.in_plane_factor, geometry["grid_shape"]
+    x0, x1, y0, y1, z0, z1 = geometry["crop"]
+    grid = torch.zeros(1, 1, gx, gy, gz)
+    grid[0, 0, x0:x1, y0:y1, z0:z1] = prob.float().cpu()
+    if f > 1:
+        grid = F.interpolate(grid, size=(gx * f, gy * f, gz), mode="trilinear", align_corners=False)
+    # Columns or rows left over when a side does not divide by f: the nearest computed ones are repeated.
+    grid = F.pad(grid, (0, 0, 0, shape[1] - gy * f, 0, shape[0] - gx * f), mode="replicate")
+    return grid[0, 0]
+
+
+def load_cases(cases: list[dict], cfg: Config, skipped: SkippedCases) -> list[dict]:
+    """Read and preprocess every case once, kept in memory (about 15 MB per real case); bad inputs are named,
+    skipped and counted. Each item is the case's dict plus "image" and "label" on the network's grid.
+
+    In memory rather than on disk: reading a real series takes a few seconds, less than one epoch of training,
+    and a disk cache would have to notice every change of the data or of the preprocessing settings.
+    """
+    items = []
+    for case in tqdm(cases, desc="reading CT series", leave=False, disable=None):
+        try:
+            hu, _, mask = read_case(case)
+        except UnusableCase as err:
+            skipped.skip(case["case"], err)
+            continue
+        prep = preprocess(hu, cfg)
+        items.append({**case, "image": prep["image"], "label": downsample_mask(mask, prep, cfg)})
+    return items
+
+
+def split_by_case(items: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, validation) cases: a seeded shuffle of the case names, at least one case on each side.
+
+    A case is one patient's scan, so no patient is on both sides; the original split without a seed."""
+    names = sorted(item["case"] for item in items)
+    if len(names) < 2:
+        raise DatasetError(f"Need at least 2 usable cases to split, found {len(names)}: {names}")
+    order = np.random.default_rng(seed).permutation(len(names))
+    n_val = min(max(round(val_fraction * len(names)), 1), len(names) - 1)
+    val_names = {names[i] for i in order[:n_val]}
+    return [i for i in items if i["case"] not in val_names], [i for i in items if i["case"] in val_names]
+
+
+# %% Transforms
+# The volumes are cached on the network's grid, so the transforms only crop and augment. Crops: half centred on a
+# fluid voxel, half on any other voxel (the original's pos/neg crops): effusions fill about 1% of a chest CT, and
+# uniform crops would mostly show none. Flips on every axis and quarter turns in-plane, as the original: the fluid
+# then lies where gravity never puts it, so the network must know it by its look and its place against the lung,
+# not by "at the back".
+
+
+def build_train_transforms(cfg: Config) -> Compose:
+    keys = ["image", "label"]
+    if cfg.rot90_prob > 0 and cfg.roi_size[0] != cfg.roi_size[1]:
+        raise ValueError(f"rot90_prob > 0 needs a square in-plane roi_size, not {cfg.roi_size}")
+    pos, neg = cfg.pos_neg_ratio
+    return Compose(
+        [
+            SpatialPadd(keys, spatial_size=cfg.roi_size),  # a body smaller than a crop: padded with 0, as air
+            RandCropByPosNegLabeld(
+                keys, label_key="label", spatial_size=cfg.roi_size, pos=pos, neg=neg, num_samples=cfg.samples_per_volume
+            ),
+            *(RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=axis) for axis in range(3)),
+            RandRotate90d(keys, prob=cfg.rot90_prob, max_k=3, spatial_axes=(0, 1)),
+            EnsureTyped(keys, track_meta=False),  # plain tensors: no MONAI metadata to collate
+        ]
+    )
+
+
+# %% Model and loss
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    """MONAI's UNet in 3D with residual units (Kerfoot et al., STACOM 2018, https://doi.org/10.1007/978-3-030-12029-
+    0_40), after Ronneberger et al. (MICCAI 2015) and Cicek et al. (3D U-Net, MICCAI 2016): one input channel (the
+    windowed CT), one output channel (the effusion's logit per voxel)."""
+    model = UNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        channels=cfg.channels,
+        strides=cfg.strides,
+        num_res_units=cfg.num_res_units,
+    )
+    # Start from the prior, as RetinaNet does (Lin et al., ICCV 2017): from logit 0 every voxel is fluid at 0.5,
+    # and the first hundred steps only learn that most voxels are not.
+    output_layer = [m for m in model.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))][-1]
+    torch.nn.init.constant_(output_layer.bias, cfg.initial_logit)
+    return model
+
+
+class DiceBCELoss(torch.nn.Module):
+    """(1 - bce_weight) x soft Dice (dice.py, over the whole batch) + bce_weight x BCE with logits (pos_weight).
+
+    Dice over the batch, not per crop: the negative crops hold no fluid, and per crop each would add a loss of
+    about 1 whatever the prediction. BCE gives every voxel a gradient from the start, where Dice alone is flat;
+    pos_weight 3 makes a missed fluid voxel cost three false alarms (the original's value): fluid is rare even in
+    the positive crops, and unweighted BCE trades it away for the background.
+    """
+
+    def __init__(self, bce_weight: float = 0.5, pos_weight: float = 3.0):
+        super().__init__()
+        if not 0 <= bce_weight <= 1:
+            raise ValueError(f"bce_weight must be in [0, 1], not {bce_weight}")
+        self.bce_weight = bce_weight
+        self.register_buffer("pos_weight", torch.tensor(pos_weight))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits, target = logits.float(), target.float()  # both terms sum over whole volumes: float32 under AMP
+        dice = soft_dice_loss(logits, target, batch=True)
+        bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=self.pos_weight)
+        return (1 - self.bce_weight) * dice + self.bce_weight * bce
+
+
+# %% Train and evaluate
+
+
+def autocast(device: torch.device, cfg: Config):
+    """Mixed precision on CUDA: bfloat16 where the GPU has it (no loss scaling needed), else float16."""
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device.type, dtype=dtype, enabled=cfg.amp and device.type == "cuda")
+
+
+def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, cfg: Config, epoch: int) -> float:
+    """One pass over the training cases (`samples_per_volume` crops each); returns the mean loss per crop.
+
+    Stops with a clear error naming the epoch and batch if the loss is not finite.
+    """
+    model.train()
+    total, count = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=None)
+    for step, batch in enumerate(bar):
+        img = batch["image"].to(device, non_blocking=True).float()  # (B x samples, 1, x, y, z)
+        seg = batch["label"].to(device, non_blocking=True).float()
+        with autocast(device, cfg):
+            loss = loss_fn(model(img), seg)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"Loss is {loss.item()} at epoch {epoch}, batch {step}: stopping "
+                f"(try a lower lr than {cfg.lr}, or amp=False)"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total += loss.item() * len(img)
+        count += len(img)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict_logits(model, image: torch.Tensor, device, cfg: Config) -> torch.Tensor:
+    """Logits (x, y, z) of a whole cached volume (1, x, y, z): windows of `roi_size` overlapping by `sw_overlap`,
+    blended with gaussian weights (the centre of a window, which saw the most context, counts most)."""
+    model.eval()
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        with autocast(device, cfg):
+            return model(window).float()  # blended in float32
+
+    logits = sliding_window_inference(
+        image[None].to(device).float(), cfg.roi_size, cfg.sw_batch_size, predictor, overlap=cfg.sw_overlap,
+        mode="gaussian",
+    )  # fmt: skip
+    return logits[0, 0]
+
+
+def evaluate(model, items: list[dict], loss_fn, device, cfg: Config) -> dict[str, float]:
+    """Validation loss and Dice on the network's grid, over whole volumes: the mean of the cases' Dice (as the
+    original's 0.628 over 2 volumes) and the global Dice (all voxels at once, as nnU-Net reports)."""
+    dice = DiceAccumulator(
+        empty="one"
+    )  # a case without fluid would score 1 if none is predicted (every PleThora case has fluid)
+    losses = []
+    for item in tqdm(items, desc="validation", leave=False, disable=None):
+        logits = predict_logits(model, item["image"], device, cfg)
+        seg = item["label"][0].to(device)
+        losses.append(loss_fn(logits[None, None], seg[None, None]).item())
+        dice.update((logits > 0)[None], seg.bool()[None])
+    return {"val_loss": float(np.mean(losses)), "val_dice": dice.mean(), "val_global_dice": dice.global_dice()}
+
+
+def predict_case(model, hu: np.ndarray, device, cfg: Config) -> np.ndarray:
+    """The effusion mask (bool, X, Y, Z) of an HU volume read by `read_series`, on the series' own grid."""
+    prep = preprocess(hu, cfg)
+    prob = torch.sigmoid(predict_logits(model, prep["image"], device, cfg))
+    return (to_original_grid(prob, prep, hu.shape, cfg) > 0.5).numpy()
+
+
+def save_nifti(path: Path, mask: np.ndarray, affine: np.ndarray) -> None:
+    """A uint8 0/1 mask with the series' affine as both sform and qform (scanner coordinates), in mm, written
+    atomically. In the series' own voxel order, not PleThora's RPI: every NIfTI reader places it by its affine, and
+    `read_mask` brings either onto the other."""
+    img = nib.Nifti1Image(mask.astype(np.uint8), affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Gzipped by hand: nib.save picks the format by the file's extension, and the temporary file's is ".partial".
+    save_atomically(path, lambda partial: partial.write_bytes(gzip.compress(img.to_bytes(), compresslevel=1)))
+
+
+def draw_predictions(views: list[dict], path: Path, cfg: Config, title: str = "") -> None:
+    """One axial slice per case (the one with most fluid), in the soft-tissue window, with the true (green) and
+    predicted (red) outlines. `views[i]`: {"case", "hu", "truth", "pred" (X, Y) at full resolution, "slice", "dice"}.
+    Shown as the scanner shows it, rows down and columns across (patient's right on the left for these series),
+    zoomed on the body."""
+    fig = Figure(figsize=(4 * len(views), 4), dpi=100)
+    for i, view in enumerate(views):
+        ax = fig.add_subplot(1, len(views), i + 1)
+        ax.imshow(view["hu"].T, cmap="gray", vmin=cfg.hu_window[0], vmax=cfg.hu_window[1])
+        for mask, color in ((view["truth"], "lime"), (view["pred"], "red")):
+            if mask.any():
+                ax.contour(mask.T.astype(np.float32), levels=[0.5], colors=color, linewidths=1.2)
+        columns, rows = np.nonzero(view["hu"] > cfg.body_threshold_hu)
+        if columns.size:
+            ax.set_xlim(columns.min() - 5, columns.max() + 5)
+            ax.set_ylim(rows.max() + 5, rows.min() - 5)  # rows down
+        ax.set_title(f"{view['case']}, slice {view['slice']}: 3D Dice {view['dice']:.3f}", fontsize=9)
+        ax.axis("off")
+        if i == 0:
+            lines = [Line2D([], [], color=c, label=label) for c, label in (("lime", "PleThora"), ("red", "predicted"))]
+            ax.legend(handles=lines, loc="upper right", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    save_atomically(path, lambda partial: fig.savefig(partial, format="png", bbox_inches="tight"))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # CPU and every GPU
+
+
+def write_validation_outputs(model, val_items: list[dict], device, cfg: Config) -> pd.DataFrame:
+    """With the loaded weights: each validation case read again at full resolution, predicted, written as NIfTI
+    in the series' geometry and scored there; the figure of the slices with most fluid. Returns val_cases.csv."""
+    output_dir = Path(cfg.output_dir)
+    rows, views = [], []
+    for item in tqdm(val_items, desc="predicting validation cases", leave=False, disable=None):
+        hu, affine, truth = read_case(item)
+        pred = predict_case(model, hu, device, cfg)
+        save_nifti(output_dir / "predictions" / f"{item['case']}_effusion_predicted.nii.gz", pred, affine)
+        dice = DiceAccumulator(empty="one")
+        dice.update(torch.from_numpy(pred)[None], torch.from_numpy(truth)[None])
+        ml = abs(np.linalg.det(affine[:3, :3])) / 1000  # mL per voxel
+        rows.append(
+            {
+                "case": item["case"],
+                "dice": dice.mean(),  # at the series' full resolution, against the PleThora mask as read
+                "true_ml": truth.sum() * ml,
+                "predicted_ml": pred.sum() * ml,
+                "shape": "x".join(map(str, hu.shape)),
+            }
+        )
+        k = int(truth.sum(axis=(0, 1)).argmax())
+        views.append({"case": item["case"], "hu": hu[:, :, k], "truth": truth[:, :, k], "pred": pred[:, :, k]})
+        views[-1] |= {"slice": k, "dice": dice.mean()}
+    table = pd.DataFrame(rows)
+    save_atomically(output_dir / "val_cases.csv", lambda path: table.to_csv(path, index=False))
+    title = "Validation: PleThora (green) and predicted (red) effusion"
+    draw_predictions(views[:3], output_dir / "val_predictions.png", cfg, title)
+    return table
+
+
+def main(cfg: Config) -> list[dict]:
+    """Train, keep the best epoch by validation Dice, write the validation predictions as NIfTI and the figure.
+
+    Returns the history: one dict per epoch (also written to history.csv)."""
+    start_time = time.time()
+    seed_everything(cfg.seed)
+    device = DEVICE
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest kernels
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    root = find_dataset("pleural_effusion", Path(cfg.data_dir))  # says real or synthetic
+    synthetic = root != Path(cfg.data_dir) / "pleural_effusion"
+
+    skipped = SkippedCases()
+    cases = find_cases(root, cfg.reviewer, skipped)
+    if cfg.max_cases is not None and len(cases) > cfg.max_cases:
+        print(f"Using the first {cfg.max_cases} of {len(cases)} cases with a mask (max_cases)")
+        cases = cases[: cfg.max_cases]
+    items = load_cases(cases, cfg, skipped)
+    print(skipped.summary(f"{root}: {len(items)} cases usable"))
+    skipped_table = pd.DataFrame(skipped.rows, columns=["case", "problem", "detail"])
+    save_atomically(output_dir / "skipped_cases.csv", lambda path: skipped_table.to_csv(path, index=False))
+    train_items, val_items = split_by_case(items, cfg.val_fraction, cfg.seed)
+    shapes = ", ".join(f"{i['case']} {tuple(i['image'].shape[1:])}" for i in items[:3])
+    print(f"Split by case (seed {cfg.seed}): {len(train_items)} train, {len(val_items)} validation "
+          f"({', '.join(i['case'] for i in val_items)}); network grid (x, y, z) {shapes}{', ...' * (len(items) > 3)} "
+          f"on {device.type}{' (QUICK run)' if cfg.quick else ''}")  # fmt: skip
+
+    train_transforms = build_train_transforms(cfg)
+    train_transforms.set_random_state(seed=cfg.seed)
+    train_loader = DataLoader(
+        Dataset([{"image": i["image"], "label": i["label"]} for i in train_items], transform=train_transforms),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=len(train_items) > cfg.batch_size,  # no tiny last batch, unless there is only one batch
+        generator=torch.Generator().manual_seed(cfg.seed),
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+        pin_memory=device.type == "cuda",
+    )
+    batch = next(iter(train_loader))  # peek at one batch
+    fluid = batch["label"].float().mean().item()
+    print(f"One training batch: image {tuple(batch['image'].shape)} {batch['image'].dtype}, label "
+          f"{tuple(batch['label'].shape)} ({fluid:.1%} fluid); {len(train_loader)} steps per epoch")  # fmt: skip
+
+    model = build_model(cfg).to(device)
+    loss_fn = DiceBCELoss(cfg.bce_weight, cfg.pos_weight).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    use_scaler = cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()  # float16 only
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+    def poly(done: int) -> float:
+        """nnU-Net's poly decay: the factor of `lr` once `done` epochs are done, 0 after the last one."""
+        return max(1 - done / cfg.max_epochs, 0.0) ** cfg.lr_power
+
+    # A function of the epoch, not PolynomialLR: that one keeps its length in its state, so a finished run resumed
+    # with a larger max_epochs would go on at lr 0.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
+    checkpoint_path = output_dir / "best_model.pt"
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}  # what "last" holds
+    history, first_epoch = [], 1
+    if cfg.resume:
+        first_epoch, history = resume(output_dir, device, **parts)
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):  # the optimizer's is the first run's
+            group["lr"] = base_lr * poly(first_epoch - 1)
+    best_dice, best_epoch = best_so_far(checkpoint_path) if cfg.resume else (-math.inf, 0)
+    writer = tensorboard_writer(cfg.tensorboard, output_dir / "tensorboard")
+    try:
+        for epoch in range(first_epoch, cfg.max_epochs + 1):
+            epoch_start = time.time()
+            lr = optimizer.param_groups[0]["lr"]
+            train_loss = train_one_epoch(model, train_loader, loss_fn, optimizer, scaler, device, cfg, epoch)
+            scheduler.step()
+            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": np.nan, "val_dice": np.nan}
+            row |= {"val_global_dice": np.nan, "lr": lr}
+            validate = epoch % cfg.val_interval == 0 or epoch == cfg.max_epochs
+            if validate:
+                row |= evaluate(model, val_items, loss_fn, device, cfg)
+                if row["val_dice"] > best_dice:
+                    best_dice, best_epoch = row["val_dice"], epoch
+                    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+                    state |= {"scheduler": scheduler.state_dict(), "config": config_dict(cfg), "epoch": epoch}
+                    state |= {"metric": best_dice, "metric_name": "validation Dice (mean over cases)"}
+                    save_checkpoint(state, checkpoint_path)
+            history.append(row | {"seconds": time.time() - epoch_start})
+            save_history(history, output_dir / "history.csv")
+            # Epochs without validation have no val_* values: left out, not drawn as NaN.
+            log_epoch(writer, {key: value for key, value in history[-1].items() if not pd.isna(value)}, epoch)
+            scores = ""
+            if validate:
+                plot_dice_history([h["val_dice"] for h in history], output_dir / "dice_per_epoch.png",
+                                  title="Pleural effusion: validation Dice per epoch")  # fmt: skip
+                scores = (f"  val loss {row['val_loss']:.4f}  val Dice {row['val_dice']:.4f} "
+                          f"(global {row['val_global_dice']:.4f})")  # fmt: skip
+            save_last(output_dir, epoch, history, cfg, **parts)
+            print(f"epoch {epoch:3d}/{cfg.max_epochs}  train loss {train_loss:.4f}{scores}  "
+                  f"{history[-1]['seconds']:.1f} s" + ("  *best*" if best_epoch == epoch else ""))  # fmt: skip
+    # Ctrl-C (or Interrupt in a notebook) drops the epoch under way; a loss that is not finite stops training.
+    except (KeyboardInterrupt, FloatingPointError) as err:
+        print(stop_message(err, output_dir, history, checkpoint_path))
+        return history
+    finally:
+        if writer is not None:
+            writer.close()
+
+    # The best epoch's weights, read back from the checkpoint, predict the validation cases at full resolution.
+    checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
+    model.load_state_dict(checkpoint["model"])
+    table = write_validation_outputs(model, val_items, device, cfg)
+    pictures = []
+    if synthetic:  # the README's picture
+        Path(cfg.images_dir).mkdir(parents=True, exist_ok=True)
+        pictures.append(Path(cfg.images_dir) / "pleural_effusion_3d_predictions.png")
+        shutil.copyfile(output_dir / "val_predictions.png", pictures[-1])
+    best = history[best_epoch - 1]
+    full = ", ".join(f"{r.case} {r.dice:.4f} ({r.true_ml:.0f} mL true, {r.predicted_ml:.0f} predicted)"
+                     for r in table.itertuples())  # fmt: skip
+    print(f"\nSummary ({time.time() - start_time:.0f} s{', QUICK run' if cfg.quick else ''})\n"
+          f"  data:    {'SYNTHETIC sample' if synthetic else 'real dataset'} {root}: {len(items)} cases used "
+          f"({len(train_items)} train, {len(val_items)} validation), {len(skipped.rows)} skipped\n"
+          f"  best:    epoch {best_epoch} of {len(history)}, validation Dice {best_dice:.4f} (mean over cases on the "
+          f"network's grid; global {best['val_global_dice']:.4f}); at full resolution {full}\n"
+          f"  outputs: {output_dir}/ {checkpoint_path.name}, last_checkpoint.pt, history.csv, dice_per_epoch.png, "
+          f"val_cases.csv, val_predictions.png, skipped_cases.csv, predictions/ ({len(table)} NIfTI masks)"
+          + "".join(f"\n  picture: {p}" for p in pictures))  # fmt: skip
+    return history
+
+
+# %% Run
+if __name__ == "__main__":
+    try:
+        history = main(cfg)
+    except DatasetError as err:  # a data folder unlike the README's: one line saying what was expected where
+        raise SystemExit(f"Data problem: {err}") from None
