@@ -482,6 +482,7 @@ def copy_repository(pleural_root: Path, folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_quick_run_from_another_directory_reaches_dice_one_half(pleural_root, tmp_path, monkeypatch):
     """`QUICK=1 python path/to/pleural_effusion_3d.py` as it is, from another folder (about 40 s on one CPU
     thread): paths resolve against the script's folder, and validation Dice reaches the issue's bar of 0.5."""

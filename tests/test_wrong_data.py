@@ -13,6 +13,7 @@ SCRIPTS = {
     "lung_xray_unet.py": ("MontgomerySet", "expected CXR_png/<name>.png"),
     "nerve_ultrasound_segmentation.py": ("ultrasound-nerve-segmentation", "expected train/<subject>_<img>.tif"),
     "pneumonia_detection.py": ("rsna-pneumonia-detection-challenge", "expected the Kaggle download unzipped"),
+    "covid_ct_segmentation.py": ("COVID-19-20_v2", "expected Train/ and Validation/"),
     "pleural_effusion_3d.py": ("pleural_effusion", "expected NSCLC-Radiomics/LUNG1-xxx/<study>/<series>/*.dcm"),
 }
 
