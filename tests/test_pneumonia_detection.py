@@ -447,3 +447,27 @@ def test_same_seed_same_split_and_same_first_epoch_on_the_cpu(det, sample_root, 
     (split_a, first_a), (split_b, first_b), (split_c, other) = runs
     assert split_a == split_b and split_c != split_a
     assert first_a["train_loss"] == first_b["train_loss"] and other["train_loss"] != first_a["train_loss"]
+
+
+def test_ctrl_c_or_a_nan_loss_stop_with_one_line_and_keep_checkpoints(det, sample_root, tmp_path, monkeypatch, capsys):
+    cfg = tiny_config(det, tmp_path, sample_root, max_epochs=1)
+    det.main(cfg)
+    best, last = cfg.output_dir / "Pneumonia_detection.pt", cfg.output_dir / "last_checkpoint.pt"
+    kept = best.read_bytes()
+    for error, line in (
+        (KeyboardInterrupt(), f"Interrupted during epoch 2: {last} holds epoch 1; run again with resume=True"),
+        (
+            FloatingPointError("Loss is nan at epoch 2, batch 0"),
+            f"Loss is nan at epoch 2, batch 0. Kept: {best} (epoch 1)",
+        ),
+    ):
+
+        def stopped(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(det, "train_one_epoch", stopped)
+        capsys.readouterr()
+        assert len(det.main(replace(cfg, max_epochs=3, resume=True))) == 1
+        out = capsys.readouterr().out
+        assert line in out and "Summary" not in out
+        assert best.read_bytes() == kept and torch.load(last, weights_only=True)["epoch"] == 1
