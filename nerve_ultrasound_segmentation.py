@@ -15,7 +15,8 @@ Outputs: `output/nerve_ultrasound_segmentation/`: `2D_Nerve_Segmentation.pt` (be
 `Images/` for the README when the synthetic sample was used), `submission.csv`.
 
 Run: `python nerve_ultrasound_segmentation.py` (`QUICK=1` for a short first try), or cell by cell in VS Code or
-Jupyter; edit the configuration inline, e.g. `cfg = Config(max_epochs=50)`.
+Jupyter; edit the configuration inline, e.g. `cfg = Config(max_epochs=50)`. On several GPUs:
+`torchrun --nproc_per_node=4 nerve_ultrasound_segmentation.py` (README: several GPUs and machines).
 """
 
 # %% Imports
@@ -41,6 +42,7 @@ from monai.transforms import Compose, EnsureTyped, RandFlipd
 from PIL import Image
 from tqdm import tqdm
 
+import distributed
 from checkpoints import (
     best_so_far,
     config_dict,
@@ -267,7 +269,8 @@ def prepare_data(cfg: Config, root: Path) -> tuple[list[dict], list[dict]]:
     table = pd.DataFrame([{k: f[k] for k in ("subject", "img", "has_nerve")} for f in frames])
     pairs = find_contradictory_pairs(table, np.stack([f["signature"] for f in frames]), cfg.duplicate_max_distance)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    pairs.to_csv(cfg.output_dir / "contradictory_pairs.csv", index=False)
+    if distributed.is_main():  # under torchrun every process finds the same pairs: one writes them
+        save_atomically(cfg.output_dir / "contradictory_pairs.csv", lambda path: pairs.to_csv(path, index=False))
     dropped = set(zip(pairs["subject"], pairs["img_empty"])) if cfg.drop_contradictory else set()
     kept = [f for f in train_frames if (f["subject"], f["img"]) not in dropped]
     print(
@@ -391,6 +394,18 @@ class MinAreaScores:
         predicted_present = torch.cat(self.areas) >= max(min_area, 1)
         return (predicted_present == torch.cat(self.present)).double().mean().item()
 
+    def gathered(self) -> MinAreaScores:
+        """The scores of the frames that every process validated (under torchrun each takes a share), the same on
+        every process, so that all choose the same minimum area and the same best epoch. Itself in one process."""
+        if distributed.world_size() == 1:
+            return self
+        merged = MinAreaScores()
+        merged.predicted = distributed.gather_dice(self.predicted)
+        merged.all_empty = distributed.gather_dice(self.all_empty)
+        merged.areas = [torch.cat(part) for part in distributed.gather(self.areas) if part]
+        merged.present = [torch.cat(part) for part in distributed.gather(self.present) if part]
+        return merged
+
 
 def choose_min_area(scores: MinAreaScores, candidates) -> int:
     """The candidate minimum area with the best validation Dice; the smallest among equals (it removes least)."""
@@ -407,16 +422,20 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, cfg: Conf
         seg = batch["label"].to(device, non_blocking=True).float()
         with torch.autocast(device.type, enabled=use_amp):
             loss = loss_fn(model(img), seg)
-        if not torch.isfinite(loss):
+        # Under torchrun, the mean over the processes: all stop at the same step (one stopping alone would leave
+        # the others waiting for it), and the history's loss is that of every frame trained on. In one process,
+        # the loss itself.
+        mean_loss = distributed.average(loss.detach())
+        if not torch.isfinite(mean_loss):
             raise FloatingPointError(
-                f"Loss is {loss.item()} at epoch {epoch}, batch {step}: stopping "
+                f"Loss is {mean_loss.item()} at epoch {epoch}, batch {step}: stopping "
                 f"(try a lower lr than {cfg.lr}, or amp=False)"
             )
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(loss).backward()  # under torchrun, DDP averages the gradients of all processes here
         scaler.step(optimizer)
         scaler.update()
-        total += loss.item() * len(img)
+        total += mean_loss.item() * len(img)
         count += len(img)
     return total / count
 
@@ -425,7 +444,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, cfg: Conf
 def evaluate(model, loader, loss_fn, device, cfg: Config) -> tuple[float, MinAreaScores]:
     """Validation loss at training size, and the Kaggle scores at 420x580 for every candidate minimum area.
 
-    Probabilities are upsampled bilinearly to 420x580 and thresholded there, as the submission is made.
+    Probabilities are upsampled bilinearly to 420x580 and thresholded there, as the submission is made. Under
+    torchrun each process validates its share of the frames (`loader`), and both results cover all of them.
     """
     model.eval()
     scores = MinAreaScores()
@@ -438,7 +458,8 @@ def evaluate(model, loader, loss_fn, device, cfg: Config) -> tuple[float, MinAre
         count += len(img)
         prob = F.interpolate(torch.sigmoid(logits.float()), size=SHAPE, mode="bilinear", align_corners=False)
         scores.update(prob > 0.5, batch["full_label"].to(device))
-    return total / count, scores
+    total, count = distributed.all_sum(total, count)  # every process's frames (unchanged in one process)
+    return total / count, scores.gathered()
 
 
 @torch.no_grad()
@@ -530,34 +551,43 @@ def main(cfg: Config) -> list[dict]:
 
     Returns the history: one dict per epoch (also written to history.csv)."""
     start_time = time.time()
-    torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
+    # Under `torchrun --nproc_per_node=N`: join the other processes, take this process's GPU, print only in process
+    # 0 (README, "Several GPUs"). With `python` or in a notebook: one process, the GPU if there is one, else the CPU.
+    device = distributed.setup()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    root = find_dataset("ultrasound-nerve-segmentation", cfg.data_dir)
+    with distributed.main_first():  # process 0 writes the synthetic sample if missing, the others then read it
+        root = find_dataset("ultrasound-nerve-segmentation", cfg.data_dir)
     synthetic = root != Path(cfg.data_dir) / "ultrasound-nerve-segmentation"
     train_frames, val_frames = prepare_data(cfg, root)
 
-    train_transforms.set_random_state(seed=cfg.seed)
+    train_transforms.set_random_state(seed=cfg.seed + distributed.rank())  # each process flips its own way
     loader_args = {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda"}
     loader_args["persistent_workers"] = cfg.num_workers > 0  # do not restart the workers every epoch
+    train_ds = to_dataset(train_frames, train_transforms)
+    # Under torchrun each process trains on its own shard of the frames, reshuffled every epoch (set_epoch below),
+    # with batch_size frames per process and step; in one process there is no sampler and the loader shuffles.
+    sampler = distributed.train_sampler(train_ds, cfg.seed)
+    shard_size = len(sampler) if sampler is not None else len(train_ds)
     train_loader = DataLoader(
-        to_dataset(train_frames, train_transforms),
+        train_ds,
         batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=len(train_frames) > cfg.batch_size,  # no tiny last batch, unless there is only one batch
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=shard_size > cfg.batch_size,  # no tiny last batch, unless there is only one batch
         generator=torch.Generator().manual_seed(cfg.seed),
         **loader_args,
     )
-    val_loader = DataLoader(
-        to_dataset(val_frames, val_transforms, full=True), batch_size=cfg.val_batch_size, **loader_args
-    )
+    val_ds = to_dataset(distributed.shard(val_frames), val_transforms, full=True)  # this process's share
+    val_loader = DataLoader(val_ds, batch_size=cfg.val_batch_size, **loader_args)
     batch = next(iter(train_loader))  # peek at one batch
     print(f"One training batch: image {tuple(batch['image'].shape)} {batch['image'].dtype}, label "
           f"{tuple(batch['label'].shape)}; {len(train_loader)} step(s) per epoch on {device}")  # fmt: skip
 
     model = build_model(cfg).to(device)  # the original forgot to move the model to the GPU
+    train_model = distributed.wrap(model)  # DDP under torchrun (gradients averaged); `model` is what is saved
     loss_fn = DiceBCELoss(cfg.bce_weight)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
@@ -567,11 +597,12 @@ def main(cfg: Config) -> list[dict]:
     if cfg.resume:
         first_epoch, history = resume(cfg.output_dir, device, **parts)
     best_dice, best_epoch = best_so_far(checkpoint_path) if cfg.resume else (-1.0, 0)
-    writer = tensorboard_writer(cfg.tensorboard, cfg.output_dir / "tensorboard")
+    writer = tensorboard_writer(cfg.tensorboard and distributed.is_main(), cfg.output_dir / "tensorboard")
     try:
         for epoch in range(first_epoch, cfg.max_epochs + 1):
             epoch_start = time.time()
-            train_loss = train_one_epoch(model, train_loader, loss_fn, optimizer, scaler, device, cfg, epoch)
+            distributed.set_epoch(train_loader, epoch)  # under torchrun: new shards for this epoch
+            train_loss = train_one_epoch(train_model, train_loader, loss_fn, optimizer, scaler, device, cfg, epoch)
             val_loss, scores = evaluate(model, val_loader, loss_fn, device, cfg)
             min_area = choose_min_area(scores, cfg.min_area_candidates)
             history.append(
@@ -588,16 +619,19 @@ def main(cfg: Config) -> list[dict]:
                 }
             )
             row = history[-1]
-            if row["val_dice"] > best_dice:
+            is_best = row["val_dice"] > best_dice  # the same in every process: the scores cover all frames
+            if is_best:
                 best_dice, best_epoch = row["val_dice"], epoch
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
-                state |= {"config": config_dict(cfg), "metric": best_dice, "min_area": min_area}
-                save_checkpoint(state, checkpoint_path)
-            save_history(history, cfg.output_dir / "history.csv")
-            plot_dice_history([h["val_dice"] for h in history], cfg.output_dir / "dice_per_epoch.png",
-                              title="Nerve segmentation: validation Dice (Kaggle metric) per epoch")  # fmt: skip
-            log_epoch(writer, row, epoch)
-            save_last(cfg.output_dir, epoch, history, cfg, **parts)
+            if distributed.is_main():  # one process writes; the others hold the same weights and history
+                if is_best:
+                    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
+                    state |= {"config": config_dict(cfg), "metric": best_dice, "min_area": min_area}
+                    save_checkpoint(state, checkpoint_path)
+                save_history(history, cfg.output_dir / "history.csv")
+                plot_dice_history([h["val_dice"] for h in history], cfg.output_dir / "dice_per_epoch.png",
+                                  title="Nerve segmentation: validation Dice (Kaggle metric) per epoch")  # fmt: skip
+                log_epoch(writer, row, epoch)
+                save_last(cfg.output_dir, epoch, history, cfg, **parts)
             print(f"epoch {epoch:3d}/{cfg.max_epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
                   f"val Dice {row['val_dice']:.4f} (min area {min_area}; no filter {row['val_dice_no_filter']:.4f})  "
                   f"presence acc {row['presence_accuracy']:.3f}  {row['seconds']:.1f} s"
@@ -609,6 +643,8 @@ def main(cfg: Config) -> list[dict]:
     finally:
         if writer is not None:
             writer.close()
+    if not distributed.is_main():
+        return history  # process 0 alone predicts and writes the submission; the others are done
 
     baseline = history[-1]["val_dice_all_empty"]
     best = history[best_epoch - 1]
@@ -646,3 +682,5 @@ if __name__ == "__main__":
         history = main(cfg)
     except DatasetError as err:  # a data folder unlike the README's: one line saying what was expected where
         raise SystemExit(f"Data problem: {err}") from None
+    finally:
+        distributed.shutdown()  # under torchrun: leave the process group (nothing to do in one process)

@@ -19,6 +19,7 @@ sample was used), `skipped_cases.csv`.
 
 Run: `python pleural_effusion_3d.py` (`QUICK=1` for a short first try), or cell by cell in VS Code or Jupyter;
 edit the configuration inline, e.g. `cfg = Config(max_epochs=200)`; after Ctrl-C, `Config(resume=True)` goes on.
+On several GPUs: `torchrun --nproc_per_node=4 pleural_effusion_3d.py` (README: several GPUs and machines).
 """
 
 # %% Imports
@@ -47,6 +48,7 @@ from monai.transforms import Compose, EnsureTyped, RandCropByPosNegLabeld, RandF
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 from tqdm import tqdm
 
+import distributed
 from checkpoints import (
     best_so_far,
     config_dict,
@@ -65,7 +67,7 @@ from sample_data import find_dataset
 # The repository root, whether run as a file (from any directory) or in a notebook kernel (no __file__).
 ROOT = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 QUICK = os.environ.get("QUICK", "0") == "1"  # the collection's quick-run switch (README): fewer epochs, cases, pixels
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # picked once; no "cuda:0" anywhere
+DEVICE = distributed.device()  # picked once: the GPU if any (under torchrun, this process's own), else the CPU
 
 
 @dataclass
@@ -488,18 +490,22 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, cfg: Conf
         seg = batch["label"].to(device, non_blocking=True).float()
         with autocast(device, cfg):
             loss = loss_fn(model(img), seg)
-        if not torch.isfinite(loss):
+        # Under torchrun, the mean over the processes: all stop at the same step (one stopping alone would leave
+        # the others waiting for it), and the history's loss is that of every crop trained on. In one process,
+        # the loss itself.
+        mean_loss = distributed.average(loss.detach())
+        if not torch.isfinite(mean_loss):
             raise FloatingPointError(
-                f"Loss is {loss.item()} at epoch {epoch}, batch {step}: stopping "
+                f"Loss is {mean_loss.item()} at epoch {epoch}, batch {step}: stopping "
                 f"(try a lower lr than {cfg.lr}, or amp=False)"
             )
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(loss).backward()  # under torchrun, DDP averages the gradients of all processes here
         scaler.step(optimizer)
         scaler.update()
-        total += loss.item() * len(img)
+        total += mean_loss.item() * len(img)
         count += len(img)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{mean_loss.item():.3f}")
     return total / max(count, 1)
 
 
@@ -522,16 +528,19 @@ def predict_logits(model, image: torch.Tensor, device, cfg: Config) -> torch.Ten
 
 def evaluate(model, items: list[dict], loss_fn, device, cfg: Config) -> dict[str, float]:
     """Validation loss and Dice on the network's grid, over whole volumes: the mean of the cases' Dice (as the
-    original's 0.628 over 2 volumes) and the global Dice (all voxels at once, as nnU-Net reports)."""
-    dice = DiceAccumulator(
-        empty="one"
-    )  # a case without fluid would score 1 if none is predicted (every PleThora case has fluid)
+    original's 0.628 over 2 volumes) and the global Dice (all voxels at once, as nnU-Net reports).
+
+    Under torchrun each process predicts its share of the cases, and the scores of all are gathered: every process
+    returns the same numbers, those of all `items`."""
+    dice = DiceAccumulator(empty="one")  # a case without fluid scores 1 if none is predicted (PleThora's all have)
     losses = []
-    for item in tqdm(items, desc="validation", leave=False, disable=None):
+    for item in tqdm(distributed.shard(items), desc="validation", leave=False, disable=None):
         logits = predict_logits(model, item["image"], device, cfg)
         seg = item["label"][0].to(device)
         losses.append(loss_fn(logits[None, None], seg[None, None]).item())
         dice.update((logits > 0)[None], seg.bool()[None])
+    losses = [loss for part in distributed.gather(losses) for loss in part]  # every process's cases
+    dice = distributed.gather_dice(dice)
     return {"val_loss": float(np.mean(losses)), "val_dice": dice.mean(), "val_global_dice": dice.global_dice()}
 
 
@@ -623,13 +632,16 @@ def main(cfg: Config) -> list[dict]:
 
     Returns the history: one dict per epoch (also written to history.csv)."""
     start_time = time.time()
-    seed_everything(cfg.seed)
-    device = DEVICE
+    seed_everything(cfg.seed)  # the same initial weights in every process
+    # Under `torchrun --nproc_per_node=N`: join the other processes, take this process's GPU, print only in process
+    # 0 (README, "Several GPUs"). With `python` or in a notebook: one process on DEVICE.
+    device = distributed.setup()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest kernels
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    root = find_dataset("pleural_effusion", Path(cfg.data_dir))  # says real or synthetic
+    with distributed.main_first():  # process 0 writes the synthetic sample if missing, the others then read it
+        root = find_dataset("pleural_effusion", Path(cfg.data_dir))  # says real or synthetic
     synthetic = root != Path(cfg.data_dir) / "pleural_effusion"
 
     skipped = SkippedCases()
@@ -640,7 +652,8 @@ def main(cfg: Config) -> list[dict]:
     items = load_cases(cases, cfg, skipped)
     print(skipped.summary(f"{root}: {len(items)} cases usable"))
     skipped_table = pd.DataFrame(skipped.rows, columns=["case", "problem", "detail"])
-    save_atomically(output_dir / "skipped_cases.csv", lambda path: skipped_table.to_csv(path, index=False))
+    if distributed.is_main():  # under torchrun every process read the same cases: one writes
+        save_atomically(output_dir / "skipped_cases.csv", lambda path: skipped_table.to_csv(path, index=False))
     train_items, val_items = split_by_case(items, cfg.val_fraction, cfg.seed)
     shapes = ", ".join(f"{i['case']} {tuple(i['image'].shape[1:])}" for i in items[:3])
     print(f"Split by case (seed {cfg.seed}): {len(train_items)} train, {len(val_items)} validation "
@@ -648,12 +661,18 @@ def main(cfg: Config) -> list[dict]:
           f"on {device.type}{' (QUICK run)' if cfg.quick else ''}")  # fmt: skip
 
     train_transforms = build_train_transforms(cfg)
-    train_transforms.set_random_state(seed=cfg.seed)
+    train_transforms.set_random_state(seed=cfg.seed + distributed.rank())  # each process crops its own way
+    train_ds = Dataset([{"image": i["image"], "label": i["label"]} for i in train_items], transform=train_transforms)
+    # Under torchrun each process trains on its own shard of the cases, reshuffled every epoch (set_epoch below),
+    # with batch_size cases per process and step; in one process there is no sampler and the loader shuffles.
+    sampler = distributed.train_sampler(train_ds, cfg.seed)
+    shard_size = len(sampler) if sampler is not None else len(train_ds)
     train_loader = DataLoader(
-        Dataset([{"image": i["image"], "label": i["label"]} for i in train_items], transform=train_transforms),
+        train_ds,
         batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=len(train_items) > cfg.batch_size,  # no tiny last batch, unless there is only one batch
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=shard_size > cfg.batch_size,  # no tiny last batch, unless there is only one batch
         generator=torch.Generator().manual_seed(cfg.seed),
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
@@ -665,6 +684,7 @@ def main(cfg: Config) -> list[dict]:
           f"{tuple(batch['label'].shape)} ({fluid:.1%} fluid); {len(train_loader)} steps per epoch")  # fmt: skip
 
     model = build_model(cfg).to(device)
+    train_model = distributed.wrap(model)  # DDP under torchrun (gradients averaged); `model` is what is saved
     loss_fn = DiceBCELoss(cfg.bce_weight, cfg.pos_weight).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_scaler = cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()  # float16 only
@@ -685,35 +705,41 @@ def main(cfg: Config) -> list[dict]:
         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):  # the optimizer's is the first run's
             group["lr"] = base_lr * poly(first_epoch - 1)
     best_dice, best_epoch = best_so_far(checkpoint_path) if cfg.resume else (-math.inf, 0)
-    writer = tensorboard_writer(cfg.tensorboard, output_dir / "tensorboard")
+    writer = tensorboard_writer(cfg.tensorboard and distributed.is_main(), output_dir / "tensorboard")
     try:
         for epoch in range(first_epoch, cfg.max_epochs + 1):
             epoch_start = time.time()
             lr = optimizer.param_groups[0]["lr"]
-            train_loss = train_one_epoch(model, train_loader, loss_fn, optimizer, scaler, device, cfg, epoch)
+            distributed.set_epoch(train_loader, epoch)  # under torchrun: new shards for this epoch
+            train_loss = train_one_epoch(train_model, train_loader, loss_fn, optimizer, scaler, device, cfg, epoch)
             scheduler.step()
             row = {"epoch": epoch, "train_loss": train_loss, "val_loss": np.nan, "val_dice": np.nan}
             row |= {"val_global_dice": np.nan, "lr": lr}
             validate = epoch % cfg.val_interval == 0 or epoch == cfg.max_epochs
+            is_best = False
             if validate:
                 row |= evaluate(model, val_items, loss_fn, device, cfg)
-                if row["val_dice"] > best_dice:
+                is_best = row["val_dice"] > best_dice  # the same in every process: the scores cover all cases
+                if is_best:
                     best_dice, best_epoch = row["val_dice"], epoch
+            history.append(row | {"seconds": time.time() - epoch_start})
+            if distributed.is_main():  # one process writes; the others hold the same weights and history
+                if is_best:
                     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
                     state |= {"scheduler": scheduler.state_dict(), "config": config_dict(cfg), "epoch": epoch}
                     state |= {"metric": best_dice, "metric_name": "validation Dice (mean over cases)"}
                     save_checkpoint(state, checkpoint_path)
-            history.append(row | {"seconds": time.time() - epoch_start})
-            save_history(history, output_dir / "history.csv")
-            # Epochs without validation have no val_* values: left out, not drawn as NaN.
-            log_epoch(writer, {key: value for key, value in history[-1].items() if not pd.isna(value)}, epoch)
+                save_history(history, output_dir / "history.csv")
+                # Epochs without validation have no val_* values: left out, not drawn as NaN.
+                log_epoch(writer, {key: value for key, value in history[-1].items() if not pd.isna(value)}, epoch)
+                if validate:
+                    plot_dice_history([h["val_dice"] for h in history], output_dir / "dice_per_epoch.png",
+                                      title="Pleural effusion: validation Dice per epoch")  # fmt: skip
+                save_last(output_dir, epoch, history, cfg, **parts)
             scores = ""
             if validate:
-                plot_dice_history([h["val_dice"] for h in history], output_dir / "dice_per_epoch.png",
-                                  title="Pleural effusion: validation Dice per epoch")  # fmt: skip
                 scores = (f"  val loss {row['val_loss']:.4f}  val Dice {row['val_dice']:.4f} "
                           f"(global {row['val_global_dice']:.4f})")  # fmt: skip
-            save_last(output_dir, epoch, history, cfg, **parts)
             print(f"epoch {epoch:3d}/{cfg.max_epochs}  train loss {train_loss:.4f}{scores}  "
                   f"{history[-1]['seconds']:.1f} s" + ("  *best*" if best_epoch == epoch else ""))  # fmt: skip
     # Ctrl-C (or Interrupt in a notebook) drops the epoch under way; a loss that is not finite stops training.
@@ -723,6 +749,8 @@ def main(cfg: Config) -> list[dict]:
     finally:
         if writer is not None:
             writer.close()
+    if not distributed.is_main():
+        return history  # process 0 alone predicts the validation cases at full resolution; the others are done
 
     # The best epoch's weights, read back from the checkpoint, predict the validation cases at full resolution.
     checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
@@ -753,3 +781,5 @@ if __name__ == "__main__":
         history = main(cfg)
     except DatasetError as err:  # a data folder unlike the README's: one line saying what was expected where
         raise SystemExit(f"Data problem: {err}") from None
+    finally:
+        distributed.shutdown()  # under torchrun: leave the process group (nothing to do in one process)

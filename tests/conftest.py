@@ -21,7 +21,7 @@ def sample_root(tmp_path_factory):
     return root
 
 
-SHARED_MODULES = ("dice.py", "sample_data.py", "data_cleaning.py", "checkpoints.py")
+SHARED_MODULES = ("dice.py", "sample_data.py", "data_cleaning.py", "checkpoints.py", "distributed.py")
 
 
 @pytest.fixture

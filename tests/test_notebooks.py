@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = ("dice.py", "sample_data.py", "data_cleaning.py", "checkpoints.py")
+SHARED = ("dice.py", "sample_data.py", "data_cleaning.py", "checkpoints.py", "distributed.py")
 
 # Per script: the dataset folder it reads, the inline edit that makes the quick run a few seconds long (as a user
 # types it in a cell below the configuration cell), and the files it must write to output/<script>/.

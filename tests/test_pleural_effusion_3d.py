@@ -476,7 +476,8 @@ def test_same_seed_same_split_and_same_first_epoch_on_the_cpu(pe, sample_root, t
 def copy_repository(pleural_root: Path, folder: Path) -> Path:
     """The script and its shared modules in a fresh folder, with the sample where the script writes it."""
     folder.mkdir()
-    for name in ("pleural_effusion_3d.py", "dice.py", "sample_data.py", "data_cleaning.py", "checkpoints.py"):
+    shared = ("dice.py", "sample_data.py", "data_cleaning.py", "checkpoints.py", "distributed.py")
+    for name in ("pleural_effusion_3d.py", *shared):
         shutil.copy(REPO_ROOT / name, folder / name)
     shutil.copytree(pleural_root, folder / "data" / "sample" / PLEURAL)
     return folder
