@@ -22,6 +22,7 @@ Outputs: `output/covid_ct_segmentation/`: `best_model.pt` (best epoch), `last_ch
 
 Run: `python covid_ct_segmentation.py` (`QUICK=1` for a short first try), or cell by cell in VS Code or Jupyter;
 edit the configuration inline, e.g. `cfg = Config(max_epochs=50)`; after Ctrl-C, `Config(resume=True)` goes on.
+On several GPUs: `torchrun --nproc_per_node=4 covid_ct_segmentation.py` (README: several GPUs and machines).
 """
 
 # %% Imports
@@ -65,6 +66,7 @@ from monai.transforms import (
 )
 from tqdm import tqdm
 
+import distributed
 from checkpoints import (
     best_so_far,
     config_dict,
@@ -88,7 +90,7 @@ warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
 # The repository root, whether run as a file (from any directory) or in a notebook kernel (no __file__).
 ROOT = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 QUICK = os.environ.get("QUICK", "0") == "1"  # the collection's quick-run switch (README): fewer epochs, cases, voxels
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # picked once; no "cuda:0" anywhere
+DEVICE = distributed.device()  # picked once: the GPU if any (under torchrun, this process's own), else the CPU
 
 
 @dataclass
@@ -370,18 +372,22 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, cfg: Conf
         with torch.autocast(device.type, dtype=amp_dtype(device), enabled=use_amp):
             logits = model(img)
         loss = loss_fn(logits.float(), seg)  # in float32: Dice sums over whole crops
-        if not torch.isfinite(loss):
+        # Under torchrun, the mean over the processes: all stop at the same step (one stopping alone would leave
+        # the others waiting for it), and the history's loss is that of every crop trained on. In one process,
+        # the loss itself.
+        mean_loss = distributed.average(loss.detach())
+        if not torch.isfinite(mean_loss):
             raise FloatingPointError(
-                f"Loss is {loss.item()} at epoch {epoch}, batch {step}: stopping "
+                f"Loss is {mean_loss.item()} at epoch {epoch}, batch {step}: stopping "
                 f"(try a lower lr than {cfg.lr}, or amp=False)"
             )
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(loss).backward()  # under torchrun, DDP averages the gradients of all processes here
         scaler.step(optimizer)
         scaler.update()
-        total += loss.item() * len(img)
+        total += mean_loss.item() * len(img)
         count += len(img)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{mean_loss.item():.3f}")
     return total / max(count, 1)
 
 
@@ -424,7 +430,8 @@ def to_scan_grid(prob: torch.Tensor, image: MetaTensor, transforms: Compose) -> 
 def evaluate(
     model, val_ds, transforms: Compose, device, cfg: Config, tta: bool = False
 ) -> tuple[DiceAccumulator, list]:
-    """Dice of every validation case on the scan's own grid, and the binary predictions (1, X, Y, Z) there."""
+    """Dice of every case of `val_ds` on the scan's own grid, and the binary predictions (1, X, Y, Z) there. Under
+    torchrun `val_ds` holds this process's share of the cases during training (the caller gathers the scores)."""
     dice = DiceAccumulator(empty="one")  # a case without lesions scores 1 only if nothing is predicted
     predictions = []
     for i in tqdm(range(len(val_ds)), desc="validation", leave=False, disable=None):
@@ -523,13 +530,16 @@ def main(cfg: Config) -> list[dict]:
 
     Returns the history: one dict per epoch (also written to history.csv)."""
     start_time = time.time()
-    seed_everything(cfg.seed)
-    device = DEVICE
+    seed_everything(cfg.seed)  # the same initial weights in every process
+    # Under `torchrun --nproc_per_node=N`: join the other processes, take this process's GPU, print only in process
+    # 0 (README, "Several GPUs"). With `python` or in a notebook: one process on DEVICE.
+    device = distributed.setup()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed window size: let cuDNN pick its fastest kernels
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    root = find_dataset("COVID-19-20_v2", Path(cfg.data_dir))  # says real or synthetic
+    with distributed.main_first():  # process 0 writes the synthetic sample if missing, the others then read it
+        root = find_dataset("COVID-19-20_v2", Path(cfg.data_dir))  # says real or synthetic
     synthetic = root != Path(cfg.data_dir) / "COVID-19-20_v2"
 
     skipped = SkippedFiles()
@@ -553,10 +563,14 @@ def main(cfg: Config) -> list[dict]:
 
     train_transforms = build_transforms(cfg, "train")
     val_transforms = build_transforms(cfg, "val")
-    train_transforms.set_random_state(seed=cfg.seed)
-    bar = sys.stderr.isatty()  # MONAI's caching bar, on a terminal only (loading 199 real scans takes minutes)
-    train_ds = CacheDataset(train_files, train_transforms, cache_rate=cfg.cache_rate, progress=bar)
-    val_ds = CacheDataset(val_files, val_transforms, progress=bar)  # the CT resampled, its mask as stored
+    train_transforms.set_random_state(seed=cfg.seed + distributed.rank())  # each process crops its own way
+    bar = sys.stderr.isatty() and distributed.is_main()  # MONAI's caching bar, on a terminal only (minutes for 199)
+    # Under torchrun each process caches and trains on its own fixed share of the training cases (shuffled within it
+    # every epoch; the shares have equal length, so all take the same steps), and validates its share of the
+    # validation cases: the memory is not multiplied by the number of processes. All of them in one process.
+    train_ds = CacheDataset(distributed.train_shard(train_files), train_transforms, cache_rate=cfg.cache_rate,
+                            progress=bar)  # fmt: skip
+    val_ds = CacheDataset(distributed.shard(val_files), val_transforms, progress=bar)  # CT resampled, mask as stored
     train_loader = DataLoader(
         train_ds,
         batch_size=cfg.batch_size,
@@ -573,6 +587,7 @@ def main(cfg: Config) -> list[dict]:
           f"({batch['label'].mean().item():.1%} of the voxels); {len(train_loader)} steps per epoch")  # fmt: skip
 
     model = build_model(cfg).to(device)
+    train_model = distributed.wrap(model)  # DDP under torchrun (gradients averaged); `model` is what is saved
     loss_fn = build_loss()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     use_scaler = cfg.amp and device.type == "cuda" and amp_dtype(device) == torch.float16
@@ -583,32 +598,38 @@ def main(cfg: Config) -> list[dict]:
     if cfg.resume:
         first_epoch, history = resume(output_dir, device, **parts)
     best_dice, best_epoch = best_so_far(checkpoint_path) if cfg.resume else (-math.inf, 0)
-    writer = tensorboard_writer(cfg.tensorboard, output_dir / "tensorboard")
+    writer = tensorboard_writer(cfg.tensorboard and distributed.is_main(), output_dir / "tensorboard")
     try:
         for epoch in range(first_epoch, cfg.max_epochs + 1):
             epoch_start = time.time()
-            train_loss = train_one_epoch(model, train_loader, loss_fn, optimizer, scaler, device, cfg, epoch)
+            train_loss = train_one_epoch(train_model, train_loader, loss_fn, optimizer, scaler, device, cfg, epoch)
             row = {"epoch": epoch, "train_loss": train_loss, "val_dice": np.nan, "val_global_dice": np.nan}
             validate = epoch % cfg.val_interval == 0 or epoch == cfg.max_epochs
+            is_best = False
             if validate:
                 dice, _ = evaluate(model, val_ds, val_transforms, device, cfg)
+                dice = distributed.gather_dice(dice)  # every process's cases: the same scores in every process
                 row |= {"val_dice": dice.mean(), "val_global_dice": dice.global_dice()}
-                if row["val_dice"] > best_dice:
+                is_best = row["val_dice"] > best_dice
+                if is_best:
                     best_dice, best_epoch = row["val_dice"], epoch
+            history.append(row | {"seconds": time.time() - epoch_start})
+            if distributed.is_main():  # one process writes; the others hold the same weights and history
+                if is_best:
                     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
                     state |= {"config": config_dict(cfg), "epoch": epoch, "metric": best_dice}
                     state |= {"metric_name": "validation Dice (mean over cases, on each scan's grid)"}
                     save_checkpoint(state, checkpoint_path)
-            history.append(row | {"seconds": time.time() - epoch_start})
-            save_history(history, output_dir / "history.csv")
-            # Epochs without validation have no val_* values: left out, not drawn as NaN.
-            log_epoch(writer, {key: value for key, value in history[-1].items() if not pd.isna(value)}, epoch)
+                save_history(history, output_dir / "history.csv")
+                # Epochs without validation have no val_* values: left out, not drawn as NaN.
+                log_epoch(writer, {key: value for key, value in history[-1].items() if not pd.isna(value)}, epoch)
+                if validate:
+                    title = "COVID-19-20 lesions: validation Dice (mean over cases) per epoch"
+                    plot_dice_history([h["val_dice"] for h in history], output_dir / "dice_per_epoch.png", title=title)
+                save_last(output_dir, epoch, history, cfg, **parts)
             scores = ""
             if validate:
-                plot_dice_history([h["val_dice"] for h in history], output_dir / "dice_per_epoch.png",
-                                  title="COVID-19-20 lesions: validation Dice (mean over cases) per epoch")  # fmt: skip
                 scores = f"  val Dice {row['val_dice']:.4f} (global {row['val_global_dice']:.4f})"
-            save_last(output_dir, epoch, history, cfg, **parts)
             print(f"epoch {epoch:3d}/{cfg.max_epochs}  train loss {train_loss:.4f}{scores}  "
                   f"{history[-1]['seconds']:.1f} s" + ("  *best*" if best_epoch == epoch else ""))  # fmt: skip
     # Ctrl-C (or Interrupt in a notebook) drops the epoch under way; a loss that is not finite stops training.
@@ -618,6 +639,10 @@ def main(cfg: Config) -> list[dict]:
     finally:
         if writer is not None:
             writer.close()
+    if not distributed.is_main():
+        return history  # process 0 alone validates the best epoch and segments Validation/; the others are done
+    if distributed.world_size() > 1:  # process 0 held its share of the validation cases only: now all of them
+        val_ds = CacheDataset(val_files, val_transforms, progress=bar)
 
     # The best epoch's weights, read back from the checkpoint, for the final validation, the figure and the masks.
     checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
@@ -660,3 +685,5 @@ if __name__ == "__main__":
         history = main(cfg)
     except DatasetError as err:  # a data folder unlike the README's: one line saying what was expected where
         raise SystemExit(f"Data problem: {err}") from None
+    finally:
+        distributed.shutdown()  # under torchrun: leave the process group (nothing to do in one process)

@@ -148,6 +148,18 @@ def shard(items: list, part: int | None = None, parts: int | None = None) -> lis
     return items[rank() if part is None else part :: world_size() if parts is None else parts]
 
 
+def train_shard(items: list) -> list:
+    """This process's fixed share of the training cases, for a dataset that caches what it is given (MONAI's
+    CacheDataset): each process then caches only its own cases, not all of them. Every world_size-th case from its
+    rank on, the list first padded (cyclically) with its first cases to a multiple of world_size, so that every
+    share has the same length (a few cases repeat) and every process takes the same number of steps. The shares
+    stay the same for the whole run (shuffle within the share); `items` itself in one process."""
+    if not is_distributed():
+        return items
+    length = -(-len(items) // world_size()) * world_size()  # rounded up to a multiple of world_size
+    return shard([items[i % len(items)] for i in range(length)])
+
+
 def _collective_device() -> torch.device:
     """NCCL moves CUDA tensors only; gloo moves CPU tensors."""
     return device() if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -14,7 +14,8 @@ film's original size), `test_dice.csv` (Dice per test film) and `test_prediction
     python lung_xray_unet.py            # from any directory; or cell by cell in VS Code / Jupyter
     QUICK=1 python lung_xray_unet.py    # a short first try: small images, small network, fewer epochs
 
-`DATA_DIR` and `OUTPUT_DIR` in the environment move the data and output folders (the tests use them).
+`DATA_DIR` and `OUTPUT_DIR` in the environment move the data and output folders (the tests use them). On several
+GPUs: `torchrun --nproc_per_node=4 lung_xray_unet.py` (README: several GPUs and machines).
 """
 
 # %% Imports
@@ -37,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
+import distributed
 from checkpoints import best_so_far, config_dict, resume, save_checkpoint, save_history, save_last, stop_message
 from data_cleaning import (
     PREPARED_CASES,
@@ -53,7 +55,7 @@ from sample_data import find_dataset
 QUICK = os.environ.get("QUICK", "0") == "1"  # the collection's quick-run switch (README): read here, once
 # The repository root, whether run as a file from anywhere or in a notebook kernel (no __file__, cwd = repo root).
 ROOT = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # picked once; no "cuda:0" anywhere
+DEVICE = distributed.device()  # picked once: the GPU if any (under torchrun, this process's own), else the CPU
 
 
 @dataclass
@@ -145,6 +147,8 @@ def read_prepared(path: Path, size: int, is_mask: bool = False) -> torch.Tensor:
 
 def load_cases(cases: list[dict], size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Images and masks of `cases` at `size`, decoded once and kept in memory: (N, 1, size, size) each."""
+    if not cases:  # under torchrun, a process's share of few validation films may be empty
+        return torch.zeros(0, 1, size, size), torch.zeros(0, 1, size, size)
     images = torch.stack([read_prepared(case["image"], size) for case in cases])
     segs = torch.stack([read_prepared(case["seg"], size, is_mask=True) for case in cases])
     return images, segs
@@ -291,10 +295,15 @@ class Trainer:
     every epoch rewrites `last_checkpoint.pt`, everything needed to go on (`resume=True`). Both are replaced
     atomically, so a kill at any moment leaves the previous ones whole. Ctrl-C or a loss that is not finite stops
     training with one line that says where, and sets `stopped`; the checkpoints on disk are kept.
+
+    Under torchrun, `model` (saved, validated) is trained through `train_model`, its DistributedDataParallel
+    wrapper, each process on its own shard of the films; `val_loader` holds this process's share of the validation
+    films, and the scores of all are gathered. Only process 0 writes. In one process `train_model` is `model`.
     """
 
     def __init__(self, cfg: Config, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader):
         self.cfg, self.model, self.train_loader, self.val_loader = cfg, model, train_loader, val_loader
+        self.train_model = distributed.wrap(model)  # DDP under torchrun (gradients averaged); `model` is what is saved
         self.output_dir = Path(cfg.output_dir)
         self.loss_fn = LungLoss(cfg.loss)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -307,28 +316,33 @@ class Trainer:
 
     def train_one_epoch(self, epoch: int) -> float:
         """One pass over the training films, augmented; the mean loss per film."""
-        self.model.train()
+        self.train_model.train()
         total, count = 0.0, 0
         for step, (img, seg) in enumerate(tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False, disable=None)):
             img, seg = augment(img.to(DEVICE), seg.to(DEVICE), self.cfg)
             with torch.autocast(DEVICE.type, dtype=torch.float16, enabled=self.use_amp):
-                loss = self.loss_fn(self.model(img), seg)
-            if not torch.isfinite(loss):
+                loss = self.loss_fn(self.train_model(img), seg)
+            # Under torchrun, the mean over the processes: all stop at the same step (one stopping alone would leave
+            # the others waiting for it), and the history's loss is that of every film trained on. In one process,
+            # the loss itself.
+            mean_loss = distributed.average(loss.detach())
+            if not torch.isfinite(mean_loss):
                 raise FloatingPointError(
-                    f"Loss is {loss.item()} at epoch {epoch}, batch {step}: stopping (try a lower lr than "
+                    f"Loss is {mean_loss.item()} at epoch {epoch}, batch {step}: stopping (try a lower lr than "
                     f"{self.cfg.lr}, or amp=False)"
                 )
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(loss).backward()  # under torchrun, DDP averages the gradients of all processes here
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            total, count = total + loss.item() * len(img), count + len(img)
+            total, count = total + mean_loss.item() * len(img), count + len(img)
         self.scheduler.step()
         return total / count
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, DiceAccumulator]:
-        """Validation loss per film, and the Dice of the thresholded predictions (at the network's size)."""
+        """Validation loss per film, and the Dice of the thresholded predictions (at the network's size). Under
+        torchrun each process validates its share of the films (`val_loader`), and both results cover all of them."""
         self.model.eval()
         total, count = 0.0, 0
         dice = DiceAccumulator(empty="one")  # every film has lungs: the convention for empty masks never applies
@@ -338,7 +352,8 @@ class Trainer:
                 logits = self.model(img)
             total, count = total + self.loss_fn(logits, seg).item() * len(img), count + len(img)
             dice.update(torch.sigmoid(lung_logit(logits).float()) > self.cfg.threshold, seg > 0.5)
-        return total / count, dice
+        total, count = distributed.all_sum(total, count)  # every process's films (unchanged in one process)
+        return total / count, distributed.gather_dice(dice)
 
     def save_best(self, epoch: int, val_dice: float) -> None:
         checkpoint = {
@@ -359,7 +374,7 @@ class Trainer:
         if self.cfg.resume:
             first_epoch, self.history = resume(self.output_dir, DEVICE, **parts)
             self.best_dice, self.best_epoch = best_so_far(self.output_dir / "best_model.pt")
-        writer = tensorboard_writer(self.cfg.tensorboard, self.output_dir / "tensorboard")
+        writer = tensorboard_writer(self.cfg.tensorboard and distributed.is_main(), self.output_dir / "tensorboard")
         try:
             self.train_epochs(first_epoch, writer, parts)
         # Ctrl-C (or Interrupt in a notebook) drops the epoch under way; a loss that is not finite stops training.
@@ -376,12 +391,13 @@ class Trainer:
         for epoch in range(first_epoch, self.cfg.max_epochs + 1):
             start = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
+            distributed.set_epoch(self.train_loader, epoch)  # under torchrun: new shards for this epoch
             train_loss = self.train_one_epoch(epoch)
             val_loss, dice = self.evaluate()
             val_dice = dice.global_dice()
-            if val_dice > self.best_dice:
+            is_best = val_dice > self.best_dice  # the same in every process: the scores cover all films
+            if is_best:
                 self.best_dice, self.best_epoch = val_dice, epoch
-                self.save_best(epoch, val_dice)
             self.history.append(
                 {
                     "epoch": epoch,
@@ -393,10 +409,13 @@ class Trainer:
                     "seconds": time.perf_counter() - start,
                 }
             )
-            save_history(self.history, self.output_dir / "history.csv")
-            plot_dice_history([row["val_dice"] for row in self.history], self.output_dir / "dice_per_epoch.png")
-            log_epoch(writer, self.history[-1], epoch)
-            save_last(self.output_dir, epoch, self.history, self.cfg, **parts)
+            if distributed.is_main():  # one process writes; the others hold the same weights and history
+                if is_best:
+                    self.save_best(epoch, val_dice)
+                save_history(self.history, self.output_dir / "history.csv")
+                plot_dice_history([row["val_dice"] for row in self.history], self.output_dir / "dice_per_epoch.png")
+                log_epoch(writer, self.history[-1], epoch)
+                save_last(self.output_dir, epoch, self.history, self.cfg, **parts)
             print(
                 f"epoch {epoch:3d}/{self.cfg.max_epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
                 f"val Dice {val_dice:.4f}  (best {self.best_dice:.4f} at epoch {self.best_epoch})  "
@@ -480,30 +499,40 @@ def seed_everything(seed: int) -> None:
 def main(cfg: Config) -> list[dict]:
     """Prepare the films if needed, train, pick the best epoch by validation Dice, segment the test films."""
     start = time.perf_counter()
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # the same initial weights in every process
+    # Under `torchrun --nproc_per_node=N`: join the other processes, take this process's GPU, print only in process
+    # 0 (README, "Several GPUs"). With `python` or in a notebook: one process on DEVICE.
+    distributed.setup()
     torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest convolutions
-    prepared = prepare_data(cfg)
+    with distributed.main_first():  # process 0 writes the sample and the prepared films if missing, then the others
+        prepared = prepare_data(cfg)
     train_cases, val_cases, test_cases = split_cases(prepared, cfg)
     print(
         f"{len(train_cases)} train, {len(val_cases)} validation, {len(test_cases)} test films at {cfg.image_size} px "
         f"on {DEVICE.type}{' (QUICK run)' if cfg.quick else ''}"
     )
     loader = {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers, "pin_memory": DEVICE.type == "cuda"}
+    train_ds = TensorDataset(*load_cases(train_cases, cfg.image_size))
+    # Under torchrun each process trains on its own shard of the films, reshuffled every epoch (Trainer: set_epoch),
+    # with batch_size films per process and step; in one process there is no sampler and the loader shuffles.
+    sampler = distributed.train_sampler(train_ds, cfg.seed)
     train_loader = DataLoader(
-        TensorDataset(*load_cases(train_cases, cfg.image_size)),
-        shuffle=True,
-        generator=torch.Generator().manual_seed(cfg.seed),
-        **loader,
+        train_ds, shuffle=sampler is None, sampler=sampler, generator=torch.Generator().manual_seed(cfg.seed), **loader
     )
-    val_loader = DataLoader(TensorDataset(*load_cases(val_cases, cfg.image_size)), **loader)
+    val_shard = distributed.shard(val_cases)  # this process's share of the validation films (all in one process)
+    val_loader = DataLoader(TensorDataset(*load_cases(val_shard, cfg.image_size)), **loader)
 
     model = build_model(cfg).to(DEVICE)
     print(
         f"U-Net: depth {cfg.depth}, {cfg.start_filters} start filters, {cfg.up_mode} up-sampling, {cfg.norm} norm, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters; loss {cfg.loss}"
     )
+    if distributed.world_size() > 1:  # augment() draws from torch's generator: each process its own way
+        torch.manual_seed(cfg.seed + distributed.rank())
     trainer = Trainer(cfg, model, train_loader, val_loader)
     history = trainer.fit()
+    if not distributed.is_main():
+        return history  # process 0 alone segments the test films and writes; the others are done
     if trainer.stopped or not trainer.best_epoch:  # said why; the checkpoints on disk are kept
         return history
 
@@ -539,3 +568,5 @@ if __name__ == "__main__":
         history = main(cfg)
     except DatasetError as err:  # a data folder unlike the README's: one line saying what was expected where
         raise SystemExit(f"Data problem: {err}") from None
+    finally:
+        distributed.shutdown()  # under torchrun: leave the process group (nothing to do in one process)

@@ -1,13 +1,14 @@
-"""distributed.py, and two scripts under `torchrun --nproc_per_node=2` on the CPU (gloo), as on several GPUs.
+"""distributed.py, and four scripts under `torchrun --nproc_per_node=2` on the CPU (gloo), as on several GPUs.
 
 In one process every helper must leave a script exactly as it was (no process group, nothing silenced); in a
 one-process gloo group the DDP wrapper and the collectives work as they will with more; under torchrun with two
-processes the helpers shard, sum and gather across them. Then nerve_ultrasound_segmentation.py (2D) and
-pleural_effusion_3d.py (3D) run as `python -m torch.distributed.run --standalone --nproc_per_node=2 script.py` in a
-copy of the repository, with QUICK=1 and the configuration edited inline as a user would: every output is
-written once, whole; both processes end with the same history (they agreed on every metric and on the best
-epoch); the checkpoint loads in one process; resuming works; and the result is close to a one-process run with
-the same seed and the same total batch (how close, and why not identical: see `assert_close_to_one_process`).
+processes the helpers shard, sum and gather across them. Then nerve_ultrasound_segmentation.py, lung_xray_unet.py
+(2D), pleural_effusion_3d.py and covid_ct_segmentation.py (3D) run as
+`python -m torch.distributed.run --standalone --nproc_per_node=2 script.py` in a copy of the repository, with
+QUICK=1 and the configuration edited inline as a user would: every output is written once, whole; both processes
+end with the same history (they agreed on every metric and on the best epoch); the checkpoint loads in one
+process. For nerve and pleural also: resuming works (nerve), and the result is close to a one-process run with the
+same seed and the same total batch (how close, and why not identical: see the comments in their tests).
 """
 
 import importlib.util
@@ -83,6 +84,7 @@ def test_one_process_joins_nothing_silences_nothing_and_every_helper_is_the_iden
 
     cases = [{"case": i} for i in range(5)]
     assert distributed.shard(cases) == cases
+    assert distributed.train_shard(cases) is cases
     assert distributed.all_sum(1.5, 2) == (1.5, 2)
     loss = torch.tensor(0.25)
     assert distributed.average(loss) is loss
@@ -150,6 +152,7 @@ def test_in_a_process_group_the_model_is_wrapped_and_saved_unwrapped(one_process
     assert model[0].weight.grad is not None
 
     assert distributed.all_sum(1.5, 2.0) == (1.5, 2.0)
+    assert distributed.train_shard([1, 2, 3]) == [1, 2, 3]
     assert distributed.average(torch.tensor([2.0, 4.0])).tolist() == [2.0, 4.0]
     assert distributed.gather({"case": "LUNG1-001"}) == [{"case": "LUNG1-001"}]
     acc = DiceAccumulator()
@@ -188,6 +191,7 @@ for case in share:  # case k: prediction k voxels of 4, truth 2 voxels
 result = {
     "world_size": distributed.world_size(),
     "share": share,
+    "train_share": distributed.train_shard(list(range(5))),
     "sampled": list(sampler),
     "sum": distributed.all_sum(float(len(share)), rank + 1.0),
     "average": distributed.average(torch.tensor(float(rank))).item(),
@@ -219,6 +223,8 @@ def test_two_processes_shard_sum_and_gather_and_only_the_first_prints(repo_copy,
     first, second = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
     assert first["world_size"] == second["world_size"] == 2
     assert first["share"] == [0, 2, 4, 6] and second["share"] == [1, 3, 5]
+    # Fixed training shares for a cache: equal lengths (the same steps), case 0 repeated to make 6 of 5.
+    assert first["train_share"] == [0, 2, 4] and second["train_share"] == [1, 3, 0]
     assert sorted(first["sampled"] + second["sampled"]) == list(range(10))  # disjoint shards of the training set
     for key, expected in (("sum", [7.0, 3.0]), ("average", 0.5), ("gathered", [[0], [1, 1]])):
         assert first[key] == second[key] == expected, key
@@ -267,24 +273,26 @@ def assert_same_rows(history: list[dict], other: list[dict]) -> None:
     )
 
 
-def assert_written_once(stdout: str, output: Path, names: set[str], picture: Path) -> None:
+def assert_written_once(stdout: str, output: Path, names: set[str], picture: Path, *more_pictures: Path) -> None:
     """Each output once, whole, and printed once: by process 0 alone."""
     for line in ("using the SYNTHETIC sample", "\nepoch   1/", "\nSummary ("):
         assert stdout.count(line) == 1, line  # process 1 is silent
     assert {path.name for path in output.iterdir()} == names
     assert not list(output.rglob("*.partial"))  # no file left half-written by two processes
     assert len(list((output / "tensorboard").glob("events.out.tfevents.*"))) == 1  # one writer, not one per process
-    assert list(picture.parent.iterdir()) == [picture]
+    assert sorted(picture.parent.iterdir()) == sorted([picture, *more_pictures])
 
 
-def assert_both_processes_agree(first: list[dict], second: list[dict], history_csv: Path) -> None:
+def assert_both_processes_agree(
+    first: list[dict], second: list[dict], history_csv: Path, keys=("train_loss", "val_loss", "val_dice")
+) -> None:
     """Both processes ended with the same history: the same training loss (averaged over both), the same
     validation metrics (each process validated half the cases, the scores were gathered), the same best epoch;
     and history.csv, written by process 0, is that history, one row per epoch."""
     assert_same_rows(first, second)
     table = pd.read_csv(history_csv)
     assert table["epoch"].tolist() == [row["epoch"] for row in first] == list(range(1, len(first) + 1))
-    for key in ("train_loss", "val_loss", "val_dice"):
+    for key in keys:
         np.testing.assert_allclose(table[key], [row[key] for row in first], rtol=1e-12)
 
 
@@ -302,6 +310,8 @@ def pleural():
 
 NERVE, PLEURAL = "nerve_ultrasound_segmentation", "pleural_effusion_3d"
 NERVE_DATA, PLEURAL_DATA = "ultrasound-nerve-segmentation", "pleural_effusion"
+LUNG, COVID = "lung_xray_unet", "covid_ct_segmentation"
+LUNG_DATA, COVID_DATA = "MontgomerySet", "COVID-19-20_v2"
 
 
 def test_nerve_under_torchrun_writes_once_agrees_resumes_and_is_close_to_one_process(
@@ -377,3 +387,59 @@ def test_pleural_under_torchrun_writes_once_agrees_and_is_close_to_one_process(
     np.testing.assert_allclose([first[i]["val_loss"] for i in validated], [one[i]["val_loss"] for i in validated],
                                rtol=0.1)  # fmt: skip
     assert [row["lr"] for row in first] == [row["lr"] for row in one]  # the same poly schedule
+
+
+@pytest.fixture(scope="module")
+def lung():
+    yield load_script(LUNG)
+    sys.modules.pop(LUNG, None)
+
+
+@pytest.fixture(scope="module")
+def covid():
+    yield load_script(COVID)
+    sys.modules.pop(COVID, None)
+
+
+def test_lung_under_torchrun_writes_once_and_both_processes_agree(lung, repo_copy, sample_root, tmp_path):
+    repo = repo_copy(f"{LUNG}.py", {f"sample/{LUNG_DATA}": sample_root / LUNG_DATA})
+    # 6 training films (3 per process), 1 validation film: process 1's share is empty.
+    small = {"max_cases": 7, "max_epochs": 3, "depth": 2}
+    stdout, first, second = run_script(
+        repo, f"{LUNG}.py", config_edit(small | {"batch_size": 1, "tensorboard": True}), tmp_path / "probe", tmp_path
+    )
+    output = repo / "output" / LUNG
+    names = {"best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "tensorboard"}
+    names |= {"predicted_masks", "test_dice.csv", "test_predictions.png"}
+    images = repo / "Images"
+    assert_written_once(
+        stdout, output, names, images / f"{LUNG}_test_predictions.png", images / f"{LUNG}_dice_per_epoch.png"
+    )
+    assert_both_processes_agree(first, second, output / "history.csv")
+    assert "6 train, 1 validation, 3 test films" in stdout and len(pd.read_csv(output / "test_dice.csv")) == 3
+    assert len(list((output / "predicted_masks").iterdir())) == 3
+    checkpoint = torch.load(output / "best_model.pt", weights_only=True)
+    lung.build_model(replace(lung.cfg, **small)).load_state_dict(checkpoint["model"])  # saved unwrapped
+    assert checkpoint["epoch"] == max(first, key=lambda row: row["val_dice"])["epoch"]
+
+
+def test_covid_under_torchrun_caches_its_share_writes_once_and_both_processes_agree(
+    covid, repo_copy, sample_root, tmp_path
+):
+    repo = repo_copy(f"{COVID}.py", {f"sample/{COVID_DATA}": sample_root / COVID_DATA})
+    # 5 training cases: shares of 3 (one case repeated); 1 validation case: process 1's share is empty.
+    small = dict(max_cases=6, pixdim=(6.0, 6.0, 6.0), roi_size=(48, 48, 16), features=(4, 4, 8, 8, 16, 4))
+    small |= dict(num_samples=2, max_epochs=2, val_interval=1, tta_flips=False, max_infer_cases=1, examples=1)
+    stdout, first, second = run_script(
+        repo, f"{COVID}.py", config_edit(small | {"batch_size": 1, "tensorboard": True}), tmp_path / "probe", tmp_path
+    )
+    output = repo / "output" / COVID
+    names = {"best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "tensorboard"}
+    names |= {"val_dice_per_case.csv", "val_predictions.png", "submission"}
+    assert_written_once(stdout, output, names, repo / "Images" / f"{COVID}_predictions.png")
+    assert_both_processes_agree(first, second, output / "history.csv", keys=("train_loss", "val_dice"))
+    assert "5 train, 1 validation" in stdout and "3 steps per epoch" in stdout  # each process its 3 cases
+    assert len(pd.read_csv(output / "val_dice_per_case.csv")) == 1  # process 0 validated the best epoch on all
+    assert [path.name for path in (output / "submission").iterdir()] == ["041.nii.gz"]
+    checkpoint = torch.load(output / "best_model.pt", weights_only=True)
+    covid.build_model(replace(covid.cfg, **small)).load_state_dict(checkpoint["model"])  # saved unwrapped
