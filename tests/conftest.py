@@ -21,9 +21,6 @@ def sample_root(tmp_path_factory):
     return root
 
 
-SHARED_MODULES = ("dice.py", "sample_data.py", "data_cleaning.py", "checkpoints.py", "distributed.py")
-
-
 @pytest.fixture
 def repo_copy(tmp_path):
     """make(script, datasets={}) -> a fresh copy of the repository in tmp_path/"repo": the script and the shared
@@ -34,8 +31,9 @@ def repo_copy(tmp_path):
     def make(script: str, datasets: dict | None = None) -> Path:
         repo = tmp_path / "repo"
         repo.mkdir(exist_ok=True)
-        for name in (script, *SHARED_MODULES):
-            shutil.copy(REPO_ROOT / name, repo / name)
+        assert (REPO_ROOT / script).is_file(), script
+        for path in REPO_ROOT.glob("*.py"):  # the scripts and every shared module, whatever a script imports
+            shutil.copy(path, repo / path.name)
         for folder, source in (datasets or {}).items():
             shutil.copytree(source, repo / "data" / folder)
         return repo

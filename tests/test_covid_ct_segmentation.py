@@ -380,20 +380,11 @@ def test_same_seed_same_split_and_same_first_epoch_on_the_cpu(covid, sample_root
     assert first_a["val_dice"] == first_b["val_dice"] and other["train_loss"] != first_a["train_loss"]
 
 
-def copy_repository(sample_root: Path, folder: Path) -> Path:
-    """The script and its shared modules in a fresh folder, with the COVID sample where the script writes it."""
-    folder.mkdir()
-    for name in ("covid_ct_segmentation.py", "dice.py", "sample_data.py", "data_cleaning.py", "checkpoints.py"):
-        shutil.copy(REPO_ROOT / name, folder / name)
-    shutil.copytree(sample_root / COVID, folder / "data" / "sample" / COVID)
-    return folder
-
-
 @pytest.mark.slow
-def test_quick_run_from_another_directory_reaches_the_dice_bar(sample_root, tmp_path, monkeypatch):
+def test_quick_run_from_another_directory_reaches_the_dice_bar(sample_root, tmp_path, monkeypatch, repo_copy):
     """`QUICK=1 python path/to/covid_ct_segmentation.py` as it is (about a minute on one CPU thread), started from
     another directory: paths resolve against the script's folder, and validation Dice reaches 0.5."""
-    repo = copy_repository(sample_root, tmp_path / "repo")
+    repo = repo_copy("covid_ct_segmentation.py", {f"sample/{COVID}": sample_root / COVID})
     monkeypatch.setenv("QUICK", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     result = subprocess.run(

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = ("dice.py", "sample_data.py", "data_cleaning.py", "checkpoints.py", "distributed.py")
 
 # Per script: the dataset folder it reads, the inline edit that makes the quick run a few seconds long (as a user
 # types it in a cell below the configuration cell), and the files it must write to output/<script>/.
@@ -72,15 +71,11 @@ def test_readme_notebook_command_names_every_pipeline_and_writes_notebooks(tmp_p
 
 
 @pytest.mark.parametrize("script", PIPELINES)
-def test_script_runs_as_a_notebook(script, sample_root, tmp_path, monkeypatch):
+def test_script_runs_as_a_notebook(script, sample_root, tmp_path, monkeypatch, repo_copy):
     jupytext = pytest.importorskip("jupytext")
     nbclient = pytest.importorskip("nbclient")
     dataset, edit, outputs = PIPELINES[script]
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in (f"{script}.py", *SHARED):
-        shutil.copy(REPO_ROOT / name, repo / name)
-    shutil.copytree(sample_root / dataset, repo / "data" / "sample" / dataset)
+    repo = repo_copy(f"{script}.py", {f"sample/{dataset}": sample_root / dataset})
 
     notebook = jupytext.read(repo / f"{script}.py")
     source = "\n".join(cell.source for cell in notebook.cells)

@@ -473,21 +473,11 @@ def test_same_seed_same_split_and_same_first_epoch_on_the_cpu(pe, sample_root, t
     assert other["train_loss"] != first_a["train_loss"]  # the seed does reach the weights, crops and shuffling
 
 
-def copy_repository(pleural_root: Path, folder: Path) -> Path:
-    """The script and its shared modules in a fresh folder, with the sample where the script writes it."""
-    folder.mkdir()
-    shared = ("dice.py", "sample_data.py", "data_cleaning.py", "checkpoints.py", "distributed.py")
-    for name in ("pleural_effusion_3d.py", *shared):
-        shutil.copy(REPO_ROOT / name, folder / name)
-    shutil.copytree(pleural_root, folder / "data" / "sample" / PLEURAL)
-    return folder
-
-
 @pytest.mark.slow
-def test_quick_run_from_another_directory_reaches_dice_one_half(pleural_root, tmp_path, monkeypatch):
+def test_quick_run_from_another_directory_reaches_dice_one_half(pleural_root, tmp_path, monkeypatch, repo_copy):
     """`QUICK=1 python path/to/pleural_effusion_3d.py` as it is, from another folder (about 40 s on one CPU
     thread): paths resolve against the script's folder, and validation Dice reaches the issue's bar of 0.5."""
-    repo = copy_repository(pleural_root, tmp_path / "repo")
+    repo = repo_copy("pleural_effusion_3d.py", {f"sample/{PLEURAL}": pleural_root})
     monkeypatch.setenv("QUICK", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     start = time.time()

@@ -383,15 +383,6 @@ def test_main_trains_and_writes_every_output(det, sample_root, tmp_path, capsys)
 TINY = "max_epochs=1, max_steps_per_epoch=2, patients_per_class=3, image_size=64, examples=2"
 
 
-def copy_repository(sample_root: Path, folder: Path) -> Path:
-    """The script and its shared modules in a fresh folder, with the RSNA sample where the script writes it."""
-    folder.mkdir()
-    for name in ("pneumonia_detection.py", "dice.py", "sample_data.py", "data_cleaning.py", "checkpoints.py"):
-        shutil.copy(REPO_ROOT / name, folder / name)
-    shutil.copytree(sample_root / RSNA, folder / "data" / "sample" / RSNA)
-    return folder
-
-
 def run_script(repo: Path, cwd: Path) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [sys.executable, str(repo / "pneumonia_detection.py")], cwd=cwd, capture_output=True, text=True
@@ -400,9 +391,9 @@ def run_script(repo: Path, cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
-def test_runs_as_a_script_from_another_directory(sample_root, tmp_path, monkeypatch):
+def test_runs_as_a_script_from_another_directory(sample_root, tmp_path, monkeypatch, repo_copy):
     """`QUICK=1 python path/to/pneumonia_detection.py`: paths resolve against the script's folder, not the cwd."""
-    repo = copy_repository(sample_root, tmp_path / "repo")
+    repo = repo_copy("pneumonia_detection.py", {f"sample/{RSNA}": sample_root / RSNA})
     script = repo / "pneumonia_detection.py"
     assert script.read_text().count("\ncfg = Config()\n") == 1
     script.write_text(script.read_text().replace("\ncfg = Config()\n", f"\ncfg = Config({TINY})\n"))
@@ -424,10 +415,10 @@ def test_runs_as_a_script_from_another_directory(sample_root, tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_quick_run_learns_to_find_the_opacities(sample_root, tmp_path, monkeypatch):
+def test_quick_run_learns_to_find_the_opacities(sample_root, tmp_path, monkeypatch, repo_copy):
     """`QUICK=1 python pneumonia_detection.py` as it is (about 3 min on 2 CPU cores): the validation RSNA metric
     beats predicting nothing (0)."""
-    repo = copy_repository(sample_root, tmp_path / "repo")
+    repo = repo_copy("pneumonia_detection.py", {f"sample/{RSNA}": sample_root / RSNA})
     monkeypatch.setenv("QUICK", "1")
     run_script(repo, cwd=repo)
     history = pd.read_csv(repo / "output" / "pneumonia_detection" / "history.csv")
