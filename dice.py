@@ -90,6 +90,21 @@ class DiceAccumulator:
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         self._terms.append(torch.stack(_dice_terms(pred, target)).cpu())
 
+    @classmethod
+    def merge(cls, parts: list[DiceAccumulator]) -> DiceAccumulator:
+        """One accumulator holding the images of all `parts`, in order: e.g. the shares of the validation set that
+        several processes scored (distributed.gather_dice). Its mean() and global_dice() are those of the whole
+        set, since each image keeps its own 3 numbers (|P n T|, |P| + |T|, |T|), not a running average."""
+        if not parts:
+            raise ValueError("nothing to merge")
+        conventions = {part.empty for part in parts}
+        if len(conventions) > 1:
+            raise ValueError(f"cannot merge accumulators of different empty conventions: {sorted(conventions)}")
+        merged = cls(empty=parts[0].empty)
+        for part in parts:
+            merged._terms.extend(part._terms)
+        return merged
+
     def per_image(self) -> torch.Tensor:
         """Dice of every image seen so far, in order (NaN for skipped ones)."""
         if not self._terms:

@@ -195,17 +195,34 @@ def gather(obj) -> list:
     return parts
 
 
-def merge_dice(parts: list):
-    """One dice.DiceAccumulator holding the images of all `parts` (accumulators of one convention), in order."""
-    merged = type(parts[0])(empty=parts[0].empty)
-    for part in parts:
-        # dice.py keeps 3 numbers per image (|P n T|, |P| + |T|, |T|): enough for per-image and global Dice.
-        merged._terms.extend(part._terms)
-    return merged
+def gather_shards(share: list, total: int) -> list:
+    """The whole list of which each process holds its `shard()` (e.g. the predictions for its share of the
+    validation cases), in the list's own order, on every process: the inverse of `shard`. `total` is the length of
+    the whole list. `share` itself in one process."""
+    if not is_distributed():
+        return list(share)
+    parts = gather(share)
+    whole = [None] * total
+    for part_rank, part in enumerate(parts):
+        whole[part_rank :: world_size()] = part
+    return whole
+
+
+def average_buffers(model: torch.nn.Module) -> None:
+    """Average the model's floating-point buffers over the processes, in place (nothing in one process): e.g.
+    batch-norm statistics that each process recomputed on its own shard of the training data, so that every process
+    evaluates with the same ones."""
+    if not is_distributed():
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            value = buffer.detach().to(_collective_device(), torch.float64)
+            dist.all_reduce(value)
+            buffer.copy_(value / world_size())
 
 
 def gather_dice(acc):
     """A dice.DiceAccumulator with the images every process scored (each its own share of the validation cases),
     the same on every process: its mean() and global_dice() are those of the whole validation set. `acc` itself
     in one process."""
-    return merge_dice(gather(acc)) if is_distributed() else acc
+    return type(acc).merge(gather(acc)) if is_distributed() else acc

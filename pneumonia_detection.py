@@ -16,7 +16,8 @@ Outputs: `output/pneumonia_detection/`: `Pneumonia_detection.pt` (best epoch), `
 for the README.
 
 Run: `python pneumonia_detection.py` (`QUICK=1` for a short first try), or cell by cell in VS Code or Jupyter;
-edit the configuration inline, e.g. `cfg = Config(max_epochs=10)`.
+edit the configuration inline, e.g. `cfg = Config(max_epochs=10)`; after Ctrl-C, `Config(resume=True)` goes on.
+On several GPUs: `torchrun --nproc_per_node=4 pneumonia_detection.py` (README: several GPUs and machines).
 """
 
 # %% Imports
@@ -54,6 +55,7 @@ from torchvision.ops import box_iou
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+import distributed
 from checkpoints import (
     best_so_far,
     config_dict,
@@ -72,7 +74,7 @@ from sample_data import find_dataset
 # The repository root, whether run as a file (from any directory) or in a notebook kernel (no __file__).
 ROOT = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 QUICK = os.environ.get("QUICK", "0") == "1"  # the collection's quick-run switch (README): fewer epochs, cases, pixels
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # picked once; no "cuda:0" anywhere
+DEVICE = distributed.device()  # picked once: the GPU if any (under torchrun, this process's own), else the CPU
 
 
 @dataclass
@@ -526,6 +528,8 @@ def recompute_batch_norm(model, loader, device, cfg: Config) -> None:
     Eval mode normalises with running averages that lag behind the weights while they change fast: from scratch,
     on the quick run, eval mode found no opacity for several epochs in which the same weights with batch statistics
     already outlined them (mean best IoU 0.5). With COCO weights the v1 model's batch norm is frozen: nothing to do.
+    Under torchrun each process averages over the batches of its own shard, then the processes average their
+    statistics (equal numbers of equal batches: the average over all of them), so that all evaluate alike.
     """
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     if not norms or cfg.precise_bn_batches <= 0:
@@ -542,12 +546,15 @@ def recompute_batch_norm(model, loader, device, cfg: Config) -> None:
             model([img.to(device) for img in images], [{k: v.to(device) for k, v in t.items()} for t in targets])
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
+    distributed.average_buffers(model)  # nothing in one process
 
 
 def train_one_epoch(model, loader, optimizer, scaler, device, cfg: Config, epoch: int) -> dict[str, float]:
     """One pass over the training radiographs; returns the mean loss and the mean of each of its four terms.
 
-    Stops with a clear error naming the epoch and batch if the loss is not finite.
+    Stops with a clear error naming the epoch and batch if the loss is not finite. Under torchrun `model` is the
+    DDP wrapper and `loader` deals this process its shard; the losses are averaged over the processes at every step,
+    so that every process records the same numbers and all stop together at a loss that is not finite.
     """
     model.train()
     use_amp = cfg.amp and device.type == "cuda"
@@ -561,21 +568,25 @@ def train_one_epoch(model, loader, optimizer, scaler, device, cfg: Config, epoch
         with torch.autocast(device.type, enabled=use_amp):
             losses = model(images, targets)
             loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            terms = ", ".join(f"{key} {value.item():.4g}" for key, value in losses.items())
+        # The loss and its four terms, averaged over the processes, read in one transfer to the CPU.
+        values = torch.stack([loss.detach().float(), *(value.detach().float() for value in losses.values())])
+        values = distributed.average(values)
+        loss_value, *term_values = values.tolist()
+        if not math.isfinite(loss_value):
+            terms = ", ".join(f"{key} {value:.4g}" for key, value in zip(losses, term_values))
             raise FloatingPointError(
-                f"Loss is {loss.item()} at epoch {epoch}, batch {step} ({terms}): stopping "
+                f"Loss is {loss_value} at epoch {epoch}, batch {step} ({terms}): stopping "
                 f"(try a lower lr than {cfg.lr}, or amp=False)"
             )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        sums["train_loss"] += loss.item()
-        for key, value in losses.items():
-            sums[key] += value.item()
+        sums["train_loss"] += loss_value
+        for key, value in zip(losses, term_values):
+            sums[key] += value
         steps += 1
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss_value:.3f}")
     return {key: value / max(steps, 1) for key, value in sums.items()}
 
 
@@ -592,7 +603,16 @@ def predict(model, images: list[torch.Tensor], scales: list[np.ndarray], device,
 
 
 def evaluate(model, items: list[dict], device, cfg: Config) -> list[dict]:
-    """Predictions for the validation radiographs (in the DICOM's pixels), in the order of `items`."""
+    """Predictions for the validation radiographs (in the DICOM's pixels), in the order of `items`.
+
+    Under torchrun each process predicts its share of `items` and the shares are gathered, so every process holds
+    all the predictions and computes the same metrics (the same best epoch and score threshold)."""
+    share = distributed.shard(items)  # all of them in one process
+    return distributed.gather_shards(predict_items(model, share, device, cfg), len(items))
+
+
+def predict_items(model, items: list[dict], device, cfg: Config) -> list[dict]:
+    """Predictions for cached radiographs (in the DICOM's pixels), in the order of `items`, by batches."""
     dataset = DetectionDataset(items, build_transforms(cfg, train=False))
     predictions = []
     for start in tqdm(range(0, len(items), cfg.batch_size), desc="validation", leave=False, disable=None):
@@ -643,12 +663,15 @@ def main(cfg: Config) -> list[dict]:
 
     Returns the history: one dict per epoch (also written to history.csv)."""
     start_time = time.time()
-    seed_everything(cfg.seed)
-    device = DEVICE
+    seed_everything(cfg.seed)  # the same sample, split and initial weights in every process
+    # Under `torchrun --nproc_per_node=N`: join the other processes, take this process's GPU, print only in process
+    # 0 (README, "Several GPUs"). With `python` or in a notebook: one process on DEVICE.
+    device = distributed.setup()
     torch.backends.cudnn.benchmark = True  # every image has the same size: let cuDNN pick its fastest kernels
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    root = find_dataset("rsna-pneumonia-detection-challenge", Path(cfg.data_dir))  # says real or synthetic
+    with distributed.main_first():  # process 0 writes the synthetic sample if missing, the others then read it
+        root = find_dataset("rsna-pneumonia-detection-challenge", Path(cfg.data_dir))  # says real or synthetic
     synthetic = root != Path(cfg.data_dir) / "rsna-pneumonia-detection-challenge"
     patients = read_patients(root)
     per_class = Counter(p["class"] for p in patients)
@@ -656,6 +679,8 @@ def main(cfg: Config) -> list[dict]:
 
     skipped = SkippedPatients()
     sampled = sample_patients(patients, cfg.patients_per_class, cfg.seed)
+    # Every process decodes the same sample (uint8 at image_size: 0.26 MB a radiograph at 512 px), so all find the
+    # same usable patients and the same split; each then trains on its own shard of it (train_sampler below).
     items = load_patients(sampled, cfg.image_size, skipped)
     print(skipped.summary(f"{root / TRAIN_IMAGES} ({len(sampled)} sampled patients)"))
     train_items, val_items = split_by_patient(items, cfg.val_fraction, cfg.seed)
@@ -668,14 +693,21 @@ def main(cfg: Config) -> list[dict]:
     print(f"{len(train_items)} train, {len(val_items)} validation radiographs ({n_pos} with opacities) at "
           f"{cfg.image_size} px on {device.type}{' (QUICK run)' if cfg.quick else ''}")  # fmt: skip
 
-    examples = output_dir / "examples.png"
-    draw_boxes(pick_examples(train_items, cfg.examples), examples, title="Training radiographs and their boxes")
+    if distributed.is_main():
+        examples = output_dir / "examples.png"
+        draw_boxes(pick_examples(train_items, cfg.examples), examples, title="Training radiographs and their boxes")
 
+    train_ds = DetectionDataset(train_items, build_transforms(cfg, train=True))
+    # Under torchrun each process trains on its own shard of the radiographs, reshuffled every epoch (set_epoch
+    # below), with batch_size radiographs per process and step; in one process the loader shuffles them all.
+    sampler = distributed.train_sampler(train_ds, cfg.seed)
+    shard_size = len(sampler) if sampler is not None else len(train_ds)
     train_loader = DataLoader(
-        DetectionDataset(train_items, build_transforms(cfg, train=True)),
+        train_ds,
         batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=len(train_items) > cfg.batch_size,  # no tiny last batch, unless there is only one batch
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=shard_size > cfg.batch_size,  # no tiny last batch, unless there is only one batch
         collate_fn=collate,
         generator=torch.Generator().manual_seed(cfg.seed),
         num_workers=cfg.num_workers,
@@ -687,6 +719,9 @@ def main(cfg: Config) -> list[dict]:
 
     model, pretrained = build_model(cfg)
     model.to(device)
+    train_model = distributed.wrap(model)  # DDP under torchrun (gradients averaged); `model` is what is saved
+    if distributed.world_size() > 1:  # the flips draw from torch's generator: each process its own way
+        torch.manual_seed(cfg.seed + distributed.rank())
     params = [p for p in model.parameters() if p.requires_grad]
     print(f"{cfg.model}: {sum(p.numel() for p in params):,} of {sum(p.numel() for p in model.parameters()):,} "
           f"parameters trained ({'COCO weights' if pretrained else 'from scratch'})")  # fmt: skip
@@ -702,12 +737,13 @@ def main(cfg: Config) -> list[dict]:
     if cfg.resume:
         first_epoch, history = resume(output_dir, device, **parts)
     best_metric, best_epoch = best_so_far(checkpoint_path) if cfg.resume else (-math.inf, 0)
-    writer = tensorboard_writer(cfg.tensorboard, output_dir / "tensorboard")
+    writer = tensorboard_writer(cfg.tensorboard and distributed.is_main(), output_dir / "tensorboard")
     try:
         for epoch in range(first_epoch, cfg.max_epochs + 1):
             epoch_start = time.time()
             lr = optimizer.param_groups[0]["lr"]
-            losses = train_one_epoch(model, train_loader, optimizer, scaler, device, cfg, epoch)
+            distributed.set_epoch(train_loader, epoch)  # under torchrun: new shards for this epoch
+            losses = train_one_epoch(train_model, train_loader, optimizer, scaler, device, cfg, epoch)
             scheduler.step()
             recompute_batch_norm(model, train_loader, device, cfg)
             predictions = evaluate(model, val_items, device, cfg)
@@ -727,18 +763,22 @@ def main(cfg: Config) -> list[dict]:
                 }
             )
             row = history[-1]
-            if best_epoch == 0 or val_rsna > best_metric:  # the first epoch always, so that a checkpoint exists
+            # The same in every process: the predictions cover all validation radiographs.
+            is_best = best_epoch == 0 or val_rsna > best_metric  # the first epoch always, so a checkpoint exists
+            if is_best:
                 best_metric, best_epoch = val_rsna, epoch
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-                state |= {"scheduler": scheduler.state_dict(), "epoch": epoch, "metric": val_rsna}
-                state |= {"metric_name": "validation RSNA metric", "score_threshold": threshold}
-                save_checkpoint(state | {"config": config_dict(cfg)}, checkpoint_path)
-            save_history(history, output_dir / "history.csv")
-            log_epoch(writer, row, epoch)
-            plot_dice_history([h["val_rsna"] for h in history], output_dir / "rsna_metric_per_epoch.png",
-                              title="Pneumonia detection: validation RSNA metric per epoch",
-                              label="validation RSNA metric", ylabel="RSNA metric")  # fmt: skip
-            save_last(output_dir, epoch, history, cfg, **parts)
+            if distributed.is_main():  # one process writes; the others hold the same weights and history
+                if is_best:
+                    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+                    state |= {"scheduler": scheduler.state_dict(), "epoch": epoch, "metric": val_rsna}
+                    state |= {"metric_name": "validation RSNA metric", "score_threshold": threshold}
+                    save_checkpoint(state | {"config": config_dict(cfg)}, checkpoint_path)
+                save_history(history, output_dir / "history.csv")
+                log_epoch(writer, row, epoch)
+                plot_dice_history([h["val_rsna"] for h in history], output_dir / "rsna_metric_per_epoch.png",
+                                  title="Pneumonia detection: validation RSNA metric per epoch",
+                                  label="validation RSNA metric", ylabel="RSNA metric")  # fmt: skip
+                save_last(output_dir, epoch, history, cfg, **parts)
             print(f"epoch {epoch:2d}/{cfg.max_epochs}  loss {row['train_loss']:.3f} (rpn {row['loss_objectness']:.3f}"
                   f" + {row['loss_rpn_box_reg']:.3f}, head {row['loss_classifier']:.3f} + {row['loss_box_reg']:.3f})"
                   f"  val RSNA {val_rsna:.4f} at score >= {threshold:.2f}  mAP {val_map:.4f}  mAP@.5 {val_map50:.4f}"
@@ -750,6 +790,8 @@ def main(cfg: Config) -> list[dict]:
     finally:
         if writer is not None:
             writer.close()
+    if not distributed.is_main():
+        return history  # process 0 alone draws, predicts the test radiographs and writes; the others are done
 
     # The best epoch's weights and score threshold, read back from the checkpoint, for the figure and submission.
     checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
@@ -759,7 +801,7 @@ def main(cfg: Config) -> list[dict]:
           f"(predicting nothing scores {nothing:.4f} on the same {len(val_items)} radiographs; mAP "
           f"{history[best_epoch - 1]['val_map']:.4f}, mAP@.5 {history[best_epoch - 1]['val_map50']:.4f})")  # fmt: skip
     shown = pick_examples(val_items, cfg.examples)
-    kept = [{k: v[p["scores"] >= threshold] for k, v in p.items()} for p in evaluate(model, shown, device, cfg)]
+    kept = [{k: v[p["scores"] >= threshold] for k, v in p.items()} for p in predict_items(model, shown, device, cfg)]
     draw_boxes(shown, output_dir / "val_predictions.png", kept, f"Validation: true (green), predicted >= {threshold}")
     pictures = []
     if synthetic:  # the README's pictures
@@ -788,3 +830,5 @@ if __name__ == "__main__":
         history = main(cfg)
     except DatasetError as err:  # a data folder unlike the README's: one line saying what was expected where
         raise SystemExit(f"Data problem: {err}") from None
+    finally:
+        distributed.shutdown()  # under torchrun: leave the process group (nothing to do in one process)

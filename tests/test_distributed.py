@@ -1,17 +1,19 @@
-"""distributed.py, and four scripts under `torchrun --nproc_per_node=2` on the CPU (gloo), as on several GPUs.
+"""distributed.py, and the five scripts under `torchrun --nproc_per_node=2` on the CPU (gloo), as on several GPUs.
 
 In one process every helper must leave a script exactly as it was (no process group, nothing silenced); in a
 one-process gloo group the DDP wrapper and the collectives work as they will with more; under torchrun with two
-processes the helpers shard, sum and gather across them. Then nerve_ultrasound_segmentation.py, lung_xray_unet.py
-(2D), pleural_effusion_3d.py and covid_ct_segmentation.py (3D) run as
+processes the helpers shard, sum and gather across them. Then nerve_ultrasound_segmentation.py, lung_xray_unet.py,
+pneumonia_detection.py (2D), pleural_effusion_3d.py and covid_ct_segmentation.py (3D) run as
 `python -m torch.distributed.run --standalone --nproc_per_node=2 script.py` in a copy of the repository, with
 QUICK=1 and the configuration edited inline as a user would: every output is written once, whole; both processes
 end with the same history (they agreed on every metric and on the best epoch); the checkpoint loads in one
 process. For nerve and pleural also: resuming works (nerve), and the result is close to a one-process run with the
-same seed and the same total batch (how close, and why not identical: see the comments in their tests).
+same seed and the same total batch (how close, and why not identical: see the comments in their tests). For
+pneumonia: the gathered validation predictions score what one process scores with the saved model.
 """
 
 import importlib.util
+import inspect
 import json
 import os
 import subprocess
@@ -91,6 +93,11 @@ def test_one_process_joins_nothing_silences_nothing_and_every_helper_is_the_iden
     assert distributed.gather({"a": [1, 2]}) == [{"a": [1, 2]}]
     acc = DiceAccumulator()
     assert distributed.gather_dice(acc) is acc
+    assert distributed.gather_shards(cases, len(cases)) == cases
+    norm = torch.nn.BatchNorm1d(2)
+    norm.running_mean.fill_(0.5)
+    distributed.average_buffers(norm)
+    assert norm.running_mean.tolist() == [0.5, 0.5]
     model = torch.nn.Linear(3, 1)
     assert distributed.wrap(model) is model and distributed.unwrap(model) is model
     assert distributed.train_sampler(list(range(5)), seed=0) is None
@@ -131,13 +138,15 @@ def test_merged_dice_accumulators_score_the_whole_set_as_one_and_as_monai():
     first.update(pred[0:2], truth[0:2])
     first.update(pred[4:6], truth[4:6])
     second.update(pred[2:4], truth[2:4])
-    merged = distributed.merge_dice([first, second])
+    merged = DiceAccumulator.merge([first, second])
     assert merged.mean() == pytest.approx(whole.mean(), abs=1e-12)
     assert merged.global_dice() == pytest.approx(whole.global_dice(), abs=1e-12)
     monai = DiceMetric(include_background=True, reduction="mean", ignore_empty=False)
     monai(pred.float(), truth.float())
     assert merged.mean() == pytest.approx(monai.aggregate().item(), abs=1e-6)
     assert first.mean() != pytest.approx(whole.mean())  # one share alone is not the set's score
+    with pytest.raises(ValueError, match="different empty conventions"):
+        DiceAccumulator.merge([first, DiceAccumulator(empty="skip")])
 
 
 def test_in_a_process_group_the_model_is_wrapped_and_saved_unwrapped(one_process_group):
@@ -185,6 +194,11 @@ cases = list(range(7))
 share = distributed.shard(cases)
 sampler = distributed.train_sampler(list(range(10)), seed=0)
 sampler.set_epoch(1)
+norm = torch.nn.BatchNorm1d(2)  # statistics each process computed on its own shard: to average
+norm.running_mean.fill_(rank * 2.0)
+norm.running_var.fill_(1.0 + rank)
+norm.num_batches_tracked.fill_(3)
+distributed.average_buffers(norm)
 acc = DiceAccumulator()
 for case in share:  # case k: prediction k voxels of 4, truth 2 voxels
     acc.update(torch.arange(4)[None] < case % 5, torch.arange(4)[None] < 2)
@@ -197,6 +211,8 @@ result = {
     "average": distributed.average(torch.tensor(float(rank))).item(),
     "gathered": distributed.gather([rank] * (rank + 1)),
     "dice": distributed.gather_dice(acc).mean(),
+    "whole": distributed.gather_shards([f"case {case}" for case in share], len(cases)),
+    "buffers": [norm.running_mean.tolist(), norm.running_var.tolist(), norm.num_batches_tracked.item()],
 }
 with open(os.path.join(sys.argv[1], f"{rank}.json"), "w") as file:
     json.dump(result, file)
@@ -232,6 +248,9 @@ def test_two_processes_shard_sum_and_gather_and_only_the_first_prints(repo_copy,
     for case in range(7):
         whole.update(torch.arange(4)[None] < case % 5, torch.arange(4)[None] < 2)
     assert first["dice"] == second["dice"] == pytest.approx(whole.mean(), abs=1e-12)
+    # The predictions of each share put back in the cases' order, on both processes.
+    assert first["whole"] == second["whole"] == [f"case {case}" for case in range(7)]
+    assert first["buffers"] == second["buffers"] == [[1.0, 1.0], [1.5, 1.5], 3]  # integer counters left alone
 
 
 # %% The scripts under torchrun
@@ -273,9 +292,11 @@ def assert_same_rows(history: list[dict], other: list[dict]) -> None:
     )
 
 
-def assert_written_once(stdout: str, output: Path, names: set[str], picture: Path, *more_pictures: Path) -> None:
+def assert_written_once(
+    stdout: str, output: Path, names: set[str], picture: Path, *more_pictures: Path, epoch_line="\nepoch   1/"
+) -> None:
     """Each output once, whole, and printed once: by process 0 alone."""
-    for line in ("using the SYNTHETIC sample", "\nepoch   1/", "\nSummary ("):
+    for line in ("using the SYNTHETIC sample", epoch_line, "\nSummary ("):
         assert stdout.count(line) == 1, line  # process 1 is silent
     assert {path.name for path in output.iterdir()} == names
     assert not list(output.rglob("*.partial"))  # no file left half-written by two processes
@@ -312,6 +333,7 @@ NERVE, PLEURAL = "nerve_ultrasound_segmentation", "pleural_effusion_3d"
 NERVE_DATA, PLEURAL_DATA = "ultrasound-nerve-segmentation", "pleural_effusion"
 LUNG, COVID = "lung_xray_unet", "covid_ct_segmentation"
 LUNG_DATA, COVID_DATA = "MontgomerySet", "COVID-19-20_v2"
+PNEUMONIA, PNEUMONIA_DATA = "pneumonia_detection", "rsna-pneumonia-detection-challenge"
 
 
 def test_nerve_under_torchrun_writes_once_agrees_resumes_and_is_close_to_one_process(
@@ -443,3 +465,104 @@ def test_covid_under_torchrun_caches_its_share_writes_once_and_both_processes_ag
     assert [path.name for path in (output / "submission").iterdir()] == ["041.nii.gz"]
     checkpoint = torch.load(output / "best_model.pt", weights_only=True)
     covid.build_model(replace(covid.cfg, **small)).load_state_dict(checkpoint["model"])  # saved unwrapped
+
+
+@pytest.fixture(scope="module")
+def pneumonia():
+    yield load_script(PNEUMONIA)
+    sys.modules.pop(PNEUMONIA, None)
+
+
+def test_pneumonia_under_torchrun_writes_once_agrees_and_gathers_the_predictions_in_order(
+    pneumonia, repo_copy, sample_root, tmp_path
+):
+    repo = repo_copy(f"{PNEUMONIA}.py", {f"sample/{PNEUMONIA_DATA}": sample_root / PNEUMONIA_DATA})
+    # 5 patients of each of the 3 classes: 12 training radiographs (6 per process, 3 steps of 2), 3 validation
+    # (2 and 1), at 64 px.
+    small = dict(patients_per_class=5, image_size=64, rpn_proposals_train=100, rpn_proposals_test=50)
+    small |= dict(box_batch_size_per_image=32, max_epochs=2, precise_bn_batches=2, examples=2)
+    edit = config_edit(small | {"batch_size": 2, "tensorboard": True})
+    stdout, first, second = run_script(repo, f"{PNEUMONIA}.py", edit, tmp_path / "probe", tmp_path)
+    output = repo / "output" / PNEUMONIA
+    names = {"Pneumonia_detection.pt", "last_checkpoint.pt", "history.csv", "rsna_metric_per_epoch.png"}
+    names |= {"examples.png", "val_predictions.png", "submission.csv", "tensorboard"}
+    images = repo / "Images"
+    assert_written_once(
+        stdout, output, names, images / f"{PNEUMONIA}_examples.png", images / f"{PNEUMONIA}_predictions.png",
+        epoch_line="\nepoch  1/",
+    )  # fmt: skip
+    assert_both_processes_agree(first, second, output / "history.csv", keys=("train_loss", "val_rsna", "val_map"))
+    assert "12 train, 3 validation radiographs" in stdout and "3 steps per epoch" in stdout  # each process its 6
+    assert len(pd.read_csv(output / "submission.csv")) == 6
+
+    checkpoint = torch.load(output / "Pneumonia_detection.pt", weights_only=True)
+    best = max(first, key=lambda row: row["val_rsna"])
+    assert checkpoint["epoch"] == best["epoch"] and checkpoint["score_threshold"] == best["score_threshold"]
+
+    # The saved model (unwrapped: it loads in one process) predicts the validation radiographs with evaluate() under
+    # torchrun, each process its share, then recomputes batch-norm statistics on each process's training shard.
+    # The gathered predictions must be one process's, in the radiographs' order (continuous scores: any other order
+    # shows), and the averaged statistics the same in both processes.
+    (repo / "evaluate_worker.py").write_text(PNEUMONIA_WORKER)
+    (repo / f"{PNEUMONIA}.py").write_text((REPO_ROOT / f"{PNEUMONIA}.py").read_text())  # imported: without the probe
+    # Every box kept (score >= 0): two epochs from scratch score below the script's lowest threshold, 0.01.
+    settings = small | {"batch_size": 2, "score_thresholds": [0.0]}
+    worker = ["evaluate_worker.py", str(output / "Pneumonia_detection.pt"), json.dumps(settings), str(tmp_path)]
+    torchrun(worker, repo, tmp_path)
+    gathered, other = (json.loads((tmp_path / f"evaluated_{rank}.json").read_text()) for rank in (0, 1))
+    cfg = replace(pneumonia.cfg, data_dir=repo / "data", **settings)
+    model, _ = pneumonia.build_model(cfg)
+    model.load_state_dict(checkpoint["model"])
+    _, val_items = pneumonia_split(pneumonia, cfg)
+    alone = pneumonia.evaluate(model, val_items, torch.device("cpu"), cfg)  # one process: all of them
+    assert gathered["predictions"] == other["predictions"]
+    assert len(alone) == len(gathered["predictions"]) == 3 and sum(len(p["scores"]) for p in alone) > 0
+    # Not bitwise: the CPU's convolutions round otherwise for a batch of 1 (process 1's share) than for 2 or 3.
+    for mine, theirs in zip(alone, gathered["predictions"]):
+        np.testing.assert_allclose(mine["scores"], theirs["scores"], rtol=1e-3)
+        np.testing.assert_allclose(mine["boxes"], np.reshape(theirs["boxes"], (-1, 4)), rtol=1e-3, atol=0.5)
+    assert gathered["batch_norm"] == other["batch_norm"] != gathered["batch_norm_before"]
+
+
+def pneumonia_split(pneumonia, cfg) -> tuple[list[dict], list[dict]]:
+    """The training and validation radiographs main() uses, as it finds them."""
+    root = pneumonia.find_dataset(PNEUMONIA_DATA, cfg.data_dir)
+    patients = pneumonia.sample_patients(pneumonia.read_patients(root), cfg.patients_per_class, cfg.seed)
+    items = pneumonia.load_patients(patients, cfg.image_size, pneumonia.SkippedPatients(), progress=False)
+    return pneumonia.split_by_patient(items, cfg.val_fraction, cfg.seed)
+
+
+PNEUMONIA_WORKER = f"""
+import json, sys
+from dataclasses import replace
+from pathlib import Path
+import torch
+from torch.utils.data import DataLoader
+import distributed
+import pneumonia_detection as det
+
+PNEUMONIA_DATA = {PNEUMONIA_DATA!r}
+{inspect.getsource(pneumonia_split)}
+
+device = distributed.setup()
+cfg = replace(det.cfg, data_dir=Path("data"), **json.loads(sys.argv[2]))
+model, _ = det.build_model(cfg)
+model.load_state_dict(torch.load(sys.argv[1], weights_only=True)["model"])
+train_items, val_items = pneumonia_split(det, cfg)
+predictions = det.evaluate(model, val_items, device, cfg)
+
+def batch_norm_sum():
+    return sum(m.running_mean.sum().item() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+before = batch_norm_sum()
+train_ds = det.DetectionDataset(train_items, det.build_transforms(cfg, train=False))
+loader = DataLoader(train_ds, batch_size=2, sampler=distributed.train_sampler(train_ds, 0), collate_fn=det.collate)
+det.recompute_batch_norm(model, loader, device, cfg)
+result = {{
+    "predictions": [{{key: value.tolist() for key, value in p.items()}} for p in predictions],
+    "batch_norm_before": before,
+    "batch_norm": batch_norm_sum(),
+}}
+Path(sys.argv[3], f"evaluated_{{distributed.rank()}}.json").write_text(json.dumps(result))
+distributed.shutdown()
+"""
