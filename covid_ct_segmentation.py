@@ -37,7 +37,6 @@ import sys
 import time
 import warnings
 import zlib
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +76,7 @@ from checkpoints import (
     save_last,
     stop_message,
 )
-from data_cleaning import DatasetError
+from data_cleaning import DatasetError, Skipped, Unusable
 from dice import DiceAccumulator, log_epoch, plot_dice_history, tensorboard_writer
 from sample_data import find_dataset
 
@@ -147,31 +146,6 @@ CASE_NAME = re.compile(r"volume-covid19-A-(\d{4})_(ct|seg)\.nii\.gz")  # the cha
 AFFINE_TOLERANCE_MM = 1e-3  # image and mask affines may differ by float rounding, not by a micrometre
 
 
-class UnusableFile(Exception):
-    """A file that cannot be used; `problem` is its short kind, for the count of skipped files."""
-
-    def __init__(self, problem: str, detail: str):
-        super().__init__(f"{problem} ({detail})")
-        self.problem = problem
-
-
-class SkippedFiles:
-    """Bad input files: each is named on one line when it is found, skipped, and counted for a summary."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-
-    def skip(self, path: Path, err: UnusableFile) -> None:
-        print(f"Skipped {path}: {err}")
-        self.counts[err.problem] += 1
-
-    def summary(self, what: str) -> str:
-        if not self.counts:
-            return f"{what}: no file skipped"
-        kinds = ", ".join(f"{n} {problem}" for problem, n in self.counts.most_common())
-        return f"{what}: skipped {sum(self.counts.values())} ({kinds})"
-
-
 def gzip_is_complete(path: Path, expected_bytes: int) -> bool:
     """Whether the .gz file holds all `expected_bytes` of its NIfTI, decompressing it only when in doubt.
 
@@ -194,20 +168,20 @@ def gzip_is_complete(path: Path, expected_bytes: int) -> bool:
 
 
 def check_volume(path: Path) -> nib.Nifti1Image:
-    """The NIfTI image (header read, voxels not) of a usable 3D volume; raises UnusableFile otherwise."""
+    """The NIfTI image (header read, voxels not) of a usable 3D volume; raises Unusable otherwise."""
     try:
         img = nib.load(path)
     except Exception as err:  # nibabel, gzip and zlib raise several kinds on a damaged or non-NIfTI file
-        raise UnusableFile("unreadable", f"not a readable NIfTI file: {err}") from err
+        raise Unusable("unreadable", f"not a readable NIfTI file: {err}") from err
     if len(img.shape) != 3:
-        raise UnusableFile("not 3D", f"shape {img.shape}: expected a 3D volume")
+        raise Unusable("not 3D", f"shape {img.shape}: expected a 3D volume")
     expected = img.dataobj.offset + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
     if path.name.endswith(".gz") and not gzip_is_complete(path, expected):
-        raise UnusableFile("truncated", "the gzip data ends before the volume does")
+        raise Unusable("truncated", "the gzip data ends before the volume does")
     return img
 
 
-def find_cases(folder: Path, skipped: SkippedFiles, labelled: bool = True) -> list[dict]:
+def find_cases(folder: Path, skipped: Skipped, labelled: bool = True) -> list[dict]:
     """The usable cases of a challenge folder, sorted by case id: {"case", "image"} and, if labelled, "label".
 
     Pairs `volume-covid19-A-XXXX_ct.nii.gz` with `..._seg.nii.gz` by case id and checks the headers only (cheap):
@@ -219,16 +193,16 @@ def find_cases(folder: Path, skipped: SkippedFiles, labelled: bool = True) -> li
         match = CASE_NAME.fullmatch(path.name)
         if match is None or (match[2] == "seg" and not labelled):
             expected = "volume-covid19-A-XXXX_ct.nii.gz" + (" or _seg.nii.gz" if labelled else "")
-            skipped.skip(path, UnusableFile("unexpected name", f"expected {expected}"))
+            skipped.skip(path, "unexpected name", f"expected {expected}")
             continue
         files.setdefault(match[1], {})["image" if match[2] == "ct" else "label"] = path
     cases = []
     for case_id, paths in sorted(files.items()):
         if "image" not in paths:
-            skipped.skip(paths["label"], UnusableFile("mask without CT", f"no volume-covid19-A-{case_id}_ct.nii.gz"))
+            skipped.skip(paths["label"], "mask without CT", f"no volume-covid19-A-{case_id}_ct.nii.gz")
             continue
         if labelled and "label" not in paths:
-            skipped.skip(paths["image"], UnusableFile("CT without mask", f"no volume-covid19-A-{case_id}_seg.nii.gz"))
+            skipped.skip(paths["image"], "CT without mask", f"no volume-covid19-A-{case_id}_seg.nii.gz")
             continue
         try:
             path = paths["image"]
@@ -237,11 +211,11 @@ def find_cases(folder: Path, skipped: SkippedFiles, labelled: bool = True) -> li
                 path = paths["label"]
                 seg = check_volume(path)
                 if seg.shape != ct.shape:
-                    raise UnusableFile("mask shape differs", f"mask {seg.shape}, CT {ct.shape}")
+                    raise Unusable("mask shape differs", f"mask {seg.shape}, CT {ct.shape}")
                 if not np.allclose(seg.affine, ct.affine, rtol=0, atol=AFFINE_TOLERANCE_MM):
                     gap = np.abs(seg.affine - ct.affine).max()
-                    raise UnusableFile("mask affine differs", f"from the CT's by up to {gap:.3g} mm")
-        except UnusableFile as err:
+                    raise Unusable("mask affine differs", f"from the CT's by up to {gap:.3g} mm")
+        except Unusable as err:
             skipped.skip(path, err)
             continue
         cases.append({"case": case_id, **{key: str(p) for key, p in paths.items()}})
@@ -464,7 +438,7 @@ def write_mask(mask: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None
 
 def predict_folder(model, folder: Path, transforms: Compose, device, cfg: Config, out_dir: Path) -> list[Path]:
     """Segment every usable scan of an unlabelled folder and write `out_dir/NNN.nii.gz`; returns the masks written."""
-    skipped = SkippedFiles()
+    skipped = Skipped("file")
     cases = find_cases(folder, skipped, labelled=False)
     if cfg.max_infer_cases is not None and len(cases) > cfg.max_infer_cases:
         cases = cases[: cfg.max_infer_cases]
@@ -542,7 +516,7 @@ def main(cfg: Config) -> list[dict]:
         root = find_dataset("COVID-19-20_v2", Path(cfg.data_dir))  # says real or synthetic
     synthetic = root != Path(cfg.data_dir) / "COVID-19-20_v2"
 
-    skipped = SkippedFiles()
+    skipped = Skipped("file")
     train_dir = root / "Train"
     if not train_dir.is_dir():
         raise DatasetError(f"{train_dir} not found: expected Train/ and Validation/ in {root} (README.md)")

@@ -25,6 +25,75 @@ class DatasetError(FileNotFoundError):
     """
 
 
+# %% Bad inputs: named, skipped and counted
+# A real download always holds a few bad items (a truncated file, a mask without its image, a series with a missing
+# slice). One of them must cost that item, not the run, and never go unnoticed: each is named on one line when it
+# is found, skipped, and counted in a summary line. All five scripts report them in the same words.
+
+
+class Unusable(Exception):
+    """An input that cannot be used: `problem` is the short kind it is counted under ("truncated", "no mask"),
+    `detail` what exactly is wrong with this one (naming the file at fault where the item is not a file).
+
+    Raised by a reader deep down, where the problem is found, and caught by the loop over the inputs, which hands
+    it to `Skipped.skip`: the reader need not know what is done with a bad input, and no library traceback escapes.
+    """
+
+    def __init__(self, problem: str, detail: str = ""):
+        super().__init__(f"{problem}: {detail}" if detail else problem)
+        self.problem, self.detail = problem, detail
+
+
+class Skipped:
+    """Bad inputs of one pass over a dataset: each is named on one line when found, skipped, and counted.
+
+    `noun` says what an input is ("file", "patient", "case"): `Skipped patient <id>: <problem>: <detail>`. A file
+    is named by its path alone (`Skipped <path>: <problem> (<detail>)`): the path already says what it is, and the
+    detail, often a reader's own message with colons of its own, stands apart in parentheses. `counts` holds the
+    number skipped per problem, `rows` every skip in order as {noun: name, "problem", "detail"} for a CSV, where
+    "detail" is the message as printed after the name, so that a row reads on its own like the printed line.
+    `print_limit`: print only the first so many of each problem (None: all); all are still counted and kept in
+    `rows`. Where one reason skips most of a download (pleural_effusion_3d.py: most NSCLC-Radiomics patients have
+    no PleThora mask), hundreds of identical lines would hide the few that need a look.
+    """
+
+    def __init__(self, noun: str, print_limit: int | None = None) -> None:
+        self.noun = noun
+        self.print_limit = print_limit
+        self.counts: Counter[str] = Counter()
+        self.rows: list[dict] = []
+
+    def skip(self, name, err_or_problem: Unusable | str, detail: str = "") -> None:
+        """Count `name` (a path for files, else an id) as skipped for `err_or_problem` and print it (up to the limit).
+
+        Either the Unusable a reader raised, or its problem and detail given directly where the loop itself finds
+        the problem (a mask without its image needs no reader to fail).
+        """
+        if isinstance(err_or_problem, Unusable):
+            problem, detail = err_or_problem.problem, err_or_problem.detail
+        else:
+            problem = err_or_problem
+        if self.noun == "file":
+            label, message = str(name), f"{problem} ({detail})" if detail else problem
+        else:
+            label, message = f"{self.noun} {name}", f"{problem}: {detail}" if detail else problem
+        self.counts[problem] += 1
+        self.rows.append({self.noun: str(name), "problem": problem, "detail": message})
+        if self.print_limit is None or self.counts[problem] <= self.print_limit:
+            print(f"Skipped {label}: {message}")
+        elif self.counts[problem] == self.print_limit + 1:  # said once, so that the silence after it is not a surprise
+            print(f"Skipped {label}: {problem} (further {self.noun}s skipped for this reason are not printed)")
+
+    def summary(self, what: str) -> str:
+        """One line for the end of the pass: `<what>: skipped N <noun>s (<n1> <problem1>, ...)`, most frequent first
+        ("1 <noun>" for one)."""
+        if not self.counts:
+            return f"{what}: no {self.noun} skipped"
+        kinds = ", ".join(f"{n} {problem}" for problem, n in self.counts.most_common())
+        total = self.counts.total()
+        return f"{what}: skipped {total} {self.noun}{'' if total == 1 else 's'} ({kinds})"
+
+
 # %% Ultrasound nerve segmentation (Kaggle): run-length encoding of masks
 
 

@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +52,7 @@ from checkpoints import (
     save_last,
     stop_message,
 )
-from data_cleaning import DatasetError, find_contradictory_pairs, frame_signature, rle_decode, rle_encode
+from data_cleaning import DatasetError, Skipped, find_contradictory_pairs, frame_signature, rle_decode, rle_encode
 from dice import DiceAccumulator, SoftDiceLoss, dice_per_image, log_epoch, plot_dice_history, tensorboard_writer
 from sample_data import find_dataset
 
@@ -103,24 +102,7 @@ TEST_NAME = re.compile(r"(\d+)\.tif")  # test/<img>.tif: no subject id, on purpo
 UNREADABLE_ERRORS = (OSError, SyntaxError, ValueError)  # what Pillow raises on truncated or non-image files
 
 
-class SkippedFiles:
-    """Bad input files: each is named on one line when it is found, skipped, and counted for a summary."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-
-    def skip(self, path: Path, kind: str, detail: str = "") -> None:
-        print(f"Skipped {path}: {kind}{f' ({detail})' if detail else ''}")
-        self.counts[kind] += 1
-
-    def summary(self, what: str) -> str:
-        if not self.counts:
-            return f"{what}: no file skipped"
-        kinds = ", ".join(f"{n} {kind}" for kind, n in self.counts.most_common())
-        return f"{what}: skipped {sum(self.counts.values())} ({kinds})"
-
-
-def read_frame(path: Path, skipped: SkippedFiles) -> np.ndarray | None:
+def read_frame(path: Path, skipped: Skipped) -> np.ndarray | None:
     """The 420x580 uint8 pixels of a Kaggle TIFF, or None (reported and counted) if unreadable or of another size."""
     try:
         with Image.open(path) as img:
@@ -136,7 +118,7 @@ def read_frame(path: Path, skipped: SkippedFiles) -> np.ndarray | None:
     return pixels
 
 
-def find_train_cases(train_dir: Path, skipped: SkippedFiles) -> list[dict]:
+def find_train_cases(train_dir: Path, skipped: Skipped) -> list[dict]:
     """Pair `<subject>_<img>.tif` with `<subject>_<img>_mask.tif` by name; report files without their partner."""
     images, masks = {}, {}
     for path in sorted(train_dir.iterdir()):
@@ -189,7 +171,7 @@ def resize(pixels: np.ndarray, size: tuple[int, int], mask: bool = False) -> tor
 
 
 def load_frames(
-    cases: list[dict], cfg: Config, masks_csv: dict | None, full_masks: set[int], skipped: SkippedFiles
+    cases: list[dict], cfg: Config, masks_csv: dict | None, full_masks: set[int], skipped: Skipped
 ) -> list[dict]:
     """Decode every frame once, check it, and keep it in memory at training size (uint8).
 
@@ -231,7 +213,7 @@ def load_frames(
 
 def prepare_data(cfg: Config, root: Path) -> tuple[list[dict], list[dict]]:
     """(train frames, validation frames) from the download in `root`, checked, split by subject and cleaned."""
-    skipped = SkippedFiles()
+    skipped = Skipped("file")
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise DatasetError(f"No folder {train_dir}: expected train/<subject>_<img>.tif and _mask.tif in {root}")
@@ -469,7 +451,7 @@ def predict_test(model, test_dir: Path, cfg: Config, device, min_area: int) -> p
     A frame that cannot be used (unreadable, another size, or listed in sample_submission.csv but missing) is
     reported and predicted empty, so that the submission still lists every image.
     """
-    skipped = SkippedFiles()
+    skipped = Skipped("file")
     ids = {}
     for path in sorted(test_dir.iterdir()) if test_dir.is_dir() else []:
         match = TEST_NAME.fullmatch(path.name)

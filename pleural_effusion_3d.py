@@ -59,7 +59,7 @@ from checkpoints import (
     save_last,
     stop_message,
 )
-from data_cleaning import DatasetError
+from data_cleaning import DatasetError, Skipped, Unusable
 from dice import DiceAccumulator, log_epoch, plot_dice_history, soft_dice_loss, tensorboard_writer
 from sample_data import find_dataset
 
@@ -120,42 +120,7 @@ cfg = Config()
 CT_DIR, MASK_DIR = "NSCLC-Radiomics", "Effusions"  # the two folders under data/pleural_effusion/
 
 
-class UnusableCase(Exception):
-    """A case that cannot be used; `problem` is its short kind, for the count of skipped cases."""
-
-    def __init__(self, problem: str, detail: str):
-        super().__init__(f"{problem}: {detail}")
-        self.problem = problem
-
-
-class SkippedCases:
-    """Bad inputs: each case is named on one line when found, skipped, and counted for a summary.
-
-    A full NSCLC-Radiomics download has 422 patients, of whom PleThora outlined 78: the other 344 are "no mask".
-    So only the first `print_limit` of each kind are printed; all are kept in `rows` (skipped_cases.csv).
-    """
-
-    def __init__(self, print_limit: int = 10) -> None:
-        self.counts: Counter[str] = Counter()
-        self.rows: list[dict] = []
-        self.print_limit = print_limit
-
-    def skip(self, case: str, err: UnusableCase) -> None:
-        self.counts[err.problem] += 1
-        self.rows.append({"case": case, "problem": err.problem, "detail": str(err)})
-        if self.counts[err.problem] <= self.print_limit:
-            print(f"Skipped case {case}: {err}")
-        elif self.counts[err.problem] == self.print_limit + 1:
-            print(f"Skipped case {case}: {err.problem} (further cases skipped for this reason are not printed)")
-
-    def summary(self, what: str) -> str:
-        if not self.counts:
-            return f"{what}: no case skipped"
-        kinds = ", ".join(f"{n} {problem}" for problem, n in self.counts.most_common())
-        return f"{what}: skipped {sum(self.counts.values())} cases ({kinds})"
-
-
-def find_cases(root: Path, reviewer: str, skipped: SkippedCases) -> list[dict]:
+def find_cases(root: Path, reviewer: str, skipped: Skipped) -> list[dict]:
     """The cases of `root` that have both a patient folder and a mask, sorted by name:
     {"case", "patient_dir", "mask_path"}. The others are skipped (named and counted) without reading a file."""
     ct_root, mask_root = root / CT_DIR, root / MASK_DIR
@@ -170,9 +135,9 @@ def find_cases(root: Path, reviewer: str, skipped: SkippedCases) -> list[dict]:
     for name in sorted(patients.keys() | {p.name for p in mask_root.iterdir() if p.is_dir()}):
         mask_path = mask_root / name / f"{name}_effusion_{reviewer}_reviewer.nii.gz"
         if name not in patients:
-            skipped.skip(name, UnusableCase("no CT series", f"{mask_root / name} has no patient folder in {ct_root}"))
+            skipped.skip(name, "no CT series", f"{mask_root / name} has no patient folder in {ct_root}")
         elif not mask_path.is_file():
-            skipped.skip(name, UnusableCase("no mask", f"{mask_path} not found"))
+            skipped.skip(name, "no mask", f"{mask_path} not found")
         else:
             cases.append({"case": name, "patient_dir": patients[name], "mask_path": mask_path})
     return cases
@@ -188,15 +153,15 @@ def find_ct_series(patient_dir: Path) -> Path:
             try:
                 header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"])
             except Exception as err:  # pydicom raises several kinds on a damaged or non-DICOM file
-                raise UnusableCase("unreadable DICOM", f"{path}: {err}") from err
+                raise Unusable("unreadable DICOM", f"{path}: {err}") from err
             if header.get("Modality") == "CT":
                 ct_folders.append(folder)
                 break
     if not ct_folders:
-        raise UnusableCase("no CT series", f"no folder of CT DICOM files below {patient_dir}")
+        raise Unusable("no CT series", f"no folder of CT DICOM files below {patient_dir}")
     if len(ct_folders) > 1:
         names = ", ".join(str(f.relative_to(patient_dir)) for f in ct_folders)
-        raise UnusableCase("several CT series", f"{len(ct_folders)} below {patient_dir} ({names}): keep one")
+        raise Unusable("several CT series", f"{len(ct_folders)} below {patient_dir} ({names}): keep one")
     return ct_folders[0]
 
 
@@ -205,27 +170,27 @@ def read_series(series_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
     Axes as NIfTI and MONAI order them: X = DICOM columns, Y = rows, Z = slices sorted by ImagePositionPatient
     projected on the slice normal. Never by file name or InstanceNumber: TCIA numbers these series from the head
-    down. Raises UnusableCase for a folder holding several series, a missing slice, inconsistent slices.
+    down. Raises Unusable for a folder holding several series, a missing slice, inconsistent slices.
     """
     datasets = []
     for path in sorted(series_dir.glob("*.dcm")):
         try:
             datasets.append(pydicom.dcmread(path))
         except Exception as err:
-            raise UnusableCase("unreadable DICOM", f"{path}: {err}") from err
+            raise Unusable("unreadable DICOM", f"{path}: {err}") from err
     uids = Counter(str(ds.get("SeriesInstanceUID", "none")) for ds in datasets)
     if len(uids) > 1:
         series = ", ".join(f"{n} files of ...{uid[-10:]}" for uid, n in uids.most_common())
-        raise UnusableCase("mixed series", f"{series_dir} holds {len(uids)} SeriesInstanceUIDs ({series})")
+        raise Unusable("mixed series", f"{series_dir} holds {len(uids)} SeriesInstanceUIDs ({series})")
     if len(datasets) < 2:
-        raise UnusableCase("too few slices", f"{len(datasets)} DICOM file(s) in {series_dir}")
+        raise Unusable("too few slices", f"{len(datasets)} DICOM file(s) in {series_dir}")
     for keyword in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
         if any(keyword not in ds for ds in datasets):
-            raise UnusableCase("no geometry", f"a slice in {series_dir} lacks {keyword}")
+            raise Unusable("no geometry", f"a slice in {series_dir} lacks {keyword}")
     orientations = np.array([ds.ImageOrientationPatient for ds in datasets], dtype=np.float64)
     sizes = {(int(ds.Rows), int(ds.Columns), tuple(float(s) for s in ds.PixelSpacing)) for ds in datasets}
     if not np.allclose(orientations, orientations[0], atol=1e-4) or len(sizes) > 1:
-        raise UnusableCase("inconsistent slices", f"orientation, size or pixel spacing differs in {series_dir}")
+        raise Unusable("inconsistent slices", f"orientation, size or pixel spacing differs in {series_dir}")
 
     row_dir, col_dir = orientations[0].reshape(2, 3)  # DICOM: direction of a row (columns increase), of a column
     normal = np.cross(row_dir, col_dir)
@@ -236,19 +201,19 @@ def read_series(series_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     gaps = np.diff(along)
     step = float(np.median(gaps))
     if gaps.min() < 1e-3:
-        raise UnusableCase("duplicate slice position", f"two slices at {along[gaps.argmin()]:.2f} mm in {series_dir}")
+        raise Unusable("duplicate slice position", f"two slices at {along[gaps.argmin()]:.2f} mm in {series_dir}")
     if np.abs(gaps - step).max() > 0.1 * step:  # real series are evenly spaced to well under 1%
         i = int(np.abs(gaps - step).argmax())
         where = f"{gaps[i]:.2f} mm between the slices at {along[i]:.2f} and {along[i + 1]:.2f} mm along the normal"
         problem = "missing slice" if gaps[i] > 1.5 * step else "uneven slice spacing"
-        raise UnusableCase(problem, f"{where}, {step:.2f} mm elsewhere, in {series_dir}")
+        raise Unusable(problem, f"{where}, {step:.2f} mm elsewhere, in {series_dir}")
 
     slices = []
     for ds in datasets:
         try:
             pixels = ds.pixel_array
         except Exception as err:  # a compression without an installed decoder, truncated data...
-            raise UnusableCase("undecodable pixel data", f"{ds.filename}: {err}") from err
+            raise Unusable("undecodable pixel data", f"{ds.filename}: {err}") from err
         # Stored values to HU, slice by slice: the slope and intercept may differ between slices.
         slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
         slices.append(pixels.T.astype(np.float32) * slope + intercept)  # (columns, rows) = (X, Y)
@@ -275,16 +240,16 @@ def read_mask(path: Path, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndar
         img = nib.load(path)
         data = np.asanyarray(img.dataobj)
     except Exception as err:  # nibabel raises several kinds on damaged files
-        raise UnusableCase("unreadable mask", f"{path}: {err}") from err
+        raise Unusable("unreadable mask", f"{path}: {err}") from err
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise UnusableCase("mask shape mismatch", f"{path.name} has shape {data.shape}, not 3D")
+        raise Unusable("mask shape mismatch", f"{path.name} has shape {data.shape}, not 3D")
     ornt = ornt_transform(io_orientation(img.affine), io_orientation(affine))
     aligned = apply_orientation(data, ornt)
     codes = f"{''.join(nib.aff2axcodes(img.affine))} -> {''.join(nib.aff2axcodes(affine))}"
     if aligned.shape != tuple(shape):
-        raise UnusableCase(
+        raise Unusable(
             "mask shape mismatch", f"{path.name} is {aligned.shape} once reoriented ({codes}), the series {shape}"
         )
     aligned_affine = img.affine @ inv_ornt_aff(ornt, data.shape)
@@ -292,7 +257,7 @@ def read_mask(path: Path, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndar
     offset = np.abs((aligned_affine - affine) @ corners.T).max()
     voxel = np.linalg.norm(affine[:3, :3], axis=0).min()
     if offset > voxel / 2:  # half a voxel off: the mask's voxels no longer sit on the image's
-        raise UnusableCase("mask geometry mismatch", f"{path.name} is {offset:.1f} mm off the series once reoriented")
+        raise Unusable("mask geometry mismatch", f"{path.name} is {offset:.1f} mm off the series once reoriented")
     return aligned > 0.5  # PleThora stores 0.0 / 1.0 floats
 
 
@@ -301,7 +266,7 @@ def read_case(case: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     hu, affine = read_series(find_ct_series(case["patient_dir"]))
     mask = read_mask(case["mask_path"], affine, hu.shape)
     if not mask.any():
-        raise UnusableCase("empty mask", f"{case['mask_path'].name} marks no voxel")
+        raise Unusable("empty mask", f"{case['mask_path'].name} marks no voxel")
     return hu, affine, mask
 
 
@@ -365,7 +330,7 @@ def to_original_grid(prob: torch.Tensor, geometry: dict, shape: tuple[int, int, 
     return grid[0, 0]
 
 
-def load_cases(cases: list[dict], cfg: Config, skipped: SkippedCases) -> list[dict]:
+def load_cases(cases: list[dict], cfg: Config, skipped: Skipped) -> list[dict]:
     """Read and preprocess every case once, kept in memory (about 15 MB per real case); bad inputs are named,
     skipped and counted. Each item is the case's dict plus "image" and "label" on the network's grid.
 
@@ -376,7 +341,7 @@ def load_cases(cases: list[dict], cfg: Config, skipped: SkippedCases) -> list[di
     for case in tqdm(cases, desc="reading CT series", leave=False, disable=None):
         try:
             hu, _, mask = read_case(case)
-        except UnusableCase as err:
+        except Unusable as err:
             skipped.skip(case["case"], err)
             continue
         prep = preprocess(hu, cfg)
@@ -644,7 +609,9 @@ def main(cfg: Config) -> list[dict]:
         root = find_dataset("pleural_effusion", Path(cfg.data_dir))  # says real or synthetic
     synthetic = root != Path(cfg.data_dir) / "pleural_effusion"
 
-    skipped = SkippedCases()
+    # A full NSCLC-Radiomics download has 422 patients, of whom PleThora outlined 78: the other 344 are "no mask".
+    # So only the first 10 of each kind are printed; all are kept in skipped_cases.csv.
+    skipped = Skipped("case", print_limit=10)
     cases = find_cases(root, cfg.reviewer, skipped)
     if cfg.max_cases is not None and len(cases) > cfg.max_cases:
         print(f"Using the first {cfg.max_cases} of {len(cases)} cases with a mask (max_cases)")

@@ -66,7 +66,7 @@ from checkpoints import (
     save_last,
     stop_message,
 )
-from data_cleaning import DatasetError
+from data_cleaning import DatasetError, Skipped, Unusable
 from dice import log_epoch, plot_dice_history, tensorboard_writer
 from sample_data import find_dataset
 
@@ -128,31 +128,6 @@ CLASSES_CSV = "stage_2_detailed_class_info.csv"  # patientId,class: repeated on 
 TRAIN_IMAGES, TEST_IMAGES = "stage_2_train_images", "stage_2_test_images"  # <patientId>.dcm in each
 
 
-class UnusableImage(Exception):
-    """A radiograph that cannot be used; `problem` is its short kind, for the count of skipped patients."""
-
-    def __init__(self, problem: str, detail: str):
-        super().__init__(f"{problem}: {detail}")
-        self.problem = problem
-
-
-class SkippedPatients:
-    """Bad inputs: each patient is named on one line when found, skipped, and counted for a summary."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-
-    def skip(self, patient_id: str, err: UnusableImage) -> None:
-        print(f"Skipped patient {patient_id}: {err}")
-        self.counts[err.problem] += 1
-
-    def summary(self, what: str) -> str:
-        if not self.counts:
-            return f"{what}: no patient skipped"
-        kinds = ", ".join(f"{n} {problem}" for problem, n in self.counts.most_common())
-        return f"{what}: skipped {sum(self.counts.values())} patients ({kinds})"
-
-
 def read_patients(root: Path) -> list[dict]:
     """The labelled patients of `root`, one dict per patient (= one radiograph), sorted by patientId.
 
@@ -211,27 +186,27 @@ def split_by_patient(patients: list[dict], val_fraction: float, seed: int) -> tu
 
 def read_dicom(path: Path) -> np.ndarray:
     """The pixels of a radiograph as float32 (H, W), bright = dense: RescaleSlope/Intercept applied, MONOCHROME1
-    (where bright means air) inverted. Raises UnusableImage, never an error from deep inside pydicom."""
+    (where bright means air) inverted. Raises Unusable, never an error from deep inside pydicom."""
     if not path.is_file():
-        raise UnusableImage("missing DICOM", f"{path} not found")
+        raise Unusable("missing DICOM", f"{path} not found")
     try:
         ds = pydicom.dcmread(path)
     except Exception as err:  # pydicom raises several kinds on a damaged or non-DICOM file
-        raise UnusableImage("unreadable DICOM", f"{path}: {err}") from err
+        raise Unusable("unreadable DICOM", f"{path}: {err}") from err
     if "PixelData" not in ds:
-        raise UnusableImage("no pixel data", f"{path} has no PixelData element")
+        raise Unusable("no pixel data", f"{path} has no PixelData element")
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is not None and syntax.is_compressed:
         decoder = get_decoder(syntax)
         if not decoder.is_available:
             needs = "; ".join(decoder.missing_dependencies)
-            raise UnusableImage("no decoder", f"{path} is compressed as {syntax.name}, install one of: {needs}")
+            raise Unusable("no decoder", f"{path} is compressed as {syntax.name}, install one of: {needs}")
     try:
         pixels = ds.pixel_array.astype(np.float32)
     except Exception as err:  # the decoder plugins raise RuntimeError, ValueError, OSError...
-        raise UnusableImage("undecodable pixel data", f"{path}: {err}") from err
+        raise Unusable("undecodable pixel data", f"{path}: {err}") from err
     if pixels.ndim != 2:
-        raise UnusableImage("not a grayscale radiograph", f"{path} has pixel array shape {pixels.shape}")
+        raise Unusable("not a grayscale radiograph", f"{path} has pixel array shape {pixels.shape}")
     pixels = pixels * np.float32(ds.get("RescaleSlope", 1)) + np.float32(ds.get("RescaleIntercept", 0))
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         pixels = pixels.max() + pixels.min() - pixels  # same range, reversed
@@ -247,7 +222,7 @@ def to_uint8(pixels: np.ndarray, size: int) -> torch.Tensor:
     return (resized[0] * 255).round().clamp(0, 255).to(torch.uint8)
 
 
-def load_patients(patients: list[dict], size: int, skipped: SkippedPatients, progress: bool = True) -> list[dict]:
+def load_patients(patients: list[dict], size: int, skipped: Skipped, progress: bool = True) -> list[dict]:
     """Decode each patient's DICOM once and cache it at `size`; bad inputs are named, skipped and counted.
 
     Adds "image" (1, size, size) uint8, "scale" (size / the DICOM's side) and "target_boxes" (k, 4) float32 in
@@ -263,12 +238,12 @@ def load_patients(patients: list[dict], size: int, skipped: SkippedPatients, pro
             invalid = ~np.isfinite(boxes).all(1) | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
             if invalid.any():
                 corners = boxes[invalid][0].round(1).tolist()
-                raise UnusableImage("invalid box", f"a Target 1 row without a usable box: x1, y1, x2, y2 = {corners}")
+                raise Unusable("invalid box", f"a Target 1 row without a usable box: x1, y1, x2, y2 = {corners}")
             outside = (boxes[:, :2] < 0).any(1) | (boxes[:, 2] > width) | (boxes[:, 3] > height)
             if outside.any():
                 where = f"x1, y1, x2, y2 = {boxes[outside][0].round(1).tolist()} in a {width}x{height} image"
-                raise UnusableImage("box outside the image", f"{where} ({outside.sum()} of {len(boxes)} boxes)")
-        except UnusableImage as err:
+                raise Unusable("box outside the image", f"{where} ({outside.sum()} of {len(boxes)} boxes)")
+        except Unusable as err:
             skipped.skip(patient["patient_id"], err)
             continue
         scale = np.array([size / width, size / height, size / width, size / height])
@@ -636,7 +611,7 @@ def predict_test(model, test_dir: Path, device, cfg: Config, min_score: float) -
 
     A radiograph that cannot be used is named, counted and predicted empty, so that every patient has a row.
     """
-    skipped = SkippedPatients()
+    skipped = Skipped("patient")
     paths = sorted(test_dir.glob("*.dcm"))
     patients = [{"patient_id": p.stem, "class": "test", "path": p, "boxes": np.zeros((0, 4))} for p in paths]
     rows = {p["patient_id"]: "" for p in patients}
@@ -677,7 +652,7 @@ def main(cfg: Config) -> list[dict]:
     per_class = Counter(p["class"] for p in patients)
     print(f"{len(patients)} labelled patients ({', '.join(f'{n} {name}' for name, n in sorted(per_class.items()))})")
 
-    skipped = SkippedPatients()
+    skipped = Skipped("patient")
     sampled = sample_patients(patients, cfg.patients_per_class, cfg.seed)
     # Every process decodes the same sample (uint8 at image_size: 0.26 MB a radiograph at 512 px), so all find the
     # same usable patients and the same split; each then trains on its own shard of it (train_sampler below).

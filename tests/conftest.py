@@ -1,6 +1,8 @@
-"""Shared test set-up: the repository root on sys.path (so `import dice` works from any directory), and the
-synthetic datasets written once per test session into a temporary folder."""
+"""Shared test set-up: the repository root on sys.path (so `import dice` works from any directory), the
+synthetic datasets written once per test session into a temporary folder, a script loaded as a module, and one
+torch thread for the modules that train."""
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -9,6 +11,55 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+
+# Environment variables a script's Config reads its paths from (lung_xray_unet.py): a developer's own setting must
+# not leak into the configuration a test starts from.
+PATH_OVERRIDES = ("DATA_DIR", "OUTPUT_DIR", "IMAGES_DIR")
+
+
+@pytest.fixture(scope="module")
+def load_script():
+    """load_script(name: str, quick: bool = True) -> the repository's `<name>.py` as a module; its `__main__`
+    cell does not run. QUICK is set to 1 (or 0) while it loads: the configuration cell reads it once, at import.
+
+    The module is registered in sys.modules under its name (dataclasses look their module up there) until the test
+    module that loaded it ends, so that no other test module finds a script configured for someone else.
+    """
+    loaded = []
+
+    def load(name: str, quick: bool = True):
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("QUICK", "1" if quick else "0")
+            for variable in PATH_OVERRIDES:
+                env.delenv(variable, raising=False)
+            spec = importlib.util.spec_from_file_location(name, REPO_ROOT / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            loaded.append(name)
+            spec.loader.exec_module(module)
+        assert module.QUICK == quick
+        return module
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One CPU thread for torch in a test module that trains (`pytestmark = pytest.mark.usefixtures(...)`).
+
+    On a small machine shared with other processes (2 cores here), two OpenMP threads wait for each other at every
+    one of a UNet's many small 2D or 3D operations whenever the other is descheduled: 10-35x slower, with the same
+    result (the nerve quick run took 422 s with 2 threads and 12 s with 1, measured).
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

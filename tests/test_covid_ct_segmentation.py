@@ -8,7 +8,6 @@ The script is loaded as a module with the quick-run switch on; the sample is wri
 """
 
 import gzip
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -26,41 +25,22 @@ from monai.metrics import DiceMetric
 from monai.transforms import Compose, Orientationd, Spacingd
 from PIL import Image
 
-from data_cleaning import DatasetError
+from data_cleaning import DatasetError, Skipped
 from dice import soft_dice_loss
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # MONAI's LoadImage warns on every set-up that its GPU DICOM decoder is missing (the script silences it; pytest
 # resets warning filters per test).
-pytestmark = pytest.mark.filterwarnings("ignore:NvImgCodecPydicomReader")
+pytestmark = [pytest.mark.filterwarnings("ignore:NvImgCodecPydicomReader"), pytest.mark.usefixtures("one_torch_thread")]
 COVID = "COVID-19-20_v2"
 TRAIN_IDS = ["0017", "0075", "0175", "0268", "0306", "0507", "0631", "0649"]  # the sample's labelled cases (seed 0)
 FLIPPED = {"0175": ("L", "P", "I"), "0306": ("L", "A", "S")}  # slices feet to head, rows flipped
 INFER_IDS = ["0041", "0812", "0842"]  # Validation/: the first two are stored LAS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One CPU thread for torch in this module: on a small shared machine two threads wait for each other at
-    every small 3D operation (README)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def covid():
+def covid(load_script):
     """The script as a module, loaded with QUICK=1 as CI runs it: its `__main__` cell does not run."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("QUICK", "1")
-        spec = importlib.util.spec_from_file_location("covid_ct_segmentation", REPO_ROOT / "covid_ct_segmentation.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    assert module.QUICK
-    yield module
-    sys.modules.pop(spec.name, None)
+    return load_script("covid_ct_segmentation")
 
 
 @pytest.fixture
@@ -95,7 +75,7 @@ def ct_path(root: Path, case_id: str, split: str = "Train", kind: str = "ct") ->
 
 
 def test_cases_are_paired_by_id_and_named_as_the_challenge_expects(covid, sample_root, capsys):
-    skipped = covid.SkippedFiles()
+    skipped = Skipped("file")
     cases = covid.find_cases(sample_root / COVID / "Train", skipped)
     assert [c["case"] for c in cases] == TRAIN_IDS and not skipped.counts
     for case in cases:
@@ -151,7 +131,7 @@ def test_bad_inputs_are_named_skipped_and_counted(covid, covid_copy, tmp_path, c
     raw = gzip.decompress(ct_path(covid_copy, "0649").read_bytes())
     ct_path(covid_copy, "0649").write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
 
-    skipped = covid.SkippedFiles()
+    skipped = Skipped("file")
     cases = covid.find_cases(train, skipped)
     out = capsys.readouterr().out
     expected = [
@@ -174,7 +154,7 @@ def test_bad_inputs_are_named_skipped_and_counted(covid, covid_copy, tmp_path, c
         "unexpected name": 1, "CT without mask": 1, "mask shape differs": 1, "mask affine differs": 1, "not 3D": 2,
         "truncated": 1, "unreadable": 1, "mask without CT": 1,
     }  # fmt: skip
-    assert skipped.summary("Train").startswith("Train: skipped 9 (2 not 3D, ")
+    assert skipped.summary("Train").startswith("Train: skipped 9 files (2 not 3D, ")
 
     # One usable case is too few to split: a single clear error (one line from the Run cell), before any training.
     with pytest.raises(DatasetError, match=r"1 usable labelled case\(s\) in .*Train: need 2 at least"):
@@ -237,7 +217,7 @@ class IntensityWindow(torch.nn.Module):
 def test_dice_per_case_matches_monai_on_the_scans_grid(covid, sample_root):
     cfg = replace(covid.Config(), roi_size=(48, 48, 16))
     transforms = covid.build_transforms(cfg, "val")
-    cases = covid.find_cases(sample_root / COVID / "Train", covid.SkippedFiles())[:4]
+    cases = covid.find_cases(sample_root / COVID / "Train", Skipped("file"))[:4]
     val_ds = [transforms(dict(case)) for case in cases]
     dice, predictions = covid.evaluate(IntensityWindow(), val_ds, transforms, torch.device("cpu"), cfg)
     metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
@@ -264,7 +244,7 @@ def test_training_crops_keep_image_and_mask_together(covid, sample_root):
     cfg = replace(covid.Config(), pos_neg=(1.0, 0.0), affine_prob=1.0, flip_prob=1.0, num_samples=4)
     transforms = covid.build_transforms(cfg, "train")
     transforms.set_random_state(seed=0)
-    for case in covid.find_cases(sample_root / COVID / "Train", covid.SkippedFiles())[:3]:
+    for case in covid.find_cases(sample_root / COVID / "Train", Skipped("file"))[:3]:
         crops = transforms(dict(case))
         assert len(crops) == 4
         for crop in crops:
@@ -329,7 +309,7 @@ def test_tiny_run_resumes_and_writes_every_output_with_the_scans_geometry(covid,
 
     # One mask per usable Validation/ scan, NNN.nii.gz, with the scan's shape and affine (two are stored LAS).
     truncated = ct_path(covid_copy, INFER_IDS[2], "Validation")
-    assert f"Skipped {truncated}: truncated" in out and "skipped 1 (1 truncated)" in out
+    assert f"Skipped {truncated}: truncated" in out and "skipped 1 file (1 truncated)" in out
     written = sorted(p.name for p in (cfg.output_dir / "submission").iterdir())
     assert written == ["041.nii.gz", "812.nii.gz"]
     for case_id in INFER_IDS[:2]:

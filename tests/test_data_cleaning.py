@@ -1,9 +1,12 @@
-"""data_cleaning.py: the Kaggle run-length encoding, checked on hand-computed masks and by round trip."""
+"""data_cleaning.py: the Kaggle run-length encoding, checked on hand-computed masks and by round trip; the bad-input
+report shared by the scripts (Unusable, Skipped), checked line by line."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from data_cleaning import rle_decode, rle_encode
+from data_cleaning import Skipped, Unusable, rle_decode, rle_encode
 
 
 def test_rle_is_one_indexed_and_column_major():
@@ -44,3 +47,77 @@ def test_bad_encodings_are_refused_with_a_clear_message():
         rle_decode("1 2 3", (4, 4))
     with pytest.raises(ValueError, match="outside an image of 4x4"):
         rle_decode("15 3", (4, 4))
+
+
+# %% Bad inputs: named, skipped and counted
+
+
+def test_unusable_carries_its_problem_for_the_count_and_its_detail():
+    err = Unusable("truncated gzip", "ends at byte 1000")
+    assert err.problem == "truncated gzip" and err.detail == "ends at byte 1000"
+    assert str(err) == "truncated gzip: ends at byte 1000"
+    assert str(Unusable("no mask")) == "no mask" and Unusable("no mask").detail == ""
+
+
+def test_a_file_is_named_by_its_path_and_an_item_by_its_noun(capsys):
+    files, patients = Skipped("file"), Skipped("patient")
+    first, second = Path("data", "train", "1_1.tif"), Path("data", "train", "1_2.tif")
+    files.skip(first, Unusable("unreadable", "not a TIFF: cannot identify image"))
+    files.skip(second, "missing")  # a problem the loop finds itself, without detail
+    patients.skip("0004cfab", Unusable("no pixel data", "0004cfab.dcm has no PixelData"))
+    patients.skip("00313ee0", "invalid box", "a Target 1 row without a width")
+    assert capsys.readouterr().out.splitlines() == [
+        f"Skipped {first}: unreadable (not a TIFF: cannot identify image)",
+        f"Skipped {second}: missing",
+        "Skipped patient 0004cfab: no pixel data: 0004cfab.dcm has no PixelData",
+        "Skipped patient 00313ee0: invalid box: a Target 1 row without a width",
+    ]
+
+
+def test_summary_counts_each_problem_most_frequent_first(capsys):
+    skipped = Skipped("case")
+    assert skipped.summary("sample") == "sample: no case skipped" and not skipped.counts
+    for case, problem in [("A", "no mask"), ("B", "missing slice"), ("C", "no CT series"), ("D", "missing slice")]:
+        skipped.skip(case, problem, "detail")
+    assert skipped.counts == {"no mask": 1, "missing slice": 2, "no CT series": 1}
+    # Ties keep the order in which the problems were first met.
+    assert skipped.summary("sample") == "sample: skipped 4 cases (2 missing slice, 1 no mask, 1 no CT series)"
+    assert Skipped("file").summary("Train") == "Train: no file skipped"
+    one = Skipped("file")
+    one.skip("a.tif", "unreadable")
+    assert one.summary("Train") == "Train: skipped 1 file (1 unreadable)"  # singular for one
+    assert Skipped("patient").summary("test") == "test: no patient skipped"
+
+
+def test_only_the_first_skips_of_a_kind_are_printed_and_all_are_kept(capsys):
+    skipped = Skipped("case", print_limit=3)
+    for n in range(5):
+        skipped.skip(f"LUNG1-{n:03d}", Unusable("no mask", "not found"))
+    skipped.skip("LUNG1-099", Unusable("empty mask", "marks no voxel"))  # another kind: its own limit
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == [f"Skipped case LUNG1-{n:03d}: no mask: not found" for n in range(3)]
+    assert lines[3:] == [
+        "Skipped case LUNG1-003: no mask (further cases skipped for this reason are not printed)",
+        "Skipped case LUNG1-099: empty mask: marks no voxel",
+    ]
+    assert len(skipped.rows) == 6 and skipped.summary("all") == "all: skipped 6 cases (5 no mask, 1 empty mask)"
+
+
+def test_without_a_print_limit_every_skip_is_printed(capsys):
+    skipped = Skipped("file")
+    for n in range(25):
+        skipped.skip(f"{n}.tif", "unreadable")
+    assert len(capsys.readouterr().out.splitlines()) == 25 == skipped.counts["unreadable"]
+
+
+def test_rows_list_every_skip_in_order_as_the_printed_line_reads(capsys):
+    cases = Skipped("case", print_limit=1)
+    cases.skip("LUNG1-001", Unusable("no mask", "Effusions/LUNG1-001 not found"))
+    cases.skip("LUNG1-002", Unusable("no mask", "Effusions/LUNG1-002 not found"))  # not printed, still a row
+    assert cases.rows == [
+        {"case": "LUNG1-001", "problem": "no mask", "detail": "no mask: Effusions/LUNG1-001 not found"},
+        {"case": "LUNG1-002", "problem": "no mask", "detail": "no mask: Effusions/LUNG1-002 not found"},
+    ]  # the columns of pleural_effusion_3d.py's skipped_cases.csv
+    files, path = Skipped("file"), Path("Train", "a.nii.gz")
+    files.skip(path, Unusable("truncated", "the gzip data ends early"))
+    assert files.rows == [{"file": str(path), "problem": "truncated", "detail": "truncated (the gzip data ends early)"}]

@@ -12,7 +12,6 @@ same seed and the same total batch (how close, and why not identical: see the co
 pneumonia: the gathered validation predictions score what one process scores with the saved model.
 """
 
-import importlib.util
 import inspect
 import json
 import os
@@ -31,18 +30,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import distributed
+from data_cleaning import Skipped
 from dice import DiceAccumulator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One CPU thread for torch (see tests/test_nerve_ultrasound_segmentation.py: 10-30x faster on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
@@ -58,17 +52,6 @@ def one_process_group(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
-
-
-def load_script(name: str):
-    """A script as a module, loaded with QUICK=1 (the configuration cell reads it once)."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("QUICK", "1")
-        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return module
 
 
 # %% distributed.py in one process
@@ -318,15 +301,13 @@ def assert_both_processes_agree(
 
 
 @pytest.fixture(scope="module")
-def nerve():
-    yield load_script(NERVE)
-    sys.modules.pop(NERVE, None)
+def nerve(load_script):
+    return load_script(NERVE)
 
 
 @pytest.fixture(scope="module")
-def pleural():
-    yield load_script(PLEURAL)
-    sys.modules.pop(PLEURAL, None)
+def pleural(load_script):
+    return load_script(PLEURAL)
 
 
 NERVE, PLEURAL = "nerve_ultrasound_segmentation", "pleural_effusion_3d"
@@ -412,15 +393,13 @@ def test_pleural_under_torchrun_writes_once_agrees_and_is_close_to_one_process(
 
 
 @pytest.fixture(scope="module")
-def lung():
-    yield load_script(LUNG)
-    sys.modules.pop(LUNG, None)
+def lung(load_script):
+    return load_script(LUNG)
 
 
 @pytest.fixture(scope="module")
-def covid():
-    yield load_script(COVID)
-    sys.modules.pop(COVID, None)
+def covid(load_script):
+    return load_script(COVID)
 
 
 def test_lung_under_torchrun_writes_once_and_both_processes_agree(lung, repo_copy, sample_root, tmp_path):
@@ -468,9 +447,8 @@ def test_covid_under_torchrun_caches_its_share_writes_once_and_both_processes_ag
 
 
 @pytest.fixture(scope="module")
-def pneumonia():
-    yield load_script(PNEUMONIA)
-    sys.modules.pop(PNEUMONIA, None)
+def pneumonia(load_script):
+    return load_script(PNEUMONIA)
 
 
 def test_pneumonia_under_torchrun_writes_once_agrees_and_gathers_the_predictions_in_order(
@@ -528,7 +506,7 @@ def pneumonia_split(pneumonia, cfg) -> tuple[list[dict], list[dict]]:
     """The training and validation radiographs main() uses, as it finds them."""
     root = pneumonia.find_dataset(PNEUMONIA_DATA, cfg.data_dir)
     patients = pneumonia.sample_patients(pneumonia.read_patients(root), cfg.patients_per_class, cfg.seed)
-    items = pneumonia.load_patients(patients, cfg.image_size, pneumonia.SkippedPatients(), progress=False)
+    items = pneumonia.load_patients(patients, cfg.image_size, Skipped("patient"), progress=False)
     return pneumonia.split_by_patient(items, cfg.val_fraction, cfg.seed)
 
 
@@ -540,6 +518,7 @@ import torch
 from torch.utils.data import DataLoader
 import distributed
 import pneumonia_detection as det
+from data_cleaning import Skipped
 
 PNEUMONIA_DATA = {PNEUMONIA_DATA!r}
 {inspect.getsource(pneumonia_split)}

@@ -2,7 +2,6 @@
 (as a function and as a script; as a notebook: test_notebooks.py) that must learn the synthetic Montgomery lungs."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -29,17 +28,9 @@ SCRIPT = REPO_ROOT / "lung_xray_unet.py"
 
 
 @pytest.fixture(scope="module")
-def lx():
+def lx(load_script):
     """The script as a module, loaded with QUICK=1: its `cfg` is then the quick run's configuration."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("QUICK", "1")
-        env.delenv("DATA_DIR", raising=False)
-        env.delenv("OUTPUT_DIR", raising=False)
-        env.delenv("IMAGES_DIR", raising=False)
-        spec = importlib.util.spec_from_file_location("lung_xray_unet", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return module
+    return load_script("lung_xray_unet")
 
 
 @pytest.fixture(scope="module")

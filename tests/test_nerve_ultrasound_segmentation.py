@@ -5,9 +5,7 @@ and a quick training run on the synthetic sample that must beat the all-empty ba
 The script is loaded as a module with the quick-run switch on; the sample is written once per session (conftest).
 """
 
-import importlib.util
 import shutil
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,35 +24,17 @@ from data_cleaning import (
     rle_encode,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 NERVE = "ultrasound-nerve-segmentation"
 SHAPE = (420, 580)  # (height, width)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One CPU thread for torch in this module. On a small machine shared with other processes (2 cores here),
-    two OpenMP threads wait for each other at every one of the UNet's many small operations whenever the other
-    is descheduled: the quick run took 422 s with 2 threads and 12 s with 1 (measured), with the same result."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def nerve():
+def nerve(load_script):
     """The script as a module, loaded with QUICK=1 as CI runs it (the configuration cell reads it once)."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("QUICK", "1")
-        name = "nerve_ultrasound_segmentation"
-        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    assert module.QUICK
-    yield module
-    sys.modules.pop(spec.name, None)
+    return load_script("nerve_ultrasound_segmentation")
 
 
 @pytest.fixture
@@ -222,7 +202,7 @@ def test_each_bad_input_is_named_skipped_and_counted(nerve, nerve_copy, tmp_path
     train, val = nerve.prepare_data(cfg, nerve_copy)
     out = capsys.readouterr().out
     assert f"Skipped {path}: {kind}" in out
-    assert f"skipped 1 (1 {kind})" in out
+    assert f"skipped 1 file (1 {kind})" in out
     assert key not in frame_keys(train + val)
     assert len(train) + len(val) == 49  # every other frame is used
 
@@ -250,7 +230,7 @@ def test_bad_or_missing_test_frames_are_named_and_predicted_empty(nerve, nerve_c
     rows = nerve.predict_test(model, nerve_copy / "test", nerve.cfg, torch.device("cpu"), min_area=0)
     out = capsys.readouterr().out
     assert f"Skipped {corrupt}: unreadable" in out and f"Skipped {missing}: missing" in out
-    assert "skipped 2 (" in out
+    assert "skipped 2 files (" in out
     assert list(rows["img"]) == [1, 2, 3, 4, 5, 6]  # a complete submission all the same
     assert rows.loc[rows["img"].isin([2, 5]), "pixels"].tolist() == ["", ""]
 

@@ -7,7 +7,6 @@ the quick run as a subprocess, which must reach validation Dice 0.5 (the noteboo
 The script is loaded as a module with the quick-run switch on; the sample is written once per session (conftest).
 """
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -23,35 +22,18 @@ import pytest
 import torch
 from PIL import Image
 
-from data_cleaning import DatasetError
+from data_cleaning import DatasetError, Skipped
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "pleural_effusion_3d.py"
 PLEURAL = "pleural_effusion"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One CPU thread for torch in this module: on a small machine shared with other processes, two OpenMP threads
-    wait for each other at every one of the UNet's many small operations (see the nerve tests: 10-30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def pe():
+def pe(load_script):
     """The script as a module, loaded with QUICK=1 as CI runs it (the configuration cell reads it once)."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("QUICK", "1")
-        spec = importlib.util.spec_from_file_location("pleural_effusion_3d", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    assert module.QUICK
-    yield module
-    sys.modules.pop(spec.name, None)
+    return load_script("pleural_effusion_3d")
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +103,7 @@ def test_series_is_sorted_by_position_in_hu_and_agrees_with_monai(pe, pleural_ro
 
 
 def test_mask_lands_on_the_fluid_not_on_its_mirror_image(pe, pleural_root):
-    skipped = pe.SkippedCases()
+    skipped = Skipped("case")
     cases = pe.find_cases(pleural_root, "first", skipped)
     assert [c["case"] for c in cases] == [f"LUNG1-{n:03d}" for n in range(1, 11)] and not skipped.counts
     for case in cases:
@@ -135,7 +117,7 @@ def test_mask_lands_on_the_fluid_not_on_its_mirror_image(pe, pleural_root):
 
 
 def test_a_mask_stored_with_permuted_and_flipped_axes_is_brought_back(pe, pleural_root, tmp_path):
-    case = pe.find_cases(pleural_root, "first", pe.SkippedCases())[0]
+    case = pe.find_cases(pleural_root, "first", Skipped("case"))[0]
     hu, affine, mask = pe.read_case(case)
     # Store the mask as (y, x, z) with z running down, with the affine that keeps every voxel in place.
     ornt = np.array([[1, 1], [0, 1], [2, -1]])
@@ -205,24 +187,14 @@ def damage_unreadable_dicom(root):
 )
 def test_each_bad_input_is_named_skipped_and_counted(pe, pleural_copy, capsys, damage):
     case, problem, detail = damage(pleural_copy)
-    skipped = pe.SkippedCases()
+    skipped = Skipped("case")
     items = pe.load_cases(pe.find_cases(pleural_copy, "first", skipped), pe.cfg, skipped)
     out = capsys.readouterr().out
     (line,) = [line for line in out.splitlines() if line.startswith("Skipped")]
     assert line.startswith(f"Skipped case {case}: {problem}: ") and detail in line, line
     assert skipped.counts == {problem: 1}
-    assert skipped.summary("sample") == f"sample: skipped 1 cases (1 {problem})"
+    assert skipped.summary("sample") == f"sample: skipped 1 case (1 {problem})"
     assert sorted(i["case"] for i in items) == [f"LUNG1-{n:03d}" for n in range(1, 11) if f"LUNG1-{n:03d}" != case]
-
-
-def test_only_the_first_skips_of_a_kind_are_printed_and_all_are_kept(pe, capsys):
-    skipped = pe.SkippedCases(print_limit=3)
-    for n in range(5):
-        skipped.skip(f"LUNG1-{n:03d}", pe.UnusableCase("no mask", "not found"))
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[:3] == [f"Skipped case LUNG1-{n:03d}: no mask: not found" for n in range(3)]
-    assert len(lines) == 4 and "further cases skipped for this reason are not printed" in lines[3]
-    assert len(skipped.rows) == 5 and skipped.summary("all") == "all: skipped 5 cases (5 no mask)"
 
 
 def test_nothing_usable_is_one_clear_error(pe, pleural_copy, tmp_path):

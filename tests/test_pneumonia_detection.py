@@ -1,7 +1,6 @@
 """pneumonia_detection.py: grouping and splitting by patient, DICOM reading, the RSNA metric and COCO mAP against
 hand-computed cases, bad inputs, the COCO-weights switch, the submission format, and runs of the script."""
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -17,20 +16,16 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, SecondaryCaptureImageStorage, generate_uid
 
-from data_cleaning import DatasetError
+from data_cleaning import DatasetError, Skipped
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "pneumonia_detection.py"
 RSNA = "rsna-pneumonia-detection-challenge"
 
 
 @pytest.fixture(scope="module")
-def det():
-    """The script loaded as a module: its `__main__` cell does not run."""
-    spec = importlib.util.spec_from_file_location("pneumonia_detection", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def det(load_script):
+    """The script loaded as a module with QUICK=0 (the defaults meant for the real dataset): its `__main__` cell
+    does not run."""
+    return load_script("pneumonia_detection", quick=False)
 
 
 @pytest.fixture
@@ -155,7 +150,7 @@ def test_sample_radiographs_decode_as_the_real_ones(det, sample_root):
     patient = det.read_patients(sample_root / RSNA)[0]
     pixels = det.read_dicom(patient["path"])  # JPEG Baseline, through pydicom's Pillow plugin
     assert pixels.shape == (1024, 1024) and 0 <= pixels.min() and pixels.max() <= 255 and pixels.std() > 10
-    item = det.load_patients([patient], 128, det.SkippedPatients())[0]
+    item = det.load_patients([patient], 128, Skipped("patient"))[0]
     assert item["image"].shape == (1, 128, 128) and item["image"].dtype == torch.uint8
     np.testing.assert_allclose(item["target_boxes"].numpy(), patient["boxes"] / 8, rtol=1e-6)
     np.testing.assert_allclose(det.to_original(item["target_boxes"].numpy(), item["scale"]), patient["boxes"])
@@ -181,7 +176,7 @@ def test_bad_inputs_are_named_skipped_and_counted(det, rsna_copy, capsys):
     labels.loc[labels["patientId"] == bad[5], "width"] = np.nan  # a box without a width
     labels.to_csv(rsna_copy / "stage_2_train_labels.csv", index=False)
 
-    skipped = det.SkippedPatients()
+    skipped = Skipped("patient")
     items = det.load_patients(det.read_patients(rsna_copy), 64, skipped)
     out = capsys.readouterr().out
     problems = [
