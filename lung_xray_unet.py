@@ -86,7 +86,7 @@ class Config:
     shift: float = 0.03  # ... and shifts (fraction of the side); no flips: the heart is on the patient's left
     intensity: float = 0.1  # brightness and contrast jitter, as exposure varies from film to film
     num_workers: int = 0  # films are cached tensors, augmented on the device per batch: workers would only add start-up
-    amp: bool = True  # mixed precision on CUDA (float16 + gradient scaling); ignored on the CPU
+    amp: bool = True  # mixed precision on CUDA (bfloat16 where supported, else float16); ignored on the CPU
     threshold: float = 0.5  # lung probability above which a pixel is lung
     figure_cases: int = 4  # test films shown in test_predictions.png
     tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
@@ -309,7 +309,10 @@ class Trainer:
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.max_epochs)
         self.use_amp = cfg.amp and DEVICE.type == "cuda"
-        self.scaler = torch.amp.GradScaler(DEVICE.type, enabled=self.use_amp)  # float16 gradients would underflow
+        # bfloat16 where the GPU has it: float32's range, so no loss scaling (no check of the gradients, and no wait
+        # for the GPU, at every step); float16 on older GPUs, whose small gradients would underflow unscaled.
+        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler(DEVICE.type, enabled=self.use_amp and self.amp_dtype == torch.float16)
         self.history: list[dict] = []
         self.best_dice, self.best_epoch = -math.inf, 0
         self.stopped: str | None = None  # why training stopped before max_epochs, if it did
@@ -319,8 +322,8 @@ class Trainer:
         self.train_model.train()
         total, count = 0.0, 0
         for step, (img, seg) in enumerate(tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False, disable=None)):
-            img, seg = augment(img.to(DEVICE), seg.to(DEVICE), self.cfg)
-            with torch.autocast(DEVICE.type, dtype=torch.float16, enabled=self.use_amp):
+            img, seg = augment(img.to(DEVICE, non_blocking=True), seg.to(DEVICE, non_blocking=True), self.cfg)
+            with torch.autocast(DEVICE.type, dtype=self.amp_dtype, enabled=self.use_amp):
                 loss = self.loss_fn(self.train_model(img), seg)
             # Under torchrun, the mean over the processes: all stop at the same step (one stopping alone would leave
             # the others waiting for it), and the history's loss is that of every film trained on. In one process,
@@ -348,7 +351,7 @@ class Trainer:
         dice = DiceAccumulator(empty="one")  # every film has lungs: the convention for empty masks never applies
         for img, seg in self.val_loader:
             img, seg = img.to(DEVICE), seg.to(DEVICE)
-            with torch.autocast(DEVICE.type, dtype=torch.float16, enabled=self.use_amp):
+            with torch.autocast(DEVICE.type, dtype=self.amp_dtype, enabled=self.use_amp):
                 logits = self.model(img)
             total, count = total + self.loss_fn(logits, seg).item() * len(img), count + len(img)
             dice.update(torch.sigmoid(lung_logit(logits).float()) > self.cfg.threshold, seg > 0.5)

@@ -339,6 +339,22 @@ class DiceBCELoss(torch.nn.Module):
 # %% Train and evaluate
 
 
+def autocast(device: torch.device, cfg: Config):
+    """Mixed precision on CUDA: bfloat16 where the GPU has it (float32's range: no loss scaling, so no check of the
+    gradients, and no wait for the GPU, at every step), else float16; nothing on the CPU."""
+    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=cfg.amp and device.type == "cuda")
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+
+
+def grad_scaler(device: torch.device, cfg: Config) -> torch.amp.GradScaler:
+    """Loss scaling, which float16's small gradients need to not underflow; off with bfloat16 and on the CPU."""
+    enabled = cfg.amp and device.type == "cuda" and amp_dtype(device) == torch.float16
+    return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
 def apply_min_area(pred: torch.Tensor, min_area: int) -> torch.Tensor:
     """Binary masks (B, 1, H, W) with those of fewer than `min_area` pixels emptied.
 
@@ -397,12 +413,11 @@ def choose_min_area(scores: MinAreaScores, candidates) -> int:
 def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, cfg: Config, epoch: int) -> float:
     """One pass over the training frames; returns the mean loss. Stops with a clear error if it is not finite."""
     model.train()
-    use_amp = cfg.amp and device.type == "cuda"
     total, count = 0.0, 0
     for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=None)):
         img = batch["image"].to(device, non_blocking=True).float() / 255  # (B, 1, H, W) in [0, 1]
         seg = batch["label"].to(device, non_blocking=True).float()
-        with torch.autocast(device.type, enabled=use_amp):
+        with autocast(device, cfg):
             loss = loss_fn(model(img), seg)
         # Under torchrun, the mean over the processes: all stop at the same step (one stopping alone would leave
         # the others waiting for it), and the history's loss is that of every frame trained on. In one process,
@@ -434,7 +449,7 @@ def evaluate(model, loader, loss_fn, device, cfg: Config) -> tuple[float, MinAre
     total, count = 0.0, 0
     for batch in tqdm(loader, desc="validation", leave=False, disable=None):
         img = batch["image"].to(device, non_blocking=True).float() / 255
-        with torch.autocast(device.type, enabled=cfg.amp and device.type == "cuda"):
+        with autocast(device, cfg):
             logits = model(img)
         total += loss_fn(logits, batch["label"].to(device).float()).item() * len(img)
         count += len(img)
@@ -482,7 +497,7 @@ def predict_test(model, test_dir: Path, cfg: Config, device, min_area: int) -> p
         if not images:
             continue
         img = torch.stack(images).to(device).float() / 255  # (B, 1, H, W)
-        with torch.autocast(device.type, enabled=cfg.amp and device.type == "cuda"):
+        with autocast(device, cfg):
             logits = model(img)
         prob = F.interpolate(torch.sigmoid(logits.float()), size=SHAPE, mode="bilinear", align_corners=False)
         pred = apply_min_area(prob > 0.5, min_area).cpu().numpy()
@@ -502,7 +517,7 @@ def draw_predictions(model, frames: list[dict], device, cfg: Config, min_area: i
     shown = (shown + [f for f in frames if not f["has_nerve"]][:1])[: cfg.figure_frames]
     model.eval()
     img = torch.stack([f["image"] for f in shown]).to(device).float() / 255  # (B, 1, H, W)
-    with torch.autocast(device.type, enabled=cfg.amp and device.type == "cuda"):
+    with autocast(device, cfg):
         logits = model(img)
     prob = F.interpolate(torch.sigmoid(logits.float()), size=SHAPE, mode="bilinear", align_corners=False)
     pred = apply_min_area(prob > 0.5, min_area).cpu()
@@ -572,7 +587,7 @@ def main(cfg: Config) -> list[dict]:
     train_model = distributed.wrap(model)  # DDP under torchrun (gradients averaged); `model` is what is saved
     loss_fn = DiceBCELoss(cfg.bce_weight)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+    scaler = grad_scaler(device, cfg)
     checkpoint_path = cfg.output_dir / "2D_Nerve_Segmentation.pt"
     parts = {"model": model, "optimizer": optimizer, "scaler": scaler}  # what last_checkpoint.pt holds
     history, first_epoch = [], 1

@@ -114,7 +114,7 @@ class Config:
     precise_bn_batches: int = 50  # training batches over which batch-norm statistics are recomputed before each
     # validation (0: never); see recompute_batch_norm
     num_workers: int = 0  # radiographs are decoded once and cached as tensors: workers would only add start-up
-    amp: bool = True  # mixed precision on CUDA (float16 + gradient scaling); ignored on the CPU
+    amp: bool = True  # mixed precision on CUDA (bfloat16 where supported, else float16); ignored on the CPU
     examples: int = 4  # radiographs drawn in examples.png and val_predictions.png
     tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
     resume: bool = False  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs
@@ -397,6 +397,24 @@ def build_model(cfg: Config) -> tuple[torch.nn.Module, bool]:
 
 
 # %% Train and evaluate
+
+
+def autocast(device: torch.device, cfg: Config):
+    """Mixed precision on CUDA: bfloat16 where the GPU has it (float32's range: no loss scaling, so no check of the
+    gradients, and no wait for the GPU, at every step), else float16; nothing on the CPU."""
+    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=cfg.amp and device.type == "cuda")
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+
+
+def grad_scaler(device: torch.device, cfg: Config) -> torch.amp.GradScaler:
+    """Loss scaling, which float16's small gradients need to not underflow; off with bfloat16 and on the CPU."""
+    enabled = cfg.amp and device.type == "cuda" and amp_dtype(device) == torch.float16
+    return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
 # The challenge's IoU thresholds, 0.40, 0.45, ..., 0.75, rounded so that 0.6 is exactly the float 0.6.
 IOU_THRESHOLDS = np.round(np.arange(0.40, 0.751, 0.05), 2)
 
@@ -517,7 +535,7 @@ def recompute_batch_norm(model, loader, device, cfg: Config) -> None:
     for step, (images, targets) in enumerate(loader):
         if step >= cfg.precise_bn_batches:
             break
-        with torch.autocast(device.type, enabled=cfg.amp and device.type == "cuda"):
+        with autocast(device, cfg):
             model([img.to(device) for img in images], [{k: v.to(device) for k, v in t.items()} for t in targets])
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
@@ -532,7 +550,6 @@ def train_one_epoch(model, loader, optimizer, scaler, device, cfg: Config, epoch
     so that every process records the same numbers and all stop together at a loss that is not finite.
     """
     model.train()
-    use_amp = cfg.amp and device.type == "cuda"
     sums, steps = Counter(), 0
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=None)
     for step, (images, targets) in enumerate(bar):
@@ -540,7 +557,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, cfg: Config, epoch
             break
         images = [img.to(device, non_blocking=True) for img in images]
         targets = [{key: value.to(device) for key, value in t.items()} for t in targets]
-        with torch.autocast(device.type, enabled=use_amp):
+        with autocast(device, cfg):
             losses = model(images, targets)
             loss = sum(losses.values())
         # The loss and its four terms, averaged over the processes, read in one transfer to the CPU.
@@ -569,7 +586,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, cfg: Config, epoch
 def predict(model, images: list[torch.Tensor], scales: list[np.ndarray], device, cfg: Config) -> list[dict]:
     """Predicted boxes (in the DICOM's pixels) and scores of a list of (3, S, S) images, as numpy, best first."""
     model.eval()
-    with torch.autocast(device.type, enabled=cfg.amp and device.type == "cuda"):
+    with autocast(device, cfg):
         outputs = model([img.to(device) for img in images])
     return [
         {"boxes": to_original(out["boxes"].float().cpu().numpy(), scale), "scores": out["scores"].float().cpu().numpy()}
@@ -702,7 +719,7 @@ def main(cfg: Config) -> list[dict]:
           f"parameters trained ({'COCO weights' if pretrained else 'from scratch'})")  # fmt: skip
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+    scaler = grad_scaler(device, cfg)
 
     truths = [item["boxes"] for item in val_items]  # the CSV's boxes, in the DICOM's pixels
     nothing = rsna_metric([{"boxes": np.zeros((0, 4)), "scores": np.zeros(0)}] * len(val_items), truths)
