@@ -255,13 +255,56 @@ def split_by_case(cases: list[dict], val_fraction: float, seed: int) -> tuple[li
 # prediction is inverted back to the scan's grid and compared with the mask as stored, where the challenge scores.
 
 
+class LoadVolumesd(LoadImaged):
+    """MONAI's LoadImaged, naming the file it cannot read. find_cases checks each file's header and the length its
+    gzip trailer gives (cheap); a .gz damaged inside (a bad sector, a copy patched up) gets past both and fails only
+    when its voxels are decompressed, here, deep inside nibabel and zlib: this says which file, as Unusable."""
+
+    def __call__(self, data, reader=None):
+        try:
+            return super().__call__(data, reader)
+        except Exception as err:
+            files = [str(data[key]) for key in self.keys if key in data]
+            bad = [path for path in files if not decodes(path)] or files  # which of the CT and its mask it was
+            detail = f"{', '.join(bad)} cannot be decompressed or decoded ({type(err).__name__}: {err})"
+            raise Unusable("unreadable", detail) from err
+
+
+def decodes(path: str) -> bool:
+    """Whether all the voxels of a NIfTI file can be read."""
+    try:
+        np.asanyarray(nib.load(path).dataobj)
+    except Exception:
+        return False
+    return True
+
+
+def unusable_cause(err: BaseException) -> Unusable | None:
+    """The Unusable behind `err`: MONAI wraps an error raised in a transform in a RuntimeError (or two)."""
+    while err is not None and not isinstance(err, Unusable):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def cache_dataset(files: list[dict], transforms: Compose, **kwargs) -> CacheDataset:
+    """MONAI's CacheDataset of `files` (loaded and preprocessed now); a file that cannot be read stops the run with
+    one line naming it (a DatasetError), not a traceback from three libraries down."""
+    try:
+        return CacheDataset(files, transforms, **kwargs)
+    except RuntimeError as err:
+        unusable = unusable_cause(err)
+        if unusable is None:
+            raise
+        raise DatasetError(f"{unusable.detail}: replace it, or move its case (_ct and _seg) out of Train/") from None
+
+
 def build_transforms(cfg: Config, mode: str) -> Compose:
     """MONAI dictionary transforms for mode "train" (random crops, augmentation), "val" or "infer"."""
     keys = ["image"] if mode == "infer" else ["image", "label"]
     resampled = keys if mode == "train" else ["image"]
     low, high = cfg.hu_window
     transforms = [
-        LoadImaged(keys, reader="NibabelReader", ensure_channel_first=True),  # (1, X, Y, Z) MetaTensor, float32
+        LoadVolumesd(keys, reader="NibabelReader", ensure_channel_first=True),  # (1, X, Y, Z) MetaTensor, float32
         Orientationd(resampled, axcodes="RAS", labels=None),  # labels=None: the axis names of the MetaTensor's space
         Spacingd(resampled, pixdim=cfg.pixdim, mode=("bilinear", "nearest")[: len(resampled)]),
         ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
@@ -445,7 +488,14 @@ def predict_folder(model, folder: Path, transforms: Compose, device, cfg: Config
         print(f"Segmenting the first {len(cases)} scans of {folder} only (max_infer_cases): not a complete submission")
     written = []
     for case in tqdm(cases, desc="segmenting", leave=False, disable=None):
-        item = transforms({"image": case["image"]})
+        try:
+            item = transforms({"image": case["image"]})
+        except RuntimeError as err:  # a scan damaged inside: named, skipped and counted, the others segmented
+            unusable = unusable_cause(err)
+            if unusable is None:
+                raise
+            skipped.skip(case["image"], unusable.problem, unusable.detail.removeprefix(f"{case['image']} "))
+            continue
         prob = predict_probability(model, item["image"], device, cfg, tta=cfg.tta_flips)
         mask = (to_scan_grid(prob, item["image"], transforms) > cfg.threshold)[0].numpy()
         path = out_dir / submission_name(case["case"])
@@ -542,9 +592,9 @@ def main(cfg: Config) -> list[dict]:
     # Under torchrun each process caches and trains on its own fixed share of the training cases (shuffled within it
     # every epoch; the shares have equal length, so all take the same steps), and validates its share of the
     # validation cases: the memory is not multiplied by the number of processes. All of them in one process.
-    train_ds = CacheDataset(distributed.train_shard(train_files), train_transforms, cache_rate=cfg.cache_rate,
-                            progress=bar)  # fmt: skip
-    val_ds = CacheDataset(distributed.shard(val_files), val_transforms, progress=bar)  # CT resampled, mask as stored
+    train_ds = cache_dataset(distributed.train_shard(train_files), train_transforms, cache_rate=cfg.cache_rate,
+                             progress=bar)  # fmt: skip
+    val_ds = cache_dataset(distributed.shard(val_files), val_transforms, progress=bar)  # CT resampled, mask as stored
     train_loader = DataLoader(
         train_ds,
         batch_size=cfg.batch_size,
@@ -616,7 +666,7 @@ def main(cfg: Config) -> list[dict]:
     if not distributed.is_main():
         return history  # process 0 alone validates the best epoch and segments Validation/; the others are done
     if distributed.world_size() > 1:  # process 0 held its share of the validation cases only: now all of them
-        val_ds = CacheDataset(val_files, val_transforms, progress=bar)
+        val_ds = cache_dataset(val_files, val_transforms, progress=bar)
 
     # The best epoch's weights, read back from the checkpoint, for the final validation, the figure and the masks.
     checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)

@@ -389,3 +389,43 @@ def test_quick_run_from_another_directory_reaches_the_dice_bar(sample_root, tmp_
     per_case = pd.read_csv(output / "val_dice_per_case.csv")
     assert list(per_case.columns) == ["case", "dice"]  # no test-time augmentation in a quick run
     assert per_case["dice"].mean() == pytest.approx(history["val_dice"].max())
+
+
+def damage_inside(path: Path) -> None:
+    """0xFF bytes over the second half of the deflate stream (all ones: codes and block types deflate has not): the
+    NIfTI header (at the start) and the gzip trailer (CRC and length, the last 8 bytes) stay intact, so the file
+    passes find_cases' cheap checks."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:-8] = b"\xff" * (len(data) - 8 - middle)
+    path.write_bytes(bytes(data))
+
+
+def test_a_gz_damaged_inside_stops_training_in_one_line_and_is_skipped_when_segmenting(
+    covid, covid_copy, tmp_path, capsys
+):
+    damaged = ct_path(covid_copy, TRAIN_IDS[0])
+    damage_inside(damaged)
+    covid.check_volume(damaged)  # header and length pass: only decompressing the voxels finds it
+    with pytest.raises(Exception):  # noqa: B017 - the raw failure, deep in zlib or gzip, whatever its kind
+        np.asanyarray(nib.load(damaged).dataobj)
+    cfg = tiny_config(covid, tmp_path, covid_copy.parent, max_epochs=1)
+    with pytest.raises(DatasetError) as caught:
+        covid.main(cfg)
+    message = str(caught.value)
+    assert message.startswith(f"{damaged} cannot be decompressed or decoded (")  # the CT alone: its mask is fine
+    assert message.endswith("replace it, or move its case (_ct and _seg) out of Train/") and "\n" not in message
+
+    # Segmenting a folder: the damaged scan is named, skipped and counted; the others are segmented.
+    damage_inside(ct_path(covid_copy, INFER_IDS[1], "Validation"))
+    model = covid.build_model(cfg)
+    out_dir = tmp_path / "masks"
+    out_dir.mkdir()
+    capsys.readouterr()
+    written = covid.predict_folder(model, covid_copy / "Validation", covid.build_transforms(cfg, "infer"),
+                                   torch.device("cpu"), replace(cfg, tta_flips=False), out_dir)  # fmt: skip
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in written) == ["041.nii.gz", "842.nii.gz"]
+    damaged_scan = ct_path(covid_copy, INFER_IDS[1], "Validation")
+    assert f"Skipped {damaged_scan}: unreadable (cannot be decompressed or decoded (" in out
+    assert "skipped 1 file (1 unreadable)" in out
