@@ -186,18 +186,10 @@ PREPARED_CASES = "cases.csv"
 UNREADABLE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what Pillow raises on bad files
 
 
-class BadCase(ValueError):
-    """A case that cannot be used, with the reason it is counted under ("unreadable PNG", ...) and a message."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
 def read_gray(path: Path) -> np.ndarray:
     """The pixels of a grayscale PNG as stored (8-bit, 16-bit, palette or RGB), float32 (H, W).
 
-    Raises BadCase naming the file when it cannot be decoded (truncated, not an image): Pillow opens
+    Raises Unusable naming the file when it cannot be decoded (truncated, not an image): Pillow opens
     lazily and only fails at `load()`, with a message that does not say which file it was reading.
     """
     try:
@@ -207,7 +199,7 @@ def read_gray(path: Path) -> np.ndarray:
                 img = img.convert("L")  # RGB, palette, 1-bit: the gray value (masks: anything > 0 counts)
             return np.asarray(img, dtype=np.float32)
     except UNREADABLE_ERRORS as error:
-        raise BadCase("unreadable PNG", f"{path} is not a readable PNG ({error})") from error
+        raise Unusable("unreadable PNG", f"{path} is not a readable PNG ({error})") from error
 
 
 def to_unit_range(pixels: np.ndarray) -> np.ndarray:
@@ -226,13 +218,13 @@ def to_unit_range(pixels: np.ndarray) -> np.ndarray:
 def read_lung_mask(paths: list[Path], shape: tuple[int, int]) -> np.ndarray:
     """The union of the masks in `paths` (left and right lung, or Shenzhen's single mask) as bool `shape`.
 
-    Raises BadCase naming the file when one is unreadable or not of `shape` (the image's (height, width)).
+    Raises Unusable naming the file when one is unreadable or not of `shape` (the image's (height, width)).
     """
     union = np.zeros(shape, dtype=bool)
     for path in paths:
         mask = read_gray(path) > 0  # 0/255 as written by NLM; 0/1 works too
         if mask.shape != union.shape:
-            raise BadCase(
+            raise Unusable(
                 "mask of another size",
                 f"{path} is {mask.shape[1]}x{mask.shape[0]} pixels, its image {shape[1]}x{shape[0]}",
             )
@@ -240,19 +232,19 @@ def read_lung_mask(paths: list[Path], shape: tuple[int, int]) -> np.ndarray:
     return union
 
 
-def find_lung_cases(montgomery_dir: Path, shenzhen_dir: Path | None = None) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Pair every image with its masks by file name: (cases, problems), problems as (reason, message).
+def find_lung_cases(montgomery_dir: Path, shenzhen_dir: Path | None, skipped: Skipped) -> list[dict]:
+    """Pair every image with its masks by file name.
 
-    A case is {"name", "source", "image", "masks"}. Unpaired files are problems, never silently dropped:
-    an image without (one of) its masks, and masks without an image.
+    A case is {"name", "source", "image", "masks"}. Unpaired files are named, skipped and counted in `skipped`,
+    never silently dropped: an image without (one of) its masks, and masks without an image.
     """
-    cases, problems = [], []
+    cases = []
     images = {p.name: p for p in sorted((montgomery_dir / "CXR_png").glob("*.png"))}
     masks = [{p.name: p for p in sorted((montgomery_dir / folder).glob("*.png"))} for folder in LUNG_MASK_FOLDERS]
     for name, image in images.items():
         missing = [f"{folder}/{name}" for folder, found in zip(LUNG_MASK_FOLDERS, masks) if name not in found]
         if missing:
-            problems.append(("image without mask", f"CXR_png/{name}: no mask {' or '.join(missing)}"))
+            skipped.skip(Path(name).stem, "image without mask", f"CXR_png/{name} has no {' or '.join(missing)}")
         else:
             cases.append(
                 {
@@ -264,7 +256,7 @@ def find_lung_cases(montgomery_dir: Path, shenzhen_dir: Path | None = None) -> t
             )
     for name in sorted(set().union(*masks) - set(images)):
         where = " and ".join(f"{folder}/{name}" for folder, found in zip(LUNG_MASK_FOLDERS, masks) if name in found)
-        problems.append(("mask without image", f"{where}: no image CXR_png/{name}"))
+        skipped.skip(Path(name).stem, "mask without image", f"{where} has no image CXR_png/{name}")
     if shenzhen_dir is not None:
         images = {p.stem: p for p in sorted((shenzhen_dir / SHENZHEN_IMAGE_FOLDER).glob("*.png"))}
         masks = {p.stem.removesuffix("_mask"): p for p in sorted(shenzhen_dir.rglob("*_mask.png"))}
@@ -272,14 +264,14 @@ def find_lung_cases(montgomery_dir: Path, shenzhen_dir: Path | None = None) -> t
             if stem in masks:
                 cases.append({"name": stem, "source": "Shenzhen", "image": image, "masks": [masks[stem]]})
             else:
-                problems.append(("image without mask", f"{image.relative_to(shenzhen_dir)}: no {stem}_mask.png"))
+                skipped.skip(stem, "image without mask", f"{image.relative_to(shenzhen_dir)} has no {stem}_mask.png")
         for stem in sorted(set(masks) - set(images)):
-            problems.append(("mask without image", f"{masks[stem].relative_to(shenzhen_dir)}: no image {stem}.png"))
-    return cases, problems
+            skipped.skip(stem, "mask without image", f"{masks[stem].relative_to(shenzhen_dir)} has no image {stem}.png")
+    return cases
 
 
 def _prepare_case(case: dict, size: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    """(uint16 image, uint8 0/255 mask), both size x size, and the original (height, width); BadCase if bad."""
+    """(uint16 image, uint8 0/255 mask), both size x size, and the original (height, width); Unusable if bad."""
     pixels = read_gray(case["image"])
     mask = read_lung_mask(case["masks"], pixels.shape)
     # Images: Lanczos, an antialiasing filter (a 4020x4892 film shrinks ~9x; plain sampling would alias the ribs).
@@ -337,7 +329,8 @@ def prepare_lung_segmentation(
     if shenzhen_dir is not None and not (Path(shenzhen_dir) / SHENZHEN_IMAGE_FOLDER).is_dir():
         raise DatasetError(f"Shenzhen set asked for, but {Path(shenzhen_dir) / SHENZHEN_IMAGE_FOLDER} is missing")
 
-    cases, problems = find_lung_cases(montgomery_dir, None if shenzhen_dir is None else Path(shenzhen_dir))
+    skipped = Skipped("case")
+    cases = find_lung_cases(montgomery_dir, None if shenzhen_dir is None else Path(shenzhen_dir), skipped)
     partial = out_dir.with_name(f".{out_dir.name}.partial")  # renamed into place at the end: never half-written
     shutil.rmtree(partial, ignore_errors=True)
     for folder in ("image", "mask"):
@@ -346,8 +339,8 @@ def prepare_lung_segmentation(
     for case in tqdm(cases, desc="Preparing lung cases", disable=None):
         try:
             image, mask, (height, width) = _prepare_case(case, size)
-        except BadCase as error:
-            problems.append((error.reason, f"{case['name']}: {error}"))
+        except Unusable as error:
+            skipped.skip(case["name"], error)
             continue
         Image.fromarray(image).save(partial / "image" / f"{case['name']}.png")
         Image.fromarray(mask).save(partial / "mask" / f"{case['name']}.png")
@@ -362,14 +355,11 @@ def prepare_lung_segmentation(
                 "mask_files": ";".join(relative[1:]),
             }
         )
-    for reason, message in problems:
-        print(f"Skipped ({reason}): {message}")
-    skipped = dict(Counter(reason for reason, _ in problems))
     if not rows:
         shutil.rmtree(partial)
         raise DatasetError(
-            f"No usable image/mask pair in {montgomery_dir} ({len(problems)} skipped): expected CXR_png/<name>.png "
-            f"with {LUNG_MASK_FOLDERS[0]}/<name>.png and {LUNG_MASK_FOLDERS[1]}/<name>.png"
+            f"No usable image/mask pair in {montgomery_dir} ({skipped.counts.total()} skipped): expected "
+            f"CXR_png/<name>.png with {LUNG_MASK_FOLDERS[0]}/<name>.png and {LUNG_MASK_FOLDERS[1]}/<name>.png"
         )
 
     # Seeded split of the sorted names: the same cases go to test on every machine and every run.
@@ -386,13 +376,10 @@ def prepare_lung_segmentation(
     cases_table = pd.DataFrame(rows).sort_values(["split", "name"])
     cases_table.to_csv(partial / PREPARED_CASES, index=False)
     counts = {split: int((cases_table["split"] == split).sum()) for split in ("train", "test")}
-    (partial / PREPARED_MANIFEST).write_text(json.dumps({**settings, **counts, "skipped": skipped}, indent=2))
+    manifest = {**settings, **counts, "skipped": dict(skipped.counts)}  # problem: number of cases
+    (partial / PREPARED_MANIFEST).write_text(json.dumps(manifest, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)  # only ever a folder with our manifest (checked above)
     os.replace(partial, out_dir)
-    summary = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
-    print(
-        f"Prepared {len(rows)} cases in {out_dir} ({counts['train']} train, {counts['test']} test); "
-        f"skipped {len(problems)}{f' ({summary})' if summary else ''}"
-    )
+    print(skipped.summary(f"Prepared {len(rows)} cases in {out_dir} ({counts['train']} train, {counts['test']} test)"))
     return out_dir

@@ -187,8 +187,8 @@ def test_a_bad_case_is_named_skipped_and_counted(problem, download, tmp_path, ca
 
     prepared = data_cleaning.prepare_lung_segmentation(broken)
     out = capsys.readouterr().out
-    assert [line for line in out.splitlines() if name in line][0].startswith(f"Skipped ({problem}): ")
-    assert f"skipped 1 (1 {problem})" in out
+    assert [line for line in out.splitlines() if name in line][0].startswith(f"Skipped case {name}: {problem}: ")
+    assert f"skipped 1 case (1 {problem})" in out
     manifest = json.loads((prepared / "prepared.json").read_text())
     assert manifest["skipped"] == {problem: 1} and manifest["train"] + manifest["test"] == 11
     assert not list(prepared.rglob(f"{name}.png"))
@@ -202,7 +202,7 @@ def test_no_usable_case_is_one_clear_error(tmp_path, capsys):
     expected = "expected CXR_png/<name>.png with ManualMask/leftMask/<name>.png"
     with pytest.raises(data_cleaning.DatasetError, match=expected):
         data_cleaning.prepare_lung_segmentation(empty)
-    assert "Skipped (image without mask): CXR_png/MCUCXR_0001_0.png" in capsys.readouterr().out
+    assert "Skipped case MCUCXR_0001_0: image without mask: CXR_png/MCUCXR_0001_0.png has no" in capsys.readouterr().out
     assert sorted(path.name for path in tmp_path.iterdir()) == ["MontgomerySet"]  # nothing half-written left
 
 
