@@ -9,6 +9,9 @@ e.g. `best_model.pt`), and `last_checkpoint.pt`, rewritten after every epoch wit
 (weights, optimizer, scheduler, gradient scaler, history, configuration). `resume=True` in a script's
 configuration continues from it up to `max_epochs`; the best metric so far is read from the best checkpoint
 itself, since a kill may fall between the two saves of an epoch.
+
+Training stops early on Ctrl-C and on a loss that is not finite (`EpochLoss` finds it), with one line
+(`stop_message`) saying what is kept.
 """
 
 from __future__ import annotations
@@ -95,3 +98,64 @@ def stop_message(err: BaseException, output_dir: str | Path, history: list[dict]
         )
     _, best_epoch = best_so_far(best_path)
     return f"{err}. Kept: {f'{best_path} (epoch {best_epoch})' if best_epoch else 'no checkpoint yet'}"
+
+
+class EpochLoss:
+    """The mean training loss of an epoch, read back from the GPU one step late, and the stop at a loss that is not
+    finite, with the epoch and batch it happened at.
+
+    Reading a loss on the CPU (`.item()`, `if not torch.isfinite(loss)`) waits for the GPU to finish the step. Done
+    at the end of each step, it leaves the GPU idle while the CPU prepares and queues the next one, which for small
+    networks is much of the step. Read after the next step is queued, it costs nothing: the GPU has work meanwhile.
+    So `add(step, ...)` checks the step before it, and `mean()` the last one. A loss that is not finite still stops
+    training, named by its own batch; one more step has run by then, on weights already lost, and nothing of the
+    epoch is saved. On the CPU the lag changes nothing but where the error is raised.
+
+        losses = EpochLoss(epoch, cfg.lr, bar)
+        for step, batch in enumerate(bar):
+            ...
+            losses.add(step, distributed.average(loss.detach()), len(img))  # under torchrun, all stop alike
+            ...backward, optimizer step...
+        return losses.mean()
+    """
+
+    def __init__(self, epoch: int, lr: float, bar=None):
+        self.epoch, self.lr, self.bar = epoch, lr, bar
+        self.names: tuple[str, ...] = ("loss",)
+        self.sums: list[float] = []
+        self.count = 0
+        self.pending: tuple[int, torch.Tensor, int] | None = None
+
+    def add(self, step: int, values: torch.Tensor, n: int, names: tuple[str, ...] | None = None) -> None:
+        """Step `step`'s loss (a scalar), or the loss and its terms (a vector, with their `names`), the mean over
+        `n` samples; checks the step before."""
+        self.check()
+        if names is not None:
+            self.names = tuple(names)
+        self.pending = (step, values.detach(), n)
+
+    def check(self) -> None:
+        """Read the pending step's loss (the one wait for the GPU), stop if it is not finite, else count it."""
+        if self.pending is None:
+            return
+        (step, values, n), self.pending = self.pending, None
+        values = values.float().reshape(-1).tolist()
+        if not math.isfinite(values[0]):
+            terms = ", ".join(f"{name} {value:.4g}" for name, value in zip(self.names[1:], values[1:]))
+            raise FloatingPointError(
+                f"Loss is {values[0]} at epoch {self.epoch}, batch {step}{f' ({terms})' if terms else ''}: stopping "
+                f"(try a lower lr than {self.lr}, or amp=False)"
+            )
+        self.sums = [total + value * n for total, value in zip(self.sums or [0.0] * len(values), values)]
+        self.count += n
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{values[0]:.3f}")
+
+    def means(self) -> dict[str, float]:
+        """The mean per sample of the loss and of each term, by name, over the steps added (the last one checked)."""
+        self.check()
+        return {name: total / max(self.count, 1) for name, total in zip(self.names, self.sums)}
+
+    def mean(self) -> float:
+        """The mean loss per sample over the steps added (NaN if none); checks the last one."""
+        return self.means().get(self.names[0], math.nan)

@@ -39,7 +39,16 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 import distributed
-from checkpoints import best_so_far, config_dict, resume, save_checkpoint, save_history, save_last, stop_message
+from checkpoints import (
+    EpochLoss,
+    best_so_far,
+    config_dict,
+    resume,
+    save_checkpoint,
+    save_history,
+    save_last,
+    stop_message,
+)
 from data_cleaning import (
     PREPARED_CASES,
     DatasetError,
@@ -320,27 +329,23 @@ class Trainer:
     def train_one_epoch(self, epoch: int) -> float:
         """One pass over the training films, augmented; the mean loss per film."""
         self.train_model.train()
-        total, count = 0.0, 0
-        for step, (img, seg) in enumerate(tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False, disable=None)):
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False, disable=None)
+        losses = EpochLoss(epoch, self.cfg.lr, bar)  # read one step late: the GPU never waits for a loss to be read
+        for step, (img, seg) in enumerate(bar):
             img, seg = augment(img.to(DEVICE, non_blocking=True), seg.to(DEVICE, non_blocking=True), self.cfg)
             with torch.autocast(DEVICE.type, dtype=self.amp_dtype, enabled=self.use_amp):
                 loss = self.loss_fn(self.train_model(img), seg)
             # Under torchrun, the mean over the processes: all stop at the same step (one stopping alone would leave
             # the others waiting for it), and the history's loss is that of every film trained on. In one process,
-            # the loss itself.
-            mean_loss = distributed.average(loss.detach())
-            if not torch.isfinite(mean_loss):
-                raise FloatingPointError(
-                    f"Loss is {mean_loss.item()} at epoch {epoch}, batch {step}: stopping (try a lower lr than "
-                    f"{self.cfg.lr}, or amp=False)"
-                )
+            # the loss itself. A loss that is not finite stops training (FloatingPointError, naming epoch and batch).
+            losses.add(step, distributed.average(loss.detach()), len(img))
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()  # under torchrun, DDP averages the gradients of all processes here
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            total, count = total + mean_loss.item() * len(img), count + len(img)
+        mean = losses.mean()  # checks the last step before the learning rate moves on
         self.scheduler.step()
-        return total / count
+        return mean
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, DiceAccumulator]:

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 import distributed
 from checkpoints import (
+    EpochLoss,
     best_so_far,
     config_dict,
     resume,
@@ -413,28 +414,22 @@ def choose_min_area(scores: MinAreaScores, candidates) -> int:
 def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, cfg: Config, epoch: int) -> float:
     """One pass over the training frames; returns the mean loss. Stops with a clear error if it is not finite."""
     model.train()
-    total, count = 0.0, 0
-    for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=None)):
+    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=None)
+    losses = EpochLoss(epoch, cfg.lr, bar)  # read one step late: the GPU never waits for the CPU to read a loss
+    for step, batch in enumerate(bar):
         img = batch["image"].to(device, non_blocking=True).float() / 255  # (B, 1, H, W) in [0, 1]
         seg = batch["label"].to(device, non_blocking=True).float()
         with autocast(device, cfg):
             loss = loss_fn(model(img), seg)
         # Under torchrun, the mean over the processes: all stop at the same step (one stopping alone would leave
         # the others waiting for it), and the history's loss is that of every frame trained on. In one process,
-        # the loss itself.
-        mean_loss = distributed.average(loss.detach())
-        if not torch.isfinite(mean_loss):
-            raise FloatingPointError(
-                f"Loss is {mean_loss.item()} at epoch {epoch}, batch {step}: stopping "
-                f"(try a lower lr than {cfg.lr}, or amp=False)"
-            )
+        # the loss itself. A loss that is not finite stops training (FloatingPointError, naming epoch and batch).
+        losses.add(step, distributed.average(loss.detach()), len(img))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # under torchrun, DDP averages the gradients of all processes here
         scaler.step(optimizer)
         scaler.update()
-        total += mean_loss.item() * len(img)
-        count += len(img)
-    return total / count
+    return losses.mean()
 
 
 @torch.no_grad()

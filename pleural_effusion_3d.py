@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 import distributed
 from checkpoints import (
+    EpochLoss,
     best_so_far,
     config_dict,
     resume,
@@ -448,8 +449,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, cfg: Conf
     Stops with a clear error naming the epoch and batch if the loss is not finite.
     """
     model.train()
-    total, count = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=None)
+    losses = EpochLoss(epoch, cfg.lr, bar)  # read one step late: the GPU never waits for the CPU to read a loss
     for step, batch in enumerate(bar):
         img = batch["image"].to(device, non_blocking=True).float()  # (B x samples, 1, x, y, z)
         seg = batch["label"].to(device, non_blocking=True).float()
@@ -457,21 +458,13 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, cfg: Conf
             loss = loss_fn(model(img), seg)
         # Under torchrun, the mean over the processes: all stop at the same step (one stopping alone would leave
         # the others waiting for it), and the history's loss is that of every crop trained on. In one process,
-        # the loss itself.
-        mean_loss = distributed.average(loss.detach())
-        if not torch.isfinite(mean_loss):
-            raise FloatingPointError(
-                f"Loss is {mean_loss.item()} at epoch {epoch}, batch {step}: stopping "
-                f"(try a lower lr than {cfg.lr}, or amp=False)"
-            )
+        # the loss itself. A loss that is not finite stops training (FloatingPointError, naming epoch and batch).
+        losses.add(step, distributed.average(loss.detach()), len(img))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # under torchrun, DDP averages the gradients of all processes here
         scaler.step(optimizer)
         scaler.update()
-        total += mean_loss.item() * len(img)
-        count += len(img)
-        bar.set_postfix(loss=f"{mean_loss.item():.3f}")
-    return total / max(count, 1)
+    return losses.mean()
 
 
 @torch.no_grad()

@@ -57,6 +57,7 @@ from tqdm import tqdm
 
 import distributed
 from checkpoints import (
+    EpochLoss,
     best_so_far,
     config_dict,
     resume,
@@ -550,8 +551,8 @@ def train_one_epoch(model, loader, optimizer, scaler, device, cfg: Config, epoch
     so that every process records the same numbers and all stop together at a loss that is not finite.
     """
     model.train()
-    sums, steps = Counter(), 0
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=None)
+    epoch_losses = EpochLoss(epoch, cfg.lr, bar)  # read one step late: the GPU never waits for a loss to be read
     for step, (images, targets) in enumerate(bar):
         if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
             break
@@ -560,26 +561,15 @@ def train_one_epoch(model, loader, optimizer, scaler, device, cfg: Config, epoch
         with autocast(device, cfg):
             losses = model(images, targets)
             loss = sum(losses.values())
-        # The loss and its four terms, averaged over the processes, read in one transfer to the CPU.
+        # The loss and its four terms, averaged over the processes (all stop at the same step at a loss that is not
+        # finite), read in one transfer to the CPU, one step late; the epoch's means are per step (n=1).
         values = torch.stack([loss.detach().float(), *(value.detach().float() for value in losses.values())])
-        values = distributed.average(values)
-        loss_value, *term_values = values.tolist()
-        if not math.isfinite(loss_value):
-            terms = ", ".join(f"{key} {value:.4g}" for key, value in zip(losses, term_values))
-            raise FloatingPointError(
-                f"Loss is {loss_value} at epoch {epoch}, batch {step} ({terms}): stopping "
-                f"(try a lower lr than {cfg.lr}, or amp=False)"
-            )
+        epoch_losses.add(step, distributed.average(values), 1, names=("train_loss", *losses))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        sums["train_loss"] += loss_value
-        for key, value in zip(losses, term_values):
-            sums[key] += value
-        steps += 1
-        bar.set_postfix(loss=f"{loss_value:.3f}")
-    return {key: value / max(steps, 1) for key, value in sums.items()}
+    return epoch_losses.means()
 
 
 @torch.no_grad()

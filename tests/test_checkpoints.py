@@ -1,4 +1,5 @@
-"""checkpoints.py: atomic writes, the last-epoch checkpoint, resuming from it, and the line said on an early stop."""
+"""checkpoints.py: atomic writes, the last-epoch checkpoint, resuming from it, the line said on an early stop, and
+the epoch's training loss read one step late (EpochLoss)."""
 
 import math
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ import torch
 
 from checkpoints import (
     LAST_CHECKPOINT,
+    EpochLoss,
     best_so_far,
     config_dict,
     resume,
@@ -84,3 +86,36 @@ def test_best_so_far_and_the_stop_lines(tmp_path):
         "run again with resume=True to go on from there"
     )
     assert config_dict(TinyConfig()) == {"output_dir": "out", "lr": 0.1}
+
+
+def test_epoch_loss_is_the_mean_per_sample_read_one_step_late():
+    losses = EpochLoss(epoch=2, lr=0.01)
+    losses.add(0, torch.tensor(1.0), 4)
+    assert losses.count == 0 and losses.pending is not None  # not read yet: the GPU may still be computing it
+    losses.add(1, torch.tensor(4.0), 2)
+    assert losses.count == 4  # step 0 read when step 1 came
+    assert losses.mean() == pytest.approx((1.0 * 4 + 4.0 * 2) / 6)
+    assert math.isnan(EpochLoss(epoch=1, lr=0.1).mean())  # no step at all
+
+
+def test_epoch_loss_stops_at_a_loss_that_is_not_finite_naming_its_own_batch():
+    losses = EpochLoss(epoch=3, lr=0.01)
+    losses.add(0, torch.tensor(0.5), 2)
+    losses.add(1, torch.tensor(float("nan")), 2)  # found when the next step comes, named as batch 1
+    with pytest.raises(FloatingPointError) as caught:
+        losses.add(2, torch.tensor(0.4), 2)
+    assert str(caught.value) == "Loss is nan at epoch 3, batch 1: stopping (try a lower lr than 0.01, or amp=False)"
+    last = EpochLoss(epoch=1, lr=0.005)
+    names = ("train_loss", "loss_classifier", "loss_box_reg")
+    last.add(0, torch.tensor([float("inf"), 0.25, float("inf")]), 1, names=names)  # the last step: found by mean()
+    with pytest.raises(FloatingPointError, match=r"^Loss is inf at epoch 1, batch 0 \(loss_classifier 0.25, "
+                       r"loss_box_reg inf\): stopping \(try a lower lr than 0.005, or amp=False\)$"):  # fmt: skip
+        last.means()
+
+
+def test_epoch_loss_means_each_term_by_name():
+    losses = EpochLoss(epoch=1, lr=0.01)
+    names = ("train_loss", "loss_classifier")
+    losses.add(0, torch.tensor([3.0, 1.0]), 1, names=names)
+    losses.add(1, torch.tensor([5.0, 2.0]), 1, names=names)
+    assert losses.means() == {"train_loss": 4.0, "loss_classifier": 1.5}
