@@ -504,7 +504,11 @@ def run(
     data_dir: Path | None,
     workers: int,
     sample_scale: int = 1,
+    json_path: Path | None = None,
 ) -> dict:
+    """Measure each pipeline of `names`; the report so far is written to `json_path` after each one. A pipeline that
+    fails (out of GPU memory, a data problem) is recorded with its error and the others still run: a GPU's time is
+    too dear to lose a whole run to one."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the scripts set it
@@ -523,28 +527,53 @@ def run(
         # No data folder given: the scripts write their synthetic sample into the scratch folder's sample/.
         data_dir = Path(scratch) / "data" if data_dir is None else data_dir
         for name in names:
-            module = load_script(SCRIPTS[name], quick=tiny)
-            cfg = configure(name, module, tiny, data_dir, Path(scratch) / "output", epochs)
-            pipeline = Pipeline(name, module, cfg, 3 if name in ("covid", "pleural") else 2)
-            print(f"{name}: ceiling ...", file=sys.stderr)
-            ceiling = measure_ceiling(pipeline, device, steps, warmup)
-            print(f"{name}: real loop ({epochs} epochs of {SCRIPTS[name]}.main) ...", file=sys.stderr)
-            real = measure_real(pipeline, device)
-            print(f"{name}: plain reference ...", file=sys.stderr)
-            plain = measure_plain(pipeline, device, max(2, steps // 2), min(warmup, 2), workers)
-            b_over_a = real["samples_per_s"] / ceiling["samples_per_s"]
-            b_over_c = real["samples_per_s"] / plain["samples_per_s"]
-            report["pipelines"][name] = {
-                "ceiling": ceiling,
-                "real": real,
-                "plain": plain,
-                "b_over_a": b_over_a,
-                "b_over_c": b_over_c,
-                "targets": {"b_over_a": TARGET_B_OVER_A, "b_over_c": TARGET_B_OVER_C[name]},
-                "meets_targets": b_over_a >= TARGET_B_OVER_A and b_over_c >= TARGET_B_OVER_C[name],
-            }
-            sys.modules.pop(SCRIPTS[name], None)
+            try:
+                report["pipelines"][name] = measure_pipeline(name, tiny, steps, warmup, epochs, data_dir, workers,
+                                                             Path(scratch) / "output", device)  # fmt: skip
+            except Exception as err:  # noqa: BLE001 - recorded, and the next pipeline measured
+                message = f"{type(err).__name__}: {err}".splitlines()[0]
+                print(f"{name}: FAILED ({message})", file=sys.stderr)
+                report["pipelines"][name] = {"error": message}
+            finally:
+                sys.modules.pop(SCRIPTS[name], None)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if json_path is not None:
+                write_json(report, json_path)
     return report
+
+
+def measure_pipeline(name: str, tiny: bool, steps: int, warmup: int, epochs: int, data_dir: Path, workers: int,
+                     output_dir: Path, device: torch.device) -> dict:  # fmt: skip
+    """(a), (b), (c) and inference of one pipeline, with the ratios and whether they meet the targets."""
+    module = load_script(SCRIPTS[name], quick=tiny)
+    cfg = configure(name, module, tiny, data_dir, output_dir, epochs)
+    pipeline = Pipeline(name, module, cfg, 3 if name in ("covid", "pleural") else 2)
+    print(f"{name}: ceiling ...", file=sys.stderr)
+    ceiling = measure_ceiling(pipeline, device, steps, warmup)
+    print(f"{name}: real loop ({epochs} epochs of {SCRIPTS[name]}.main) ...", file=sys.stderr)
+    real = measure_real(pipeline, device)
+    print(f"{name}: plain reference ...", file=sys.stderr)
+    plain = measure_plain(pipeline, device, max(2, steps // 2), min(warmup, 2), workers)
+    b_over_a = real["samples_per_s"] / ceiling["samples_per_s"]
+    b_over_c = real["samples_per_s"] / plain["samples_per_s"]
+    return {
+        "ceiling": ceiling,
+        "real": real,
+        "plain": plain,
+        "b_over_a": b_over_a,
+        "b_over_c": b_over_c,
+        "targets": {"b_over_a": TARGET_B_OVER_A, "b_over_c": TARGET_B_OVER_C[name]},
+        "meets_targets": b_over_a >= TARGET_B_OVER_A and b_over_c >= TARGET_B_OVER_C[name],
+    }
+
+
+def write_json(report: dict, path: Path) -> None:
+    """The report as JSON, whole: written beside, then renamed over the previous one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(report, indent=2))
+    os.replace(partial, path)
 
 
 def table(report: dict) -> str:
@@ -557,6 +586,9 @@ def table(report: dict) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, r in report["pipelines"].items():
+        if "error" in r:
+            rows.append(f"| {name} | failed: {r['error'][:100]} | | | | | | |")
+            continue
         inference = r["ceiling"]["inference"]
         inf = (f"{inference['images_per_s']:.1f} images/s" if "images_per_s" in inference
                else f"{inference['volumes_per_s']:.2f} volumes/s")  # fmt: skip
@@ -594,15 +626,13 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"unknown pipeline(s) {', '.join(unknown)}: choose from {', '.join(PIPELINES)}")
     if args.tiny:
         args.steps, args.warmup, args.epochs, args.workers, args.sample_scale = min(args.steps, 2), 1, 2, 0, 1
-    report = run(names, args.tiny, args.steps, args.warmup, args.epochs, args.data_dir, args.workers, args.sample_scale)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.json.with_name(args.json.name + ".partial")
-    partial.write_text(json.dumps(report, indent=2))
-    os.replace(partial, args.json)  # a whole file or the previous one
+    report = run(names, args.tiny, args.steps, args.warmup, args.epochs, args.data_dir, args.workers,
+                 sample_scale=args.sample_scale, json_path=args.json)  # fmt: skip
     print(table(report))
     print(f"\nJSON: {args.json}")
     return report
 
 
 if __name__ == "__main__":
-    main()
+    failed = [name for name, r in main()["pipelines"].items() if "error" in r]
+    sys.exit(f"Failed: {', '.join(failed)} (the error of each is in the table and the JSON)" if failed else 0)

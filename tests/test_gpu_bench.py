@@ -16,6 +16,17 @@ PIPELINES = ["lung", "nerve", "pneumonia", "covid", "pleural"]
 
 
 @pytest.fixture(scope="module")
+def gpu_bench():
+    """benchmarks/gpu_bench.py as a module."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        import gpu_bench
+    finally:
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    return gpu_bench
+
+
+@pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """`python benchmarks/gpu_bench.py --tiny` on the CPU (about 40 s on 2 cores), data in a folder of its own."""
     tmp = tmp_path_factory.mktemp("gpu_bench")
@@ -47,16 +58,11 @@ def test_every_pipeline_is_measured_three_ways_with_consistent_ratios_and_target
         assert r["real"]["epochs_timed"] == 1 and r["real"]["first_epoch_s"] > 0
 
 
-def test_the_real_loop_counts_the_samples_the_script_trained_on(tiny_run):
+def test_the_real_loop_counts_the_samples_the_script_trained_on(tiny_run, gpu_bench):
     """The lung script trains on every training film once per epoch (no batch dropped): the benchmark, counting
     the batches its train_one_epoch drew, must have seen exactly that many in the one timed epoch. The 3D scripts
     take `num_samples` / `samples_per_volume` crops per case (1 each with --tiny) per epoch."""
     tmp, _, report = tiny_run
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    try:
-        import gpu_bench
-    finally:
-        sys.path.remove(str(REPO_ROOT / "benchmarks"))
     lung = gpu_bench.load_script("lung_xray_unet", quick=True)
     cfg = gpu_bench.configure("lung", lung, True, tmp / "data", tmp / "output", epochs=2)
     train, _, _ = lung.split_cases(lung.prepare_data(cfg), cfg)
@@ -86,3 +92,22 @@ def test_the_table_and_the_json_say_the_same_and_nothing_lands_in_the_repository
          "segmentation", "ultrasound-nerve-segmentation"]
     )  # fmt: skip
     assert sorted(p.name for p in tmp.iterdir()) == ["bench.json", "data"]  # outputs went to a scratch folder
+
+
+def test_a_pipeline_that_fails_is_recorded_and_the_others_still_run(gpu_bench, tmp_path, monkeypatch, one_torch_thread):
+    """Out of GPU memory in one pipeline must not lose the others' figures (a GPU's time is dear): its error is in
+    the report, the JSON (written after each pipeline) and the table, and the command exits non-zero."""
+    original = gpu_bench.measure_plain
+
+    def out_of_memory_for_lung(pipeline, *args):
+        if pipeline.name == "lung":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\n(a long explanation)")
+        return original(pipeline, *args)
+
+    monkeypatch.setattr(gpu_bench, "measure_plain", out_of_memory_for_lung)
+    report = gpu_bench.run(["lung", "nerve"], True, 2, 1, 2, tmp_path / "data", 0, json_path=tmp_path / "bench.json")
+    assert report["pipelines"]["lung"] == {"error": "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+    assert report["pipelines"]["nerve"]["real"]["samples_per_s"] > 0 and "error" not in report["pipelines"]["nerve"]
+    assert json.loads((tmp_path / "bench.json").read_text()) == report
+    assert "| lung | failed: RuntimeError: CUDA out of memory." in gpu_bench.table(report)
+    assert "lung_xray_unet" not in sys.modules  # unloaded even after the failure
