@@ -79,6 +79,7 @@ from checkpoints import (
 )
 from data_cleaning import DatasetError, Skipped, Unusable
 from dice import DiceAccumulator, log_epoch, plot_dice_history, tensorboard_writer
+from precision import autocast, grad_scaler
 from sample_data import find_dataset
 
 # MONAI's LoadImage sets up every reader it knows, among them a GPU DICOM decoder that complains on each set-up
@@ -367,11 +368,6 @@ def build_loss() -> DiceCELoss:
     return DiceCELoss(sigmoid=True, batch=True)
 
 
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 where the GPU has it (no gradient scaling needed), else float16."""
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-
-
 # %% Train and evaluate
 
 
@@ -381,13 +377,12 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, cfg: Conf
     Stops with a clear error naming the epoch and step if the loss is not finite.
     """
     model.train()
-    use_amp = cfg.amp and device.type == "cuda"
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=None)
     losses = EpochLoss(epoch, cfg.lr, bar)  # read one step late: the GPU never waits for the CPU to read a loss
     for step, batch in enumerate(bar):
         img = batch["image"].to(device, non_blocking=True)  # (B * num_samples, 1, X, Y, Z) in 0..1
         seg = (batch["label"] > 0).to(device, non_blocking=True, dtype=torch.float32)
-        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=use_amp):
+        with autocast(device, cfg.amp):
             logits = model(img)
         loss = loss_fn(logits.float(), seg)  # in float32: Dice sums over whole crops
         # Under torchrun, the mean over the processes: all stop at the same step (one stopping alone would leave
@@ -410,10 +405,9 @@ def predict_probability(model, image: torch.Tensor, device, cfg: Config, tta: bo
     probabilities averaged.
     """
     model.eval()
-    use_amp = cfg.amp and device.type == "cuda"
 
     def window_probability(windows: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=use_amp):
+        with autocast(device, cfg.amp):
             return torch.sigmoid(model(windows).float())
 
     volume = (image.as_tensor() if isinstance(image, MetaTensor) else image)[None].to(device)  # (1, 1, X, Y, Z)
@@ -607,8 +601,7 @@ def main(cfg: Config) -> list[dict]:
     train_model = distributed.wrap(model)  # DDP under torchrun (gradients averaged); `model` is what is saved
     loss_fn = build_loss()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    use_scaler = cfg.amp and device.type == "cuda" and amp_dtype(device) == torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    scaler = grad_scaler(device, cfg.amp)  # float16 only: none with bfloat16 or on the CPU
     checkpoint_path = output_dir / "best_model.pt"
     parts = {"model": model, "optimizer": optimizer, "scaler": scaler}  # what last_checkpoint.pt holds
     history, first_epoch = [], 1

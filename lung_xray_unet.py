@@ -58,6 +58,7 @@ from data_cleaning import (
     to_unit_range,
 )
 from dice import DiceAccumulator, SoftDiceLoss, log_epoch, plot_dice_history, tensorboard_writer
+from precision import autocast, grad_scaler
 from sample_data import find_dataset
 
 # %% Configuration
@@ -317,11 +318,7 @@ class Trainer:
         self.loss_fn = LungLoss(cfg.loss)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.max_epochs)
-        self.use_amp = cfg.amp and DEVICE.type == "cuda"
-        # bfloat16 where the GPU has it: float32's range, so no loss scaling (no check of the gradients, and no wait
-        # for the GPU, at every step); float16 on older GPUs, whose small gradients would underflow unscaled.
-        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
-        self.scaler = torch.amp.GradScaler(DEVICE.type, enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.scaler = grad_scaler(DEVICE, cfg.amp)  # float16 only: none with bfloat16 or on the CPU (precision.py)
         self.history: list[dict] = []
         self.best_dice, self.best_epoch = -math.inf, 0
         self.stopped: str | None = None  # why training stopped before max_epochs, if it did
@@ -333,7 +330,7 @@ class Trainer:
         losses = EpochLoss(epoch, self.cfg.lr, bar)  # read one step late: the GPU never waits for a loss to be read
         for step, (img, seg) in enumerate(bar):
             img, seg = augment(img.to(DEVICE, non_blocking=True), seg.to(DEVICE, non_blocking=True), self.cfg)
-            with torch.autocast(DEVICE.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            with autocast(DEVICE, self.cfg.amp):
                 loss = self.loss_fn(self.train_model(img), seg)
             # Under torchrun, the mean over the processes: all stop at the same step (one stopping alone would leave
             # the others waiting for it), and the history's loss is that of every film trained on. In one process,
@@ -356,7 +353,7 @@ class Trainer:
         dice = DiceAccumulator(empty="one")  # every film has lungs: the convention for empty masks never applies
         for img, seg in self.val_loader:
             img, seg = img.to(DEVICE), seg.to(DEVICE)
-            with torch.autocast(DEVICE.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            with autocast(DEVICE, self.cfg.amp):
                 logits = self.model(img)
             total, count = total + self.loss_fn(logits, seg).item() * len(img), count + len(img)
             dice.update(torch.sigmoid(lung_logit(logits).float()) > self.cfg.threshold, seg > 0.5)

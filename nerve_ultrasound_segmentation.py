@@ -55,6 +55,7 @@ from checkpoints import (
 )
 from data_cleaning import DatasetError, Skipped, find_contradictory_pairs, frame_signature, rle_decode, rle_encode
 from dice import DiceAccumulator, SoftDiceLoss, dice_per_image, log_epoch, plot_dice_history, tensorboard_writer
+from precision import autocast, grad_scaler
 from sample_data import find_dataset
 
 # %% Configuration
@@ -340,22 +341,6 @@ class DiceBCELoss(torch.nn.Module):
 # %% Train and evaluate
 
 
-def autocast(device: torch.device, cfg: Config):
-    """Mixed precision on CUDA: bfloat16 where the GPU has it (float32's range: no loss scaling, so no check of the
-    gradients, and no wait for the GPU, at every step), else float16; nothing on the CPU."""
-    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=cfg.amp and device.type == "cuda")
-
-
-def amp_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-
-
-def grad_scaler(device: torch.device, cfg: Config) -> torch.amp.GradScaler:
-    """Loss scaling, which float16's small gradients need to not underflow; off with bfloat16 and on the CPU."""
-    enabled = cfg.amp and device.type == "cuda" and amp_dtype(device) == torch.float16
-    return torch.amp.GradScaler(device.type, enabled=enabled)
-
-
 def apply_min_area(pred: torch.Tensor, min_area: int) -> torch.Tensor:
     """Binary masks (B, 1, H, W) with those of fewer than `min_area` pixels emptied.
 
@@ -419,7 +404,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, cfg: Conf
     for step, batch in enumerate(bar):
         img = batch["image"].to(device, non_blocking=True).float() / 255  # (B, 1, H, W) in [0, 1]
         seg = batch["label"].to(device, non_blocking=True).float()
-        with autocast(device, cfg):
+        with autocast(device, cfg.amp):
             loss = loss_fn(model(img), seg)
         # Under torchrun, the mean over the processes: all stop at the same step (one stopping alone would leave
         # the others waiting for it), and the history's loss is that of every frame trained on. In one process,
@@ -444,7 +429,7 @@ def evaluate(model, loader, loss_fn, device, cfg: Config) -> tuple[float, MinAre
     total, count = 0.0, 0
     for batch in tqdm(loader, desc="validation", leave=False, disable=None):
         img = batch["image"].to(device, non_blocking=True).float() / 255
-        with autocast(device, cfg):
+        with autocast(device, cfg.amp):
             logits = model(img)
         total += loss_fn(logits, batch["label"].to(device).float()).item() * len(img)
         count += len(img)
@@ -492,7 +477,7 @@ def predict_test(model, test_dir: Path, cfg: Config, device, min_area: int) -> p
         if not images:
             continue
         img = torch.stack(images).to(device).float() / 255  # (B, 1, H, W)
-        with autocast(device, cfg):
+        with autocast(device, cfg.amp):
             logits = model(img)
         prob = F.interpolate(torch.sigmoid(logits.float()), size=SHAPE, mode="bilinear", align_corners=False)
         pred = apply_min_area(prob > 0.5, min_area).cpu().numpy()
@@ -512,7 +497,7 @@ def draw_predictions(model, frames: list[dict], device, cfg: Config, min_area: i
     shown = (shown + [f for f in frames if not f["has_nerve"]][:1])[: cfg.figure_frames]
     model.eval()
     img = torch.stack([f["image"] for f in shown]).to(device).float() / 255  # (B, 1, H, W)
-    with autocast(device, cfg):
+    with autocast(device, cfg.amp):
         logits = model(img)
     prob = F.interpolate(torch.sigmoid(logits.float()), size=SHAPE, mode="bilinear", align_corners=False)
     pred = apply_min_area(prob > 0.5, min_area).cpu()
@@ -582,7 +567,7 @@ def main(cfg: Config) -> list[dict]:
     train_model = distributed.wrap(model)  # DDP under torchrun (gradients averaged); `model` is what is saved
     loss_fn = DiceBCELoss(cfg.bce_weight)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scaler = grad_scaler(device, cfg)
+    scaler = grad_scaler(device, cfg.amp)
     checkpoint_path = cfg.output_dir / "2D_Nerve_Segmentation.pt"
     parts = {"model": model, "optimizer": optimizer, "scaler": scaler}  # what last_checkpoint.pt holds
     history, first_epoch = [], 1

@@ -62,6 +62,7 @@ from checkpoints import (
 )
 from data_cleaning import DatasetError, Skipped, Unusable
 from dice import DiceAccumulator, log_epoch, plot_dice_history, soft_dice_loss, tensorboard_writer
+from precision import autocast, grad_scaler
 from sample_data import find_dataset
 
 # %% Configuration
@@ -437,12 +438,6 @@ class DiceBCELoss(torch.nn.Module):
 # %% Train and evaluate
 
 
-def autocast(device: torch.device, cfg: Config):
-    """Mixed precision on CUDA: bfloat16 where the GPU has it (no loss scaling needed), else float16."""
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=cfg.amp and device.type == "cuda")
-
-
 def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, cfg: Config, epoch: int) -> float:
     """One pass over the training cases (`samples_per_volume` crops each); returns the mean loss per crop.
 
@@ -454,7 +449,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, cfg: Conf
     for step, batch in enumerate(bar):
         img = batch["image"].to(device, non_blocking=True).float()  # (B x samples, 1, x, y, z)
         seg = batch["label"].to(device, non_blocking=True).float()
-        with autocast(device, cfg):
+        with autocast(device, cfg.amp):
             loss = loss_fn(model(img), seg)
         # Under torchrun, the mean over the processes: all stop at the same step (one stopping alone would leave
         # the others waiting for it), and the history's loss is that of every crop trained on. In one process,
@@ -474,7 +469,7 @@ def predict_logits(model, image: torch.Tensor, device, cfg: Config) -> torch.Ten
     model.eval()
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
-        with autocast(device, cfg):
+        with autocast(device, cfg.amp):
             return model(window).float()  # blended in float32
 
     logits = sliding_window_inference(
@@ -647,8 +642,7 @@ def main(cfg: Config) -> list[dict]:
     train_model = distributed.wrap(model)  # DDP under torchrun (gradients averaged); `model` is what is saved
     loss_fn = DiceBCELoss(cfg.bce_weight, cfg.pos_weight).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    use_scaler = cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()  # float16 only
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    scaler = grad_scaler(device, cfg.amp)  # float16 only: none with bfloat16 or on the CPU
 
     def poly(done: int) -> float:
         """nnU-Net's poly decay: the factor of `lr` once `done` epochs are done, 0 after the last one."""

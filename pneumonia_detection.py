@@ -69,6 +69,7 @@ from checkpoints import (
 )
 from data_cleaning import DatasetError, Skipped, Unusable
 from dice import log_epoch, plot_dice_history, tensorboard_writer
+from precision import autocast, grad_scaler
 from sample_data import find_dataset
 
 # %% Configuration
@@ -400,22 +401,6 @@ def build_model(cfg: Config) -> tuple[torch.nn.Module, bool]:
 # %% Train and evaluate
 
 
-def autocast(device: torch.device, cfg: Config):
-    """Mixed precision on CUDA: bfloat16 where the GPU has it (float32's range: no loss scaling, so no check of the
-    gradients, and no wait for the GPU, at every step), else float16; nothing on the CPU."""
-    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=cfg.amp and device.type == "cuda")
-
-
-def amp_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-
-
-def grad_scaler(device: torch.device, cfg: Config) -> torch.amp.GradScaler:
-    """Loss scaling, which float16's small gradients need to not underflow; off with bfloat16 and on the CPU."""
-    enabled = cfg.amp and device.type == "cuda" and amp_dtype(device) == torch.float16
-    return torch.amp.GradScaler(device.type, enabled=enabled)
-
-
 # The challenge's IoU thresholds, 0.40, 0.45, ..., 0.75, rounded so that 0.6 is exactly the float 0.6.
 IOU_THRESHOLDS = np.round(np.arange(0.40, 0.751, 0.05), 2)
 
@@ -536,7 +521,7 @@ def recompute_batch_norm(model, loader, device, cfg: Config) -> None:
     for step, (images, targets) in enumerate(loader):
         if step >= cfg.precise_bn_batches:
             break
-        with autocast(device, cfg):
+        with autocast(device, cfg.amp):
             model([img.to(device) for img in images], [{k: v.to(device) for k, v in t.items()} for t in targets])
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
@@ -558,7 +543,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, cfg: Config, epoch
             break
         images = [img.to(device, non_blocking=True) for img in images]
         targets = [{key: value.to(device) for key, value in t.items()} for t in targets]
-        with autocast(device, cfg):
+        with autocast(device, cfg.amp):
             losses = model(images, targets)
             loss = sum(losses.values())
         # The loss and its four terms, averaged over the processes (all stop at the same step at a loss that is not
@@ -576,7 +561,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, cfg: Config, epoch
 def predict(model, images: list[torch.Tensor], scales: list[np.ndarray], device, cfg: Config) -> list[dict]:
     """Predicted boxes (in the DICOM's pixels) and scores of a list of (3, S, S) images, as numpy, best first."""
     model.eval()
-    with autocast(device, cfg):
+    with autocast(device, cfg.amp):
         outputs = model([img.to(device) for img in images])
     return [
         {"boxes": to_original(out["boxes"].float().cpu().numpy(), scale), "scores": out["scores"].float().cpu().numpy()}
@@ -709,7 +694,7 @@ def main(cfg: Config) -> list[dict]:
           f"parameters trained ({'COCO weights' if pretrained else 'from scratch'})")  # fmt: skip
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-    scaler = grad_scaler(device, cfg)
+    scaler = grad_scaler(device, cfg.amp)
 
     truths = [item["boxes"] for item in val_items]  # the CSV's boxes, in the DICOM's pixels
     nothing = rsna_metric([{"boxes": np.zeros((0, 4)), "scores": np.zeros(0)}] * len(val_items), truths)
