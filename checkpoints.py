@@ -1,31 +1,107 @@
-"""Checkpoints that survive a kill, and resuming from them: shared by the five scripts.
+"""What every script does around its recipe: the configuration, the epoch loop's bookkeeping, checkpoints that
+survive a kill, resuming, and how training stops. Shared by the five scripts.
 
-Every file a script rewrites while it trains (checkpoints, history, plots, submissions) is written to a temporary
-file in the same folder and renamed over the old one: a rename within a folder is atomic, so a crash, a kill or
-a full disk at any moment leaves the previous file whole, and a viewer never reads half a file.
-
-Each script keeps two checkpoints in its output folder: the best epoch by its validation metric (its own name,
-e.g. `best_model.pt`), and `last_checkpoint.pt`, rewritten after every epoch with everything needed to go on
-(weights, optimizer, scheduler, gradient scaler, history, configuration). `resume=True` in a script's
-configuration continues from it up to `max_epochs`; the best metric so far is read from the best checkpoint
-itself, since a kill may fall between the two saves of an epoch.
-
-Training stops early on Ctrl-C and on a loss that is not finite (`EpochLoss` finds it), with one line
-(`stop_message`) saying what is kept.
+- `BaseConfig`: a script's `Config` dataclass holds the full recipe as its defaults, and the quick run as one dict
+  of overrides below them (`QUICK_RUN`), applied by `Config(quick=True)` exactly as by `QUICK=1`.
+- `TrainingRun`: the epoch loop's bookkeeping behind one `with` and one call per epoch, so that the loop reads
+  like the recipe: the best checkpoint (`best_model.pt`, by the script's validation metric) and the last one
+  (`last_checkpoint.pt`, everything needed to go on), the history (`history.csv`) and its plot, TensorBoard,
+  resuming (`resume=True`), process 0 alone writing under torchrun, and the stop on Ctrl-C or on a loss that is
+  not finite (`EpochLoss` finds it), with one line (`stop_message`) saying what is kept.
+- Every file a script rewrites while it trains (checkpoints, history, plots, submissions) is written to a
+  temporary file in the same folder and renamed over the old one: a rename within a folder is atomic, so a crash,
+  a kill or a full disk at any moment leaves the previous file whole, and a viewer never reads half a file. The
+  best metric so far is read from the best checkpoint itself, since a kill may fall between the two saves of an
+  epoch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from collections.abc import Callable
+import random
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import ClassVar
 
+import numpy as np
 import pandas as pd
 import torch
 
-LAST_CHECKPOINT = "last_checkpoint.pt"
+import distributed
+from dice import log_epoch, plot_dice_history, tensorboard_writer
+
+BEST_MODEL = "best_model.pt"  # the weights of the best epoch by the validation metric, with their configuration
+LAST_CHECKPOINT = "last_checkpoint.pt"  # everything after the last epoch done, to go on from (resume=True)
+
+
+# %% The configuration
+
+
+class BaseConfig:
+    """The base of every script's `Config` dataclass: defaults that are the full recipe, and the quick run.
+
+    `QUICK_RUN`, a class attribute, holds the quick run's settings. With `quick=True` (the default when `QUICK=1` is
+    in the environment) they replace the defaults, except for the settings given explicitly, which always win:
+    `Config(quick=True, max_epochs=5)` is the quick run with 5 epochs. `dataclasses.replace` gives every setting
+    explicitly, so it changes what it names and nothing else. Fields typed `Path` also take strings.
+    """
+
+    QUICK_RUN: ClassVar[dict] = {}
+
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls)
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
+        self._given = set(names[: len(args)]) | set(kwargs)  # what the caller set: the quick run leaves it alone
+        return self
+
+    def __post_init__(self) -> None:
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(self.QUICK_RUN) - names)
+        if unknown:
+            raise TypeError(f"QUICK_RUN sets settings that Config does not have: {', '.join(unknown)}")
+        if self.quick:
+            for name, value in self.QUICK_RUN.items():
+                if name not in getattr(self, "_given", ()):
+                    setattr(self, name, value)
+        for f in dataclasses.fields(self):
+            if f.type in (Path, "Path") and isinstance(getattr(self, f.name), str):
+                setattr(self, f.name, Path(getattr(self, f.name)))
+
+    @classmethod
+    def from_dict(cls, saved: dict):
+        """The configuration saved in a checkpoint (`config_dict`), as this script's `Config`; settings this version
+        of the script no longer has are left out, new ones take their defaults."""
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        return cls(**{name: value for name, value in saved.items() if name in names})
+
+    def changes(self) -> dict:
+        """The settings that differ from the full recipe's defaults, by name."""
+        changed = {}
+        for f in dataclasses.fields(self):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if f.name != "quick" and getattr(self, f.name) != default:
+                changed[f.name] = getattr(self, f.name)
+        return changed
+
+    def describe(self) -> str:
+        """One line: quick run or full recipe, and every setting that differs from the full recipe."""
+        changed = ", ".join(f"{k}={str(v) if isinstance(v, Path) else repr(v)}" for k, v in self.changes().items())
+        kind = "QUICK run" if self.quick else "the full recipe"
+        return f"Configuration: {kind}" + (f", with {changed}" if changed else "")
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's random generators (the CPU's and every GPU's), from one seed."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# %% Files that survive a kill
 
 
 def save_atomically(path: str | Path, write: Callable[[Path], object]) -> None:
@@ -54,7 +130,7 @@ def config_dict(cfg) -> dict:
 def save_last(output_dir: str | Path, epoch: int, history: list[dict], cfg, **parts) -> None:
     """`last_checkpoint.pt`: the state of each part (model=, optimizer=, scheduler=, scaler=...) after `epoch`."""
     state = {name: part.state_dict() for name, part in parts.items()}
-    state |= {"epoch": epoch, "history": history, "config": config_dict(cfg)}
+    state |= {"epoch": epoch, "history": [dict(row) for row in history], "config": config_dict(cfg)}
     save_checkpoint(state, Path(output_dir) / LAST_CHECKPOINT)
 
 
@@ -98,6 +174,9 @@ def stop_message(err: BaseException, output_dir: str | Path, history: list[dict]
         )
     _, best_epoch = best_so_far(best_path)
     return f"{err}. Kept: {f'{best_path} (epoch {best_epoch})' if best_epoch else 'no checkpoint yet'}"
+
+
+# %% How training stops
 
 
 class EpochLoss:
@@ -159,3 +238,175 @@ class EpochLoss:
     def mean(self) -> float:
         """The mean loss per sample over the steps added (NaN if none); checks the last one."""
         return self.means().get(self.names[0], math.nan)
+
+
+# %% The epoch loop's bookkeeping
+
+
+class History(list):
+    """The history of a training run: one dict per epoch, as in history.csv. Also says which epoch was best (by
+    the validation metric, resumed runs included) and, if training stopped early, why (`stopped`, the line said)."""
+
+    metric: str = ""
+    best_epoch: int = 0  # 0: no epoch validated yet
+    best_metric: float = -math.inf
+    stopped: str | None = None
+    exit_status: int = 0  # what a stopped run ends with from the command line: 130 after Ctrl-C, 1 after a NaN
+
+    def best(self) -> dict:
+        """The history row of the best epoch."""
+        return next(row for row in self if row["epoch"] == self.best_epoch)
+
+
+class TrainingRun:
+    """Everything an epoch loop does besides the recipe, behind one `with` and one call per epoch:
+
+        with TrainingRun(cfg, "val_dice", model=model, optimizer=optimizer, scaler=scaler) as run:
+            for epoch in run.epochs(train_loader):
+                train_loss = train_one_epoch(train_model, train_loader, ...)
+                run.end_epoch(train_loss=train_loss, **evaluate(model, val_loader, ...))
+        history = run.history
+
+    - `resume=True` in `cfg`: every part (model=, optimizer=, scheduler=, scaler=, the names of last_checkpoint.pt)
+      is loaded from `output_dir/last_checkpoint.pt` and the epochs go on from there up to `max_epochs`; without it a
+      run starts at epoch 1.
+    - `epochs(loader)` yields the epochs still to train; under torchrun it deals `loader`'s shards anew each epoch.
+    - `end_epoch(**metrics)` records the epoch's row (its number, the metrics, the learning rate it trained with,
+      its seconds), prints it on one line, and in process 0 only: `best_model.pt` when `metric` improved (the
+      model's weights, the configuration, the epoch, the metric, the whole row: a threshold chosen on validation
+      is there), `history.csv`, the metric's plot, TensorBoard (`tensorboard=True`), `last_checkpoint.pt`. An
+      epoch without `metric` (not validated) or with NaN is never the best.
+    - Ctrl-C (Interrupt in a notebook) or a loss that is not finite (FloatingPointError, from EpochLoss) ends the
+      `with` block with one line saying what is kept; `history.stopped` holds it. Any other error goes through.
+    """
+
+    def __init__(self, cfg, metric: str, *, plot: str = "dice_per_epoch.png", title: str = "", ylabel: str = "Dice",
+                 **parts):  # fmt: skip
+        self.cfg, self.metric, self.parts = cfg, metric, parts
+        self.plot, self.title, self.ylabel = plot, title or f"Validation {ylabel} per epoch", ylabel
+        self.output_dir = Path(cfg.output_dir)
+        self.best_path = self.output_dir / BEST_MODEL
+        self.history = History()
+        self.history.metric = metric
+        self.first_epoch, self.writer = 1, None
+
+    def __enter__(self) -> TrainingRun:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.cfg.resume:
+            device = next(self.parts["model"].parameters()).device
+            self.first_epoch, history = resume(self.output_dir, device, **self.parts)
+            self.history.extend(history)
+            self.history.best_metric, self.history.best_epoch = best_so_far(self.best_path)
+        self.writer = tensorboard_writer(
+            self.cfg.tensorboard and distributed.is_main(), self.output_dir / "tensorboard"
+        )
+        return self
+
+    def epochs(self, loader=None) -> Iterator[int]:
+        for epoch in range(self.first_epoch, self.cfg.max_epochs + 1):
+            if loader is not None:
+                distributed.set_epoch(loader, epoch)  # under torchrun: new shards for this epoch
+            optimizer = self.parts.get("optimizer")
+            self.epoch, self.lr = epoch, optimizer.param_groups[0]["lr"] if optimizer is not None else None
+            self.start = time.perf_counter()
+            yield epoch
+
+    def end_epoch(self, **metrics) -> dict:
+        row = {"epoch": self.epoch, **metrics}
+        if self.lr is not None:
+            row["lr"] = self.lr
+        row["seconds"] = time.perf_counter() - self.start
+        self.history.append(row)
+        for other in self.history:  # every row with every column (NaN where an epoch did not validate)
+            other.update({key: math.nan for key in row if key not in other})
+        value = float(row.get(self.metric, math.nan))
+        is_best = not math.isnan(value) and value > self.history.best_metric  # the same in every process
+        if is_best:
+            self.history.best_metric, self.history.best_epoch = value, self.epoch
+        if distributed.is_main():  # one process writes; the others hold the same weights and history
+            self.save(row, is_best)
+        print(epoch_line(row, self.cfg.max_epochs) + ("  *best*" if is_best else ""))
+        return row
+
+    def save(self, row: dict, is_best: bool) -> None:
+        if is_best:
+            best = {"model": self.parts["model"].state_dict(), "config": config_dict(self.cfg), "epoch": self.epoch}
+            best |= {"metric": row[self.metric], "metric_name": self.metric, "metrics": row}
+            save_checkpoint(best, self.best_path)
+        save_history(self.history, self.output_dir / "history.csv")
+        values = [row.get(self.metric, math.nan) for row in self.history]
+        plot_dice_history(values, self.output_dir / self.plot, [row["epoch"] for row in self.history], self.title,
+                          label=f"validation {self.ylabel}", ylabel=self.ylabel)  # fmt: skip
+        log_epoch(self.writer, {key: value for key, value in row.items() if not _is_nan(value)}, self.epoch)
+        save_last(self.output_dir, self.epoch, self.history, self.cfg, **self.parts)
+
+    def __exit__(self, kind, err, trace) -> bool:
+        if self.writer is not None:
+            self.writer.close()
+        if isinstance(err, (KeyboardInterrupt, FloatingPointError)):
+            self.history.stopped = stop_message(err, self.output_dir, self.history, self.best_path)
+            self.history.exit_status = 130 if isinstance(err, KeyboardInterrupt) else 1
+            print(self.history.stopped)
+            return True  # handled: the epoch under way is dropped, the checkpoints on disk are kept
+        return False
+
+
+def _is_nan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def epoch_line(row: dict, max_epochs: int) -> str:
+    """`epoch   3/20  train_loss 0.4521  val_dice 0.8123 ...  1.2 s`: every number of a history row but its
+    learning rate, NaN (not validated) left out."""
+    values = []
+    for key, value in row.items():
+        if key in ("epoch", "lr", "seconds") or _is_nan(value) or not isinstance(value, (int, float)):
+            continue
+        values.append(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}")
+    return f"epoch {row['epoch']:3d}/{max_epochs}  " + "  ".join(values) + f"  {row['seconds']:.1f} s"
+
+
+def end_if_stopped(history: History) -> None:
+    """A run that stopped early ends here, before the stages that would evaluate or predict with it: from the
+    command line with exit status 130 after Ctrl-C (as a shell's own Ctrl-C), 1 after a loss that was not finite,
+    so that `python a.py && python b.py` stops too; in a notebook, Run All stops at this cell (SystemExit) and the
+    kernel keeps everything. The checkpoints are on disk: `resume=True` goes on."""
+    if history.stopped:
+        raise SystemExit(history.exit_status)
+
+
+def load_best(cfg, build_model: Callable, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """(the model of output_dir/best_model.pt in eval mode on `device`, the checkpoint). The network is built with
+    the configuration it was trained with, saved beside its weights, whatever `cfg` says now."""
+    path = Path(cfg.output_dir) / BEST_MODEL
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: train first (the Train cell), or point output_dir at a run")
+    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    model = build_model(type(cfg).from_dict(checkpoint["config"])).to(device)
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), checkpoint
+
+
+def run_summary(cfg, data, history: History, best: str, outputs: list[str], pictures=()) -> str:
+    """The lines a script ends with: the data it used (real or synthetic, counts), the best epoch, every output."""
+    seconds = sum(row["seconds"] for row in history)
+    lines = [
+        f"\nSummary ({'QUICK run, ' if cfg.quick else ''}{len(history)} epochs, {seconds:.0f} s of training)",
+        f"  data:    {data}",
+        f"  best:    epoch {history.best_epoch} of {len(history)}, {best}",
+        f"  outputs: {Path(cfg.output_dir)}/ {', '.join(outputs)}",
+    ]
+    return "\n".join(lines + [f"  picture: {picture}" for picture in pictures])
+
+
+def readme_pictures(cfg, data, names: dict[str, str]) -> list[Path]:
+    """Copy figures of output_dir to images_dir for the README ({output name: picture name}), from a run on the
+    synthetic sample only: pictures of real patients never land in a folder of the repository. Process 0 only."""
+    if not data.synthetic or not distributed.is_main():
+        return []
+    Path(cfg.images_dir).mkdir(parents=True, exist_ok=True)
+    pictures = [Path(cfg.images_dir) / picture for picture in names.values()]
+    for name, picture in zip(names, pictures):
+        figure = (Path(cfg.output_dir) / name).read_bytes()
+        save_atomically(picture, lambda partial: partial.write_bytes(figure))  # noqa: B023 (called at once)
+    return pictures

@@ -550,8 +550,7 @@ def main(cfg: Config) -> list[dict]:
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with distributed.main_first():  # process 0 writes the synthetic sample if missing, the others then read it
-        root = find_dataset("COVID-19-20_v2", Path(cfg.data_dir))  # says real or synthetic
-    synthetic = root != Path(cfg.data_dir) / "COVID-19-20_v2"
+        root, synthetic = find_dataset("COVID-19-20_v2", Path(cfg.data_dir))  # says real or synthetic
 
     skipped = Skipped("file")
     train_dir = root / "Train"

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +23,51 @@ from tqdm import tqdm
 class DatasetError(FileNotFoundError):
     """A data folder that does not hold what README.md describes; the message says what was expected where.
 
-    The scripts' Run cell turns it into one line (`raise SystemExit(...)`) instead of a traceback.
+    From the command line it ends the run in one line, `Data problem: <message>` (`one_line_data_problems`).
     """
+
+
+def one_line_data_problems() -> None:
+    """From the command line, a DatasetError ends the run with one line, `Data problem: <message>`, and exit status
+    1, instead of a traceback through the script's cells: the message already says what was expected where. Other
+    errors keep their traceback. In a notebook IPython shows errors its own way (it does not use sys.excepthook)."""
+    previous = sys.excepthook
+
+    def excepthook(kind, value, trace):
+        if issubclass(kind, DatasetError):
+            sys.stderr.write(f"Data problem: {value}\n")
+        else:
+            previous(kind, value, trace)
+
+    sys.excepthook = excepthook
+
+
+@dataclass(repr=False)
+class Data:
+    """What a script's Data stage found: the dataset folder it read, whether that is the synthetic sample, the
+    cases of each split (one dict each: paths, and for the 2D scripts the decoded pixels), and what was skipped.
+    Shown as one line (`data` in a notebook, `print(data)`): the cases themselves are in `train`, `val`, `test`."""
+
+    root: Path  # the dataset folder read: data/<name>, or data/sample/<name>
+    synthetic: bool  # True for the synthetic stand-in: its scores say the pipeline runs, nothing about the task
+    train: list
+    val: list  # chooses the best epoch (and any threshold)
+    test: list = field(default_factory=list)  # held out until the end, where a script has them
+    unit: str = "cases"  # what a case is, in the counts: "films", "frames", "radiographs", "cases"
+    skipped: Skipped | None = None  # the inputs named, skipped and counted while reading
+
+    def __str__(self) -> str:
+        counts = f"{len(self.train)} train, {len(self.val)} validation"
+        counts += f", {len(self.test)} test" if self.test else ""
+        left_out = ""
+        if self.skipped is not None:
+            n = self.skipped.counts.total()
+            left_out = f"; {n} {self.skipped.noun}{'' if n == 1 else 's'} skipped"
+        source = "SYNTHETIC sample" if self.synthetic else "real dataset"
+        return f"{source} {self.root}: {counts} {self.unit}{left_out}"
+
+    def __repr__(self) -> str:
+        return f"Data({self})"
 
 
 # %% Bad inputs: named, skipped and counted

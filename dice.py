@@ -1,5 +1,5 @@
-"""Dice: the metric and the loss of the segmentation pipelines, the Dice-per-epoch plot, and the optional
-TensorBoard log of the same history.
+"""Dice: the metric and the loss of the segmentation pipelines, the Dice-per-epoch plot, the optional
+TensorBoard log of the same history, and how a stage cell shows its figures and tables (`show`).
 
 Dice = 2 |P n T| / (|P| + |T|) for a predicted mask P and a true mask T. It is undefined when both are
 empty, and how a pipeline scores those images changes its figure a lot (about 60% of the nerve
@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+import distributed
 
 EMPTY_CONVENTIONS = ("one", "skip")
 
@@ -192,11 +195,7 @@ def plot_dice_history(
     ax.set(xlabel="epoch", ylabel=ylabel, title=title, ylim=(0, 1))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    fig.savefig(partial, format="png", bbox_inches="tight")
-    os.replace(partial, path)
+    save_figure(fig, path)
     return best_epoch
 
 
@@ -225,3 +224,41 @@ def log_epoch(writer, row: dict, epoch: int) -> None:
         if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
             writer.add_scalar(key, value, epoch)
     writer.flush()  # visible in TensorBoard while training goes on
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write a matplotlib Figure to the PNG `path` (its folder made if missing), atomically: a viewer that reloads
+    the file never reads half a PNG. Under torchrun, process 0 alone writes (its figure stands for all)."""
+    path = Path(path)
+    if not distributed.is_main():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    fig.savefig(partial, format="png", bbox_inches="tight")
+    os.replace(partial, path)
+    return path
+
+
+def in_notebook() -> bool:
+    """True in a Jupyter kernel, VS Code's Interactive window included; False from the command line."""
+    ipython = sys.modules.get("IPython")  # never imported here: a kernel has it loaded already
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def show(item) -> None:
+    """Show what a stage cell leaves to look at: a PNG (its path) inline in a notebook, named on a terminal; a
+    table (a pandas DataFrame) rendered in a notebook, printed on a terminal (pandas shortens long ones)."""
+    if isinstance(item, (str, Path)):
+        if in_notebook():
+            from IPython.display import Image, display
+
+            display(Image(filename=str(item)))
+        else:
+            print(f"Figure: {item}")
+    elif in_notebook():
+        from IPython.display import display
+
+        display(item)
+    else:
+        print(item)

@@ -110,7 +110,7 @@ cfg = Config()
 
 def prepare_data(cfg: Config) -> Path:
     """The prepared folder: real data when `data_dir/MontgomerySet` exists, else the sample; prepared if missing."""
-    montgomery = find_dataset("MontgomerySet", Path(cfg.data_dir))  # says which one it is using
+    montgomery, _ = find_dataset("MontgomerySet", Path(cfg.data_dir))  # says which one it is using
     shenzhen = montgomery.parent / "ChinaSet_AllFiles" if cfg.include_shenzhen else None
     # The prepared folder sits beside the dataset used: data/segmentation or data/sample/segmentation, never mixed.
     return prepare_lung_segmentation(

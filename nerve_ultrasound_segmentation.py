@@ -10,24 +10,22 @@ submission for `test/`. Challenge: https://www.kaggle.com/c/ultrasound-nerve-seg
 Data: `data/ultrasound-nerve-segmentation/` as unzipped from Kaggle (`train/<subject>_<img>.tif` and
 `train/<subject>_<img>_mask.tif`, `test/<img>.tif`, `train_masks.csv`, `sample_submission.csv`). Without it
 the synthetic stand-in under `data/sample/` is used (written when missing), and the script says so.
-Outputs: `output/nerve_ultrasound_segmentation/`: `2D_Nerve_Segmentation.pt` (best epoch), `dice_per_epoch.png`,
-`history.csv`, `contradictory_pairs.csv`, `val_predictions.png` (true and predicted outlines; also copied to
-`Images/` for the README when the synthetic sample was used), `submission.csv`.
+Outputs: `output/nerve_ultrasound_segmentation/`: `best_model.pt`, `last_checkpoint.pt`, `history.csv`,
+`dice_per_epoch.png`, `batch.png`, `contradictory_pairs.csv`, `val_per_case.csv`, `val_predictions.png` (true and
+predicted outlines; copied to `Images/` for the README when the synthetic sample was used), `submission.csv`.
 
 Run: `python nerve_ultrasound_segmentation.py` (`QUICK=1` for a short first try), or cell by cell in VS Code or
-Jupyter; edit the configuration inline, e.g. `cfg = Config(max_epochs=50)`. On several GPUs:
+Jupyter, each cell leaving its result to look at: `cfg`, `data`, `batch`, `model`, `history`, `per_case`. Edit the
+configuration inline (`cfg = Config(max_epochs=50)`) and run the cells below again. On several GPUs:
 `torchrun --nproc_per_node=4 nerve_ultrasound_segmentation.py` (README: several GPUs and machines).
 """
 
 # %% Imports
-from __future__ import annotations
-
 import os
 import re
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -38,44 +36,55 @@ from matplotlib.lines import Line2D
 from monai.data import DataLoader, Dataset
 from monai.networks.nets import UNet
 from monai.transforms import Compose, EnsureTyped, RandFlipd
+from monai.utils import first
 from PIL import Image
 from tqdm import tqdm
 
 import distributed
 from checkpoints import (
+    BaseConfig,
     EpochLoss,
-    best_so_far,
-    config_dict,
-    resume,
+    History,
+    TrainingRun,
+    end_if_stopped,
+    load_best,
+    readme_pictures,
+    run_summary,
     save_atomically,
-    save_checkpoint,
-    save_history,
-    save_last,
-    stop_message,
+    seed_everything,
 )
-from data_cleaning import DatasetError, Skipped, find_contradictory_pairs, frame_signature, rle_decode, rle_encode
-from dice import DiceAccumulator, SoftDiceLoss, dice_per_image, log_epoch, plot_dice_history, tensorboard_writer
+from data_cleaning import (
+    Data,
+    DatasetError,
+    Skipped,
+    find_contradictory_pairs,
+    frame_signature,
+    one_line_data_problems,
+    rle_decode,
+    rle_encode,
+)
+from dice import DiceAccumulator, SoftDiceLoss, dice_per_image, save_figure, show
 from precision import autocast, grad_scaler
 from sample_data import find_dataset
 
 # %% Configuration
 # The repository root, whether run as a file (from any directory) or in a notebook kernel (no __file__).
 ROOT = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
-QUICK = os.environ.get("QUICK", "0") == "1"  # the collection's quick-run switch (README): fewer epochs, cases, pixels
+QUICK = os.environ.get("QUICK", "0") == "1"  # the collection's quick-run switch (README): read here, once
+DEVICE = distributed.device()  # picked once: the GPU if any (under torchrun, this process's own), else the CPU
 
 
 @dataclass
-class Config:
+class Config(BaseConfig):
     data_dir: Path = ROOT / "data"  # holds ultrasound-nerve-segmentation/ as unzipped; else data/sample/ is used
-    output_dir: Path = ROOT / "output" / "nerve_ultrasound_segmentation"  # weights, plot, history, submission
+    output_dir: Path = ROOT / "output" / "nerve_ultrasound_segmentation"  # weights, plots, history, submission
     images_dir: Path = ROOT / "Images"  # the README's pictures: val_predictions.png is copied there, from runs on
     # the synthetic sample only (pictures of real patients never land in a folder of the repository)
     seed: int = 0  # one seed for the split, the initial weights and the augmentation
-    quick: bool = QUICK  # recorded in the checkpoint: a quick model is not a result
     val_fraction: float = 0.2  # of subjects, not frames: one subject's frames on both sides inflate the score
-    max_subjects: int | None = 6 if QUICK else None  # quick: the first few subjects of the real data (sample: 5)
-    max_test_images: int | None = 60 if QUICK else None  # quick: a smoke-test submission, not a complete one
-    image_size: tuple[int, int] = (64, 96) if QUICK else (128, 176)  # (H, W): 420x580's shape, multiples of 16
+    max_subjects: int | None = None  # the first N subjects (None: all 47)
+    max_test_images: int | None = None  # the first N test frames (None: all 5,508, a complete submission)
+    image_size: tuple[int, int] = (128, 176)  # (H, W): 420x580's shape, multiples of 16
     channels: tuple[int, ...] = (16, 32, 64, 128, 256)  # UNet features per level, as the original
     strides: tuple[int, ...] = (2, 2, 2, 2)  # stride-2 down-sampling between levels, as the original
     num_res_units: int = 2  # residual units per block, as the original
@@ -83,19 +92,36 @@ class Config:
     drop_contradictory: bool = True  # leave the empty-labelled frame of a contradictory pair out of training
     duplicate_max_distance: float = 0.15  # RMS distance of standardised 32x32 thumbnails: 0 copy, ~1.4 unrelated
     bce_weight: float = 0.0  # weight of an optional BCE term added to the Dice loss (0: Dice alone, as the original)
-    max_epochs: int = 20 if QUICK else 30  # quick: the sample is learnt in about 10 epochs
-    batch_size: int = 4 if QUICK else 128  # quick: 128 would be a single step per epoch on the sample's 40 frames
+    max_epochs: int = 30
+    batch_size: int = 128
     val_batch_size: int = 64  # validation batches carry 420x580 masks too: keep them moderate
     lr: float = 1e-3  # Adam, as the original
+    threshold: float = 0.5  # nerve probability above which a pixel is nerve
     min_area_candidates: tuple[int, ...] = (0, 250, 500, 1000, 1500, 2000, 3000, 4000, 5000, 6000)  # px at 420x580
-    num_workers: int = 0 if QUICK else 2  # frames are cached in memory: workers only flip and batch them
+    num_workers: int = 2  # frames are cached in memory: workers only flip and batch them
     amp: bool = True  # mixed precision on CUDA (ignored on the CPU): faster, and Dice is computed in float32
     figure_frames: int = 4  # validation frames drawn in val_predictions.png (with a nerve first)
     tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
     resume: bool = False  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs
+    quick: bool = QUICK  # the quick run below; recorded in the checkpoint: a quick model is not a result
+
+    # The quick run (QUICK=1, or Config(quick=True)): a first try in seconds on a CPU. These replace the defaults
+    # above; a setting given explicitly, as in Config(quick=True, max_epochs=5), wins.
+    QUICK_RUN: ClassVar[dict] = dict(
+        max_subjects=6,  # the first few subjects of the real data (the sample has 5)
+        max_test_images=60,  # a smoke-test submission, not a complete one
+        image_size=(64, 96),
+        max_epochs=20,  # the sample is learnt in about 10 epochs
+        batch_size=4,  # 128 would be a single step per epoch on the sample's 40 frames
+        num_workers=0,
+    )
 
 
 cfg = Config()
+if __name__ == "__main__":
+    distributed.setup()  # under torchrun: join the other processes (README: several GPUs); else nothing
+    one_line_data_problems()  # from the command line, a data folder unlike the README's is one line
+    print(cfg.describe())
 
 # %% Data
 SHAPE = (420, 580)  # (height, width) of every Kaggle frame, and of every submitted mask
@@ -153,8 +179,9 @@ def split_by_subject(subjects, val_fraction: float, seed: int) -> tuple[list[int
     return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
 
 
-def read_masks_csv(path: Path) -> dict[tuple[int, int], str] | None:
-    """{(subject, img): run-length encoding} from train_masks.csv, or None (said) when the file is missing."""
+def read_masks_csv(path: Path, cases: list[dict]) -> dict[tuple[int, int], str] | None:
+    """{(subject, img): run-length encoding} from train_masks.csv, or None (said) when the file is missing; its rows
+    without an image/mask pair among `cases` are reported."""
     if not path.is_file():
         print(f"{path} not found: using the mask files without checking them against it")
         return None
@@ -162,7 +189,12 @@ def read_masks_csv(path: Path) -> dict[tuple[int, int], str] | None:
     missing = {"subject", "img", "pixels"} - set(table.columns)
     if missing:
         raise ValueError(f"{path} lacks the column(s) {sorted(missing)}: expected subject,img,pixels")
-    return {(int(s), int(i)): rle for s, i, rle in zip(table["subject"], table["img"], table["pixels"])}
+    rows = {(int(s), int(i)): rle for s, i, rle in zip(table["subject"], table["img"], table["pixels"])}
+    orphans = sorted(rows.keys() - {(c["subject"], c["img"]) for c in cases})
+    if orphans:
+        names = ", ".join(f"{s}_{i}" for s, i in orphans[:5]) + (", ..." if len(orphans) > 5 else "")
+        print(f"{path.name} has {len(orphans)} row(s) without an image/mask pair in {path.parent / 'train'}: {names}")
+    return rows
 
 
 def resize(pixels: np.ndarray, size: tuple[int, int], mask: bool = False) -> torch.Tensor:
@@ -213,25 +245,40 @@ def load_frames(
     return frames
 
 
-def prepare_data(cfg: Config, root: Path) -> tuple[list[dict], list[dict]]:
-    """(train frames, validation frames) from the download in `root`, checked, split by subject and cleaned."""
+def drop_contradictory_pairs(frames: list[dict], train: list[dict], cfg: Config) -> list[dict]:
+    """The training frames without the empty-labelled frame of each contradictory pair (unless
+    drop_contradictory=False); the pairs, looked for among all frames, are listed in contradictory_pairs.csv.
+
+    Only ever left out of training: validation keeps every frame, because Kaggle scores the data as labelled,
+    noise included."""
+    table = pd.DataFrame([{k: f[k] for k in ("subject", "img", "has_nerve")} for f in frames])
+    pairs = find_contradictory_pairs(table, np.stack([f["signature"] for f in frames]), cfg.duplicate_max_distance)
+    listed = cfg.output_dir / "contradictory_pairs.csv"
+    if distributed.is_main():  # under torchrun every process finds the same pairs: one writes them
+        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        save_atomically(listed, lambda path: pairs.to_csv(path, index=False))
+    dropped = set(zip(pairs["subject"], pairs["img_empty"])) if cfg.drop_contradictory else set()
+    kept = [f for f in train if (f["subject"], f["img"]) not in dropped]
+    left_out = f"{len(train) - len(kept)} empty-labelled frame(s) left out of training"
+    print(f"Near-duplicate frames with contradictory labels: {len(pairs)} pair(s), listed in {listed}; "
+          + (left_out if cfg.drop_contradictory else "all kept (drop_contradictory=False)"))  # fmt: skip
+    return kept
+
+
+def load_data(cfg: Config) -> Data:
+    """The training frames of the download (or of the sample): checked against train_masks.csv, split by subject,
+    decoded once and kept in memory, contradictory near-duplicates left out of training."""
+    with distributed.main_first():  # process 0 writes the synthetic sample if missing, the others then read it
+        root, synthetic = find_dataset("ultrasound-nerve-segmentation", cfg.data_dir)
     skipped = Skipped("file")
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise DatasetError(f"No folder {train_dir}: expected train/<subject>_<img>.tif and _mask.tif in {root}")
     cases = find_train_cases(train_dir, skipped)
-    masks_csv = read_masks_csv(root / "train_masks.csv")
-    if masks_csv is not None:
-        orphans = sorted(masks_csv.keys() - {(c["subject"], c["img"]) for c in cases})
-        if orphans:
-            names = ", ".join(f"{s}_{i}" for s, i in orphans[:5]) + (", ..." if len(orphans) > 5 else "")
-            print(f"train_masks.csv has {len(orphans)} row(s) without an image/mask pair in {train_dir}: {names}")
-    subjects = sorted({c["subject"] for c in cases})
-    if cfg.max_subjects is not None and len(subjects) > cfg.max_subjects:
-        subjects = subjects[: cfg.max_subjects]
-        cases = [c for c in cases if c["subject"] in subjects]
-        print(f"Quick run: the first {len(subjects)} subjects only")
-    if len({c["subject"] for c in cases}) < 2:
+    masks_csv = read_masks_csv(root / "train_masks.csv", cases)
+    subjects = sorted({c["subject"] for c in cases})[: cfg.max_subjects]
+    cases = [c for c in cases if c["subject"] in subjects]
+    if len(subjects) < 2:
         raise DatasetError(
             f"Found {len(cases)} image/mask pairs of {len(subjects)} subject(s) in {train_dir}: expected "
             "<subject>_<img>.tif with <subject>_<img>_mask.tif (580x420, 8-bit) for at least 2 subjects"
@@ -239,53 +286,36 @@ def prepare_data(cfg: Config, root: Path) -> tuple[list[dict], list[dict]]:
     train_subjects, val_subjects = split_by_subject(subjects, cfg.val_fraction, cfg.seed)
     frames = load_frames(cases, cfg, masks_csv, set(val_subjects), skipped)
     print(skipped.summary(f"Training folder {train_dir}"))
-    train_frames = [f for f in frames if f["subject"] in train_subjects]
-    val_frames = [f for f in frames if f["subject"] in val_subjects]
-    if not train_frames or not val_frames:
+    train = [f for f in frames if f["subject"] in train_subjects]
+    val = [f for f in frames if f["subject"] in val_subjects]
+    if not train or not val:
         raise DatasetError(
-            f"No usable frame left for {'training' if not train_frames else 'validation'} in {train_dir} "
-            f"(subjects {train_subjects if not train_frames else val_subjects}): expected readable 580x420 "
+            f"No usable frame left for {'training' if not train else 'validation'} in {train_dir} "
+            f"(subjects {train_subjects if not train else val_subjects}): expected readable 580x420 "
             "<subject>_<img>.tif with its _mask.tif, agreeing with train_masks.csv"
         )
+    train = drop_contradictory_pairs(frames, train, cfg)
+    print(f"Split by subject (seed {cfg.seed}): subjects {train_subjects} for training, {val_subjects} for "
+          f"validation ({sum(not f['has_nerve'] for f in val)} of its {len(val)} frames without nerve)")  # fmt: skip
+    return Data(root, synthetic, train, val, unit="frames", skipped=skipped)
 
-    # Contradictory near-duplicates are looked for among all frames and reported, but only ever left out of
-    # training: validation keeps every frame, because Kaggle scores the data as labelled, noise included.
-    table = pd.DataFrame([{k: f[k] for k in ("subject", "img", "has_nerve")} for f in frames])
-    pairs = find_contradictory_pairs(table, np.stack([f["signature"] for f in frames]), cfg.duplicate_max_distance)
-    cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main():  # under torchrun every process finds the same pairs: one writes them
-        save_atomically(cfg.output_dir / "contradictory_pairs.csv", lambda path: pairs.to_csv(path, index=False))
-    dropped = set(zip(pairs["subject"], pairs["img_empty"])) if cfg.drop_contradictory else set()
-    kept = [f for f in train_frames if (f["subject"], f["img"]) not in dropped]
-    print(
-        f"Near-duplicate frames with contradictory labels: {len(pairs)} pair(s), listed in "
-        f"{cfg.output_dir / 'contradictory_pairs.csv'}; "
-        + (
-            f"{len(train_frames) - len(kept)} empty-labelled frame(s) left out of training"
-            if cfg.drop_contradictory
-            else "all kept (drop_contradictory=False)"
-        )
-    )
-    print(
-        f"Split by subject (seed {cfg.seed}): {len(train_subjects)} subject(s), {len(kept)} frames for training; "
-        f"{len(val_subjects)} subject(s) {val_subjects}, {len(val_frames)} frames for validation "
-        f"({sum(not f['has_nerve'] for f in val_frames)} without nerve)"
-    )
-    return kept, val_frames
 
+if __name__ == "__main__":
+    data = load_data(cfg)
+    print(data)
 
 # %% Transforms
 # The frames are cached as uint8 tensors at training size, so the transforms are cheap: a left-right flip only.
 # Left-right is arbitrary in these images (which side the probe marker is on, which side of the neck), and a
 # nerve seen mirrored is still a nerve. Up-down is not: the skin is at the top and echoes fade with depth.
 # Intensities stay uint8 through the loader (4x less to copy) and become floats on the device.
-train_transforms = Compose(
-    [
-        RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),  # (C, H, W): spatial axis 1 is the width
-        EnsureTyped(keys=["image", "label"], track_meta=False),  # plain tensors: no MONAI metadata to collate
-    ]
-)
-val_transforms = EnsureTyped(keys=["image", "label"], track_meta=False)
+
+
+def build_transforms(cfg: Config, train: bool) -> Compose:
+    """The training transforms (a random left-right flip), or the validation ones (none); plain tensors out."""
+    flips = [RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1)] if train else []  # (C, H, W): 1 = width
+    transforms = Compose([*flips, EnsureTyped(keys=["image", "label"], track_meta=False)])  # no metadata to collate
+    return transforms.set_random_state(seed=cfg.seed + distributed.rank())  # each process flips its own way
 
 
 def to_dataset(frames: list[dict], transform, full: bool = False) -> Dataset:
@@ -294,13 +324,57 @@ def to_dataset(frames: list[dict], transform, full: bool = False) -> Dataset:
     return Dataset([{k: f[k] for k in keys} for f in frames], transform=transform)
 
 
+def build_loaders(cfg: Config, data: Data) -> tuple[DataLoader, DataLoader]:
+    """(training loader: shuffled, flipped; validation loader: this process's share of the validation frames).
+
+    Under torchrun each process trains on its own shard of the frames, reshuffled every epoch, with batch_size
+    frames per process and step; in one process there is no sampler and the loader shuffles."""
+    args = {"num_workers": cfg.num_workers, "pin_memory": DEVICE.type == "cuda"}
+    args["persistent_workers"] = cfg.num_workers > 0  # do not restart the workers every epoch
+    train_ds = to_dataset(data.train, build_transforms(cfg, train=True))
+    sampler = distributed.train_sampler(train_ds, cfg.seed)
+    shard_size = len(sampler) if sampler is not None else len(train_ds)
+    train_loader = DataLoader(
+        train_ds,
+        batch_size=cfg.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=shard_size > cfg.batch_size,  # no tiny last batch, unless there is only one batch
+        generator=torch.Generator().manual_seed(cfg.seed),
+        **args,
+    )
+    val_ds = to_dataset(distributed.shard(data.val), build_transforms(cfg, train=False), full=True)
+    return train_loader, DataLoader(val_ds, batch_size=cfg.val_batch_size, **args)
+
+
+def draw_batch(batch: dict, n: int = 6) -> Figure:
+    """The first frames of a training batch as the network gets them (flipped, at training size), nerve in green."""
+    n = min(n, len(batch["image"]))
+    fig = Figure(figsize=(2.6 * n, 2.4), dpi=100)
+    for i in range(n):
+        ax = fig.add_subplot(1, n, i + 1)
+        ax.imshow(batch["image"][i, 0].numpy(), cmap="gray", vmin=0, vmax=255)
+        if batch["label"][i].any():
+            ax.contour(batch["label"][i, 0].numpy(), levels=[0.5], colors="lime", linewidths=1)
+        ax.set_title("nerve" if batch["label"][i].any() else "no nerve", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"A training batch: image {tuple(batch['image'].shape)} {batch['image'].dtype}", fontsize=10)
+    return fig
+
+
+if __name__ == "__main__":
+    train_loader, val_loader = build_loaders(cfg, data)
+    batch = first(train_loader)  # {"image": (B, 1, H, W) uint8, "label": (B, 1, H, W) uint8}
+    show(save_figure(draw_batch(batch), cfg.output_dir / "batch.png"))
+
 # %% Model and loss
 
 
-def build_model(cfg: Config) -> torch.nn.Module:
+def build_model(cfg: Config) -> UNet:
     """MONAI's UNet with residual units (Kerfoot et al., "Left-ventricle quantification using residual U-Net",
     STACOM 2018, https://doi.org/10.1007/978-3-030-12029-0_40), after the U-Net of Ronneberger et al., MICCAI 2015.
     One input channel (grayscale), one output channel: the nerve's logit per pixel."""
+    seed_everything(cfg.seed)  # the same initial weights for the same seed, in every process
     model = UNet(
         spatial_dims=2,
         in_channels=1,
@@ -338,7 +412,11 @@ class DiceBCELoss(torch.nn.Module):
         return loss
 
 
-# %% Train and evaluate
+if __name__ == "__main__":
+    model = build_model(cfg)
+    print(f"MONAI UNet {cfg.channels}: {sum(p.numel() for p in model.parameters()):,} parameters")
+
+# %% Train
 
 
 def apply_min_area(pred: torch.Tensor, min_area: int) -> torch.Tensor:
@@ -378,7 +456,7 @@ class MinAreaScores:
         predicted_present = torch.cat(self.areas) >= max(min_area, 1)
         return (predicted_present == torch.cat(self.present)).double().mean().item()
 
-    def gathered(self) -> MinAreaScores:
+    def gathered(self) -> "MinAreaScores":
         """The scores of the frames that every process validated (under torchrun each takes a share), the same on
         every process, so that all choose the same minimum area and the same best epoch. Itself in one process."""
         if distributed.world_size() == 1:
@@ -396,15 +474,15 @@ def choose_min_area(scores: MinAreaScores, candidates) -> int:
     return max(sorted(candidates), key=scores.dice)
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, cfg: Config, epoch: int) -> float:
+def train_one_epoch(model, loader, loss_fn, optimizer, scaler, cfg: Config, epoch: int) -> float:
     """One pass over the training frames; returns the mean loss. Stops with a clear error if it is not finite."""
     model.train()
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=None)
     losses = EpochLoss(epoch, cfg.lr, bar)  # read one step late: the GPU never waits for the CPU to read a loss
     for step, batch in enumerate(bar):
-        img = batch["image"].to(device, non_blocking=True).float() / 255  # (B, 1, H, W) in [0, 1]
-        seg = batch["label"].to(device, non_blocking=True).float()
-        with autocast(device, cfg.amp):
+        img = batch["image"].to(DEVICE, non_blocking=True).float() / 255  # (B, 1, H, W) in [0, 1]
+        seg = batch["label"].to(DEVICE, non_blocking=True).float()
+        with autocast(DEVICE, cfg.amp):
             loss = loss_fn(model(img), seg)
         # Under torchrun, the mean over the processes: all stop at the same step (one stopping alone would leave
         # the others waiting for it), and the history's loss is that of every frame trained on. In one process,
@@ -417,30 +495,138 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, cfg: Conf
     return losses.mean()
 
 
-@torch.no_grad()
-def evaluate(model, loader, loss_fn, device, cfg: Config) -> tuple[float, MinAreaScores]:
-    """Validation loss at training size, and the Kaggle scores at 420x580 for every candidate minimum area.
+def full_size_probability(logits: torch.Tensor) -> torch.Tensor:
+    """Nerve probabilities at 420x580 (B, 1, 420, 580) from logits at training size: upsampled bilinearly, then
+    thresholded by the caller, as the submission is made."""
+    return F.interpolate(torch.sigmoid(logits.float()), size=SHAPE, mode="bilinear", align_corners=False)
 
-    Probabilities are upsampled bilinearly to 420x580 and thresholded there, as the submission is made. Under
-    torchrun each process validates its share of the frames (`loader`), and both results cover all of them.
+
+@torch.no_grad()
+def evaluate(model, loader, loss_fn, cfg: Config) -> dict:
+    """The validation row: loss at training size, and the Kaggle scores at 420x580 with the minimum area that
+    scores best here (chosen on validation, used for the submission), next to the all-empty baseline.
+
+    Under torchrun each process validates its share of the frames (`loader`), and the scores cover all of them.
     """
     model.eval()
     scores = MinAreaScores()
     total, count = 0.0, 0
     for batch in tqdm(loader, desc="validation", leave=False, disable=None):
-        img = batch["image"].to(device, non_blocking=True).float() / 255
-        with autocast(device, cfg.amp):
+        img = batch["image"].to(DEVICE, non_blocking=True).float() / 255
+        with autocast(DEVICE, cfg.amp):
             logits = model(img)
-        total += loss_fn(logits, batch["label"].to(device).float()).item() * len(img)
-        count += len(img)
-        prob = F.interpolate(torch.sigmoid(logits.float()), size=SHAPE, mode="bilinear", align_corners=False)
-        scores.update(prob > 0.5, batch["full_label"].to(device))
+        total, count = total + loss_fn(logits, batch["label"].to(DEVICE).float()).item() * len(img), count + len(img)
+        scores.update(full_size_probability(logits) > cfg.threshold, batch["full_label"].to(DEVICE))
     total, count = distributed.all_sum(total, count)  # every process's frames (unchanged in one process)
-    return total / count, scores.gathered()
+    scores = scores.gathered()
+    min_area = choose_min_area(scores, cfg.min_area_candidates)
+    return {
+        "val_loss": total / count,
+        "val_dice": scores.dice(min_area),  # Kaggle metric after the min-area filter
+        "val_dice_no_filter": scores.dice(0),
+        "min_area": min_area,
+        "presence_accuracy": scores.presence_accuracy(min_area),
+        "val_dice_all_empty": scores.all_empty.mean(),  # the baseline: no nerve predicted anywhere
+    }
+
+
+def fit(cfg: Config, data: Data, model: torch.nn.Module) -> History:
+    """Train `model` on the training frames, validate every epoch, keep the best epoch by the Kaggle metric
+    (output_dir/best_model.pt, with its minimum area). Returns the history, one row per epoch (history.csv)."""
+    torch.backends.cudnn.benchmark = DEVICE.type == "cuda"  # fixed input size: let cuDNN pick its fastest kernels
+    train_loader, val_loader = build_loaders(cfg, data)
+    model.to(DEVICE)  # the original forgot to move the model to the GPU
+    train_model = distributed.wrap(model)  # DDP under torchrun (gradients averaged); `model` is what is saved
+    loss_fn = DiceBCELoss(cfg.bce_weight)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scaler = grad_scaler(DEVICE, cfg.amp)  # float16 only: none with bfloat16 or on the CPU (precision.py)
+    print(f"Training on {DEVICE.type}: {len(data.train)} frames, {len(train_loader)} steps per epoch")
+    title = "Nerve segmentation: validation Dice (Kaggle metric) per epoch"
+    with TrainingRun(cfg, "val_dice", title=title, model=model, optimizer=optimizer, scaler=scaler) as run:
+        for epoch in run.epochs(train_loader):
+            train_loss = train_one_epoch(train_model, train_loader, loss_fn, optimizer, scaler, cfg, epoch)
+            run.end_epoch(train_loss=train_loss, **evaluate(model, val_loader, loss_fn, cfg))
+    return run.history
+
+
+if __name__ == "__main__":
+    history = fit(cfg, data, model)
+    show(cfg.output_dir / "dice_per_epoch.png")
+    end_if_stopped(history)  # Ctrl-C or a loss that was not finite: said why; the cells below do not run
+
+# %% Evaluate
 
 
 @torch.no_grad()
-def predict_test(model, test_dir: Path, cfg: Config, device, min_area: int) -> pd.DataFrame:
+def predict_masks(model, images: list[torch.Tensor], cfg: Config, min_area: int) -> torch.Tensor:
+    """Nerve masks at 420x580 (B, 1, 420, 580) bool, on the CPU, of frames cached at training size ((1, H, W)
+    uint8 each): thresholded at full size, then masks smaller than `min_area` emptied."""
+    img = torch.stack(images).to(DEVICE).float() / 255  # (B, 1, H, W)
+    model.eval()
+    with autocast(DEVICE, cfg.amp):
+        logits = model(img)
+    return apply_min_area(full_size_probability(logits) > cfg.threshold, min_area).cpu()
+
+
+def evaluate_best(cfg: Config, data: Data) -> pd.DataFrame | None:
+    """The best epoch's weights, read back from best_model.pt, on every validation frame with the minimum area
+    chosen with them: the Kaggle Dice per frame (val_per_case.csv) and the outlines (val_predictions.png).
+    Process 0 only (None in the others)."""
+    if not distributed.is_main():
+        return None
+    model, checkpoint = load_best(cfg, build_model, DEVICE)
+    min_area = checkpoint["metrics"]["min_area"]
+    rows = []
+    for start in tqdm(range(0, len(data.val), cfg.val_batch_size), desc="evaluating", leave=False, disable=None):
+        frames = data.val[start : start + cfg.val_batch_size]
+        pred = predict_masks(model, [f["image"] for f in frames], cfg, min_area)
+        scores = dice_per_image(pred, torch.stack([f["full_label"] for f in frames]), empty="one")
+        for frame, mask, score in zip(frames, pred, scores.tolist()):
+            rows.append({"subject": frame["subject"], "img": frame["img"], "has_nerve": frame["has_nerve"],
+                         "predicted_area": int(mask.sum()), "dice": score})  # fmt: skip
+    per_case = pd.DataFrame(rows)
+    save_atomically(cfg.output_dir / "val_per_case.csv", lambda path: per_case.to_csv(path, index=False))
+    save_figure(draw_predictions(model, data.val, cfg, min_area), cfg.output_dir / "val_predictions.png")
+    baseline = per_case["has_nerve"].eq(False).mean()  # all-empty: 1 on the frames without nerve, 0 elsewhere
+    print(f"Best epoch {checkpoint['epoch']}: validation Dice {per_case['dice'].mean():.4f} (Kaggle metric, mean "
+          f"over {len(per_case)} frames at 420x580) with min area {min_area} px; all-empty baseline on the same "
+          f"frames {baseline:.4f}")  # fmt: skip
+    return per_case
+
+
+def draw_predictions(model, frames: list[dict], cfg: Config, min_area: int) -> Figure:
+    """Validation frames at 420x580 with the true (green) and predicted (red) nerve outlines, and their Dice.
+
+    Frames with a nerve first, then one without (where a good model predicts nothing).
+    """
+    shown = [f for f in frames if f["has_nerve"]][: max(cfg.figure_frames - 1, 1)]
+    shown = (shown + [f for f in frames if not f["has_nerve"]][:1])[: cfg.figure_frames]
+    pred = predict_masks(model, [f["image"] for f in shown], cfg, min_area)
+    truth = torch.stack([f["full_label"] for f in shown])
+    scores = dice_per_image(pred, truth, empty="one")
+    fig = Figure(figsize=(3.4 * len(shown), 2.9), dpi=100)
+    for i, frame in enumerate(shown):
+        ax = fig.add_subplot(1, len(shown), i + 1)
+        ax.imshow(np.asarray(Image.open(frame["path"])), cmap="gray", vmin=0, vmax=255)
+        for mask, color in ((truth[i, 0], "lime"), (pred[i, 0], "red")):
+            if mask.any():
+                ax.contour(mask.numpy(), levels=[0.5], colors=color, linewidths=1.2)
+        ax.set_title(f"{frame['subject']}_{frame['img']}: Dice {scores[i]:.3f}", fontsize=9)
+        ax.axis("off")
+    handles = [Line2D([], [], color="lime", label="true nerve"), Line2D([], [], color="red", label="predicted")]
+    fig.legend(handles=handles, loc="lower center", ncol=2)
+    return fig
+
+
+if __name__ == "__main__":
+    per_case = evaluate_best(cfg, data)
+    show(per_case)
+    show(cfg.output_dir / "val_predictions.png")
+
+# %% Predict
+
+
+def predict_test(model, test_dir: Path, cfg: Config, min_area: int) -> pd.DataFrame:
     """Kaggle rows (img, pixels) for every test frame, sorted by img: the 420x580 mask run-length encoded.
 
     A frame that cannot be used (unreadable, another size, or listed in sample_submission.csv but missing) is
@@ -458,12 +644,11 @@ def predict_test(model, test_dir: Path, cfg: Config, device, min_area: int) -> p
     rows = {}
     if cfg.max_test_images is not None and len(ids) > cfg.max_test_images:
         ids = dict(list(ids.items())[: cfg.max_test_images])
-        print(f"Quick run: predicting the first {len(ids)} test frames only (not a complete submission)")
+        print(f"Predicting the first {len(ids)} test frames only (max_test_images): not a complete submission")
     elif (test_dir.parent / "sample_submission.csv").is_file():
         for img_id in sorted(set(pd.read_csv(test_dir.parent / "sample_submission.csv")["img"]) - ids.keys()):
             skipped.skip(test_dir / f"{img_id}.tif", "missing", "listed in sample_submission.csv; predicted empty")
             rows[img_id] = ""
-    model.eval()
     names = list(ids)
     for start in tqdm(range(0, len(names), cfg.val_batch_size), desc="test", leave=False, disable=None):
         batch_ids, images = [], []
@@ -474,48 +659,11 @@ def predict_test(model, test_dir: Path, cfg: Config, device, min_area: int) -> p
             else:
                 batch_ids.append(img_id)
                 images.append(resize(pixels, cfg.image_size))
-        if not images:
-            continue
-        img = torch.stack(images).to(device).float() / 255  # (B, 1, H, W)
-        with autocast(device, cfg.amp):
-            logits = model(img)
-        prob = F.interpolate(torch.sigmoid(logits.float()), size=SHAPE, mode="bilinear", align_corners=False)
-        pred = apply_min_area(prob > 0.5, min_area).cpu().numpy()
-        for img_id, mask in zip(batch_ids, pred):
-            rows[img_id] = rle_encode(mask[0])
+        if images:
+            for img_id, mask in zip(batch_ids, predict_masks(model, images, cfg, min_area).numpy()):
+                rows[img_id] = rle_encode(mask[0])
     print(skipped.summary(f"Test folder {test_dir} ({len(ids)} frames)"))
     return pd.DataFrame(sorted(rows.items()), columns=["img", "pixels"])
-
-
-@torch.no_grad()
-def draw_predictions(model, frames: list[dict], device, cfg: Config, min_area: int, path: Path) -> None:
-    """Validation frames at 420x580 with the true (green) and predicted (red) nerve outlines, and their Dice.
-
-    Frames with a nerve first, then one without (where a good model predicts nothing).
-    """
-    shown = [f for f in frames if f["has_nerve"]][: max(cfg.figure_frames - 1, 1)]
-    shown = (shown + [f for f in frames if not f["has_nerve"]][:1])[: cfg.figure_frames]
-    model.eval()
-    img = torch.stack([f["image"] for f in shown]).to(device).float() / 255  # (B, 1, H, W)
-    with autocast(device, cfg.amp):
-        logits = model(img)
-    prob = F.interpolate(torch.sigmoid(logits.float()), size=SHAPE, mode="bilinear", align_corners=False)
-    pred = apply_min_area(prob > 0.5, min_area).cpu()
-    truth = torch.stack([f["full_label"] for f in shown])
-    scores = dice_per_image(pred, truth, empty="one")
-    fig = Figure(figsize=(3.4 * len(shown), 2.9), dpi=100)
-    for i, frame in enumerate(shown):
-        ax = fig.add_subplot(1, len(shown), i + 1)
-        ax.imshow(np.asarray(Image.open(frame["path"])), cmap="gray", vmin=0, vmax=255)
-        for mask, color in ((truth[i, 0], "lime"), (pred[i, 0], "red")):
-            if mask.any():
-                ax.contour(mask.numpy(), levels=[0.5], colors=color, linewidths=1.2)
-        ax.set_title(f"{frame['subject']}_{frame['img']}: Dice {scores[i]:.3f}", fontsize=9)
-        ax.axis("off")
-    handles = [Line2D([], [], color="lime", label="true nerve"), Line2D([], [], color="red", label="predicted")]
-    fig.legend(handles=handles, loc="lower center", ncol=2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
 
 
 def write_submission(rows: pd.DataFrame, path: Path) -> None:
@@ -523,141 +671,27 @@ def write_submission(rows: pd.DataFrame, path: Path) -> None:
     save_atomically(path, lambda partial: rows.to_csv(partial, index=False))
 
 
-def main(cfg: Config) -> list[dict]:
-    """Train, keep the best epoch by validation Dice, choose the minimum area, write the submission.
-
-    Returns the history: one dict per epoch (also written to history.csv)."""
-    start_time = time.time()
-    torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    # Under `torchrun --nproc_per_node=N`: join the other processes, take this process's GPU, print only in process
-    # 0 (README, "Several GPUs"). With `python` or in a notebook: one process, the GPU if there is one, else the CPU.
-    device = distributed.setup()
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
-    cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    with distributed.main_first():  # process 0 writes the synthetic sample if missing, the others then read it
-        root = find_dataset("ultrasound-nerve-segmentation", cfg.data_dir)
-    synthetic = root != Path(cfg.data_dir) / "ultrasound-nerve-segmentation"
-    train_frames, val_frames = prepare_data(cfg, root)
-
-    train_transforms.set_random_state(seed=cfg.seed + distributed.rank())  # each process flips its own way
-    loader_args = {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda"}
-    loader_args["persistent_workers"] = cfg.num_workers > 0  # do not restart the workers every epoch
-    train_ds = to_dataset(train_frames, train_transforms)
-    # Under torchrun each process trains on its own shard of the frames, reshuffled every epoch (set_epoch below),
-    # with batch_size frames per process and step; in one process there is no sampler and the loader shuffles.
-    sampler = distributed.train_sampler(train_ds, cfg.seed)
-    shard_size = len(sampler) if sampler is not None else len(train_ds)
-    train_loader = DataLoader(
-        train_ds,
-        batch_size=cfg.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=shard_size > cfg.batch_size,  # no tiny last batch, unless there is only one batch
-        generator=torch.Generator().manual_seed(cfg.seed),
-        **loader_args,
-    )
-    val_ds = to_dataset(distributed.shard(val_frames), val_transforms, full=True)  # this process's share
-    val_loader = DataLoader(val_ds, batch_size=cfg.val_batch_size, **loader_args)
-    batch = next(iter(train_loader))  # peek at one batch
-    print(f"One training batch: image {tuple(batch['image'].shape)} {batch['image'].dtype}, label "
-          f"{tuple(batch['label'].shape)}; {len(train_loader)} step(s) per epoch on {device}")  # fmt: skip
-
-    model = build_model(cfg).to(device)  # the original forgot to move the model to the GPU
-    train_model = distributed.wrap(model)  # DDP under torchrun (gradients averaged); `model` is what is saved
-    loss_fn = DiceBCELoss(cfg.bce_weight)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scaler = grad_scaler(device, cfg.amp)
-    checkpoint_path = cfg.output_dir / "2D_Nerve_Segmentation.pt"
-    parts = {"model": model, "optimizer": optimizer, "scaler": scaler}  # what last_checkpoint.pt holds
-    history, first_epoch = [], 1
-    if cfg.resume:
-        first_epoch, history = resume(cfg.output_dir, device, **parts)
-    best_dice, best_epoch = best_so_far(checkpoint_path) if cfg.resume else (-1.0, 0)
-    writer = tensorboard_writer(cfg.tensorboard and distributed.is_main(), cfg.output_dir / "tensorboard")
-    try:
-        for epoch in range(first_epoch, cfg.max_epochs + 1):
-            epoch_start = time.time()
-            distributed.set_epoch(train_loader, epoch)  # under torchrun: new shards for this epoch
-            train_loss = train_one_epoch(train_model, train_loader, loss_fn, optimizer, scaler, device, cfg, epoch)
-            val_loss, scores = evaluate(model, val_loader, loss_fn, device, cfg)
-            min_area = choose_min_area(scores, cfg.min_area_candidates)
-            history.append(
-                {
-                    "epoch": epoch,
-                    "train_loss": train_loss,
-                    "val_loss": val_loss,
-                    "val_dice": scores.dice(min_area),  # Kaggle metric after the min-area filter
-                    "val_dice_no_filter": scores.dice(0),
-                    "min_area": min_area,
-                    "presence_accuracy": scores.presence_accuracy(min_area),
-                    "val_dice_all_empty": scores.all_empty.mean(),  # the baseline: no nerve predicted anywhere
-                    "seconds": time.time() - epoch_start,
-                }
-            )
-            row = history[-1]
-            is_best = row["val_dice"] > best_dice  # the same in every process: the scores cover all frames
-            if is_best:
-                best_dice, best_epoch = row["val_dice"], epoch
-            if distributed.is_main():  # one process writes; the others hold the same weights and history
-                if is_best:
-                    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
-                    state |= {"config": config_dict(cfg), "metric": best_dice, "min_area": min_area}
-                    save_checkpoint(state, checkpoint_path)
-                save_history(history, cfg.output_dir / "history.csv")
-                plot_dice_history([h["val_dice"] for h in history], cfg.output_dir / "dice_per_epoch.png",
-                                  title="Nerve segmentation: validation Dice (Kaggle metric) per epoch")  # fmt: skip
-                log_epoch(writer, row, epoch)
-                save_last(cfg.output_dir, epoch, history, cfg, **parts)
-            print(f"epoch {epoch:3d}/{cfg.max_epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
-                  f"val Dice {row['val_dice']:.4f} (min area {min_area}; no filter {row['val_dice_no_filter']:.4f})  "
-                  f"presence acc {row['presence_accuracy']:.3f}  {row['seconds']:.1f} s"
-                  + ("  *best*" if best_epoch == epoch else ""))  # fmt: skip
-    # Ctrl-C (or Interrupt in a notebook) drops the epoch under way; a loss that is not finite stops training.
-    except (KeyboardInterrupt, FloatingPointError) as err:
-        print(stop_message(err, cfg.output_dir, history, checkpoint_path))
-        return history
-    finally:
-        if writer is not None:
-            writer.close()
+def predict(cfg: Config, test_dir: Path) -> pd.DataFrame | None:
+    """The Kaggle submission for the frames of `test_dir` (output_dir/submission.csv), with the best epoch's
+    weights and minimum area read back from best_model.pt; returns its rows. Process 0 only (None in the others)."""
     if not distributed.is_main():
-        return history  # process 0 alone predicts and writes the submission; the others are done
-
-    baseline = history[-1]["val_dice_all_empty"]
-    best = history[best_epoch - 1]
-    best_min_area = best["min_area"]
-    print(f"Best epoch {best_epoch}: validation Dice {best_dice:.4f} (Kaggle metric, mean over {len(val_frames)} "
-          f"frames at 420x580) with min area {best_min_area} px ({best['val_dice_no_filter']:.4f} without the "
-          f"filter); all-empty baseline on the same frames {baseline:.4f}; nerve presence accuracy "
-          f"{best['presence_accuracy']:.3f}")  # fmt: skip
-
-    # The submission uses the best epoch's weights, read back from the checkpoint, and its minimum area.
-    checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
-    model.load_state_dict(checkpoint["model"])
-    draw_predictions(model, val_frames, device, cfg, checkpoint["min_area"], cfg.output_dir / "val_predictions.png")
-    pictures = []
-    if synthetic:  # the README's picture
-        Path(cfg.images_dir).mkdir(parents=True, exist_ok=True)
-        pictures.append(Path(cfg.images_dir) / "nerve_ultrasound_segmentation_predictions.png")
-        shutil.copyfile(cfg.output_dir / "val_predictions.png", pictures[-1])
-    rows = predict_test(model, root / "test", cfg, device, checkpoint["min_area"])
+        return None
+    model, checkpoint = load_best(cfg, build_model, DEVICE)
+    rows = predict_test(model, Path(test_dir), cfg, checkpoint["metrics"]["min_area"])
     write_submission(rows, cfg.output_dir / "submission.csv")
-    print(f"\nSummary ({time.time() - start_time:.0f} s{', QUICK run' if cfg.quick else ''})\n"
-          f"  data:    {'SYNTHETIC sample' if synthetic else 'real dataset'} {root}: {len(train_frames)} training "
-          f"frames, {len(val_frames)} validation frames, {len(rows)} test frames\n"
-          f"  best:    epoch {best_epoch} of {len(history)}, validation Dice {best_dice:.4f} (Kaggle metric; "
-          f"all-empty baseline {baseline:.4f}), min area {best_min_area} px\n"
-          f"  outputs: {cfg.output_dir}/ {checkpoint_path.name}, history.csv, dice_per_epoch.png, val_predictions.png, "
-          f"contradictory_pairs.csv, submission.csv"
-          + "".join(f"\n  picture: {p}" for p in pictures))  # fmt: skip
-    return history
+    return rows
 
 
-# %% Run
 if __name__ == "__main__":
-    try:
-        history = main(cfg)
-    except DatasetError as err:  # a data folder unlike the README's: one line saying what was expected where
-        raise SystemExit(f"Data problem: {err}") from None
-    finally:
-        distributed.shutdown()  # under torchrun: leave the process group (nothing to do in one process)
+    submission = predict(cfg, data.root / "test")
+
+# %% Summary
+if __name__ == "__main__":
+    pictures = readme_pictures(cfg, data, {"val_predictions.png": "nerve_ultrasound_segmentation_predictions.png"})
+    best = history.best()
+    print(run_summary(cfg, data, history,
+                      f"validation Dice {best['val_dice']:.4f} (Kaggle metric; all-empty baseline "
+                      f"{best['val_dice_all_empty']:.4f}), min area {best['min_area']} px",
+                      ["best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "batch.png",
+                       "contradictory_pairs.csv", "val_per_case.csv", "val_predictions.png", "submission.csv"],
+                      pictures))  # fmt: skip

@@ -594,8 +594,7 @@ def main(cfg: Config) -> list[dict]:
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with distributed.main_first():  # process 0 writes the synthetic sample if missing, the others then read it
-        root = find_dataset("pleural_effusion", Path(cfg.data_dir))  # says real or synthetic
-    synthetic = root != Path(cfg.data_dir) / "pleural_effusion"
+        root, synthetic = find_dataset("pleural_effusion", Path(cfg.data_dir))  # says real or synthetic
 
     # A full NSCLC-Radiomics download has 422 patients, of whom PleThora outlined 78: the other 344 are "no mask".
     # So only the first 10 of each kind are printed; all are kept in skipped_cases.csv.

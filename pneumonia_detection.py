@@ -638,8 +638,7 @@ def main(cfg: Config) -> list[dict]:
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with distributed.main_first():  # process 0 writes the synthetic sample if missing, the others then read it
-        root = find_dataset("rsna-pneumonia-detection-challenge", Path(cfg.data_dir))  # says real or synthetic
-    synthetic = root != Path(cfg.data_dir) / "rsna-pneumonia-detection-challenge"
+        root, synthetic = find_dataset("rsna-pneumonia-detection-challenge", Path(cfg.data_dir))  # says real or synthetic
     patients = read_patients(root)
     per_class = Counter(p["class"] for p in patients)
     print(f"{len(patients)} labelled patients ({', '.join(f'{n} {name}' for name, n in sorted(per_class.items()))})")

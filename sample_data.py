@@ -19,6 +19,7 @@ import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -774,7 +775,14 @@ def write_all(root: Path = SAMPLE_DIR, seed: int = 0, overwrite: bool = False) -
     return {name: write_dataset(name, root, seed, overwrite) for name in WRITERS}
 
 
-def find_dataset(name: str, data_dir: Path = DATA_DIR) -> Path:
+class FoundDataset(NamedTuple):
+    """Where a script reads its dataset from, and whether that is the synthetic stand-in."""
+
+    root: Path
+    synthetic: bool
+
+
+def find_dataset(name: str, data_dir: Path = DATA_DIR) -> FoundDataset:
     """The real dataset `data_dir/name` when it is there, else its synthetic stand-in (written if missing).
 
     Prints which one it is, so that nobody mistakes a score on synthetic data for a real result.
@@ -782,11 +790,11 @@ def find_dataset(name: str, data_dir: Path = DATA_DIR) -> Path:
     real = Path(data_dir) / name
     if real.is_dir() and any(real.iterdir()):
         print(f"Using the real dataset in {real}")
-        return real
+        return FoundDataset(real, synthetic=False)
     sample = write_dataset(name, Path(data_dir) / "sample")
     missing = "is empty" if real.is_dir() else "not found"
     print(f"{real} {missing}: using the SYNTHETIC sample in {sample} (README.md says where the real data goes)")
-    return sample
+    return FoundDataset(sample, synthetic=True)
 
 
 if __name__ == "__main__":

@@ -90,3 +90,36 @@ def repo_copy(tmp_path):
         return repo
 
     return make
+
+
+def config_edit(**settings) -> str:
+    """The line a user types below a script's configuration cell: `cfg = Config(max_epochs=5, ...)` (paths as text,
+    which Config accepts for its Path fields)."""
+    values = ", ".join(f"{key}={str(value)!r}" if isinstance(value, Path) else f"{key}={value!r}"
+                       for key, value in settings.items())  # fmt: skip
+    return f"cfg = Config({values})"
+
+
+@pytest.fixture
+def run_cells(tmp_path):
+    """run_cells(script, **settings) -> the names the script's cells leave at top level (cfg, data, batch, model,
+    history, per_case, ...), after running it in this process as `python script.py` does, all cells in order, with
+    `cfg = Config(**settings)` typed below its configuration cell. The script runs from a copy in tmp_path/"cells"
+    (its own folder is its ROOT: give data_dir, output_dir and images_dir to keep it off the repository's)."""
+    import runpy
+
+    folder = tmp_path / "cells"
+    folder.mkdir(exist_ok=True)
+    hook = sys.excepthook
+
+    def run(script: str, **settings) -> dict:
+        source = (REPO_ROOT / f"{script}.py").read_text()
+        assert source.count("\ncfg = Config()\n") == 1, script
+        path = folder / f"{script}.py"
+        path.write_text(source.replace("\ncfg = Config()\n", f"\ncfg = Config()\n{config_edit(**settings)}\n"))
+        try:
+            return runpy.run_path(str(path), run_name="__main__")
+        finally:
+            sys.excepthook = hook  # the configuration cell makes data problems one line: for its run only
+
+    return run

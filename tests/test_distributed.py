@@ -326,18 +326,20 @@ def test_nerve_under_torchrun_writes_once_agrees_resumes_and_is_close_to_one_pro
     edit = config_edit(small | {"batch_size": 2, "tensorboard": True})
     stdout, first, second = run_script(repo, f"{NERVE}.py", edit, tmp_path / "probe", tmp_path)
     output = repo / "output" / NERVE
-    names = {"2D_Nerve_Segmentation.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "tensorboard"}
-    names |= {"val_predictions.png", "contradictory_pairs.csv", "submission.csv"}
+    names = {"best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "tensorboard", "batch.png"}
+    names |= {"val_predictions.png", "val_per_case.csv", "contradictory_pairs.csv", "submission.csv"}
     assert_written_once(stdout, output, names, repo / "Images" / f"{NERVE}_predictions.png")
     assert_both_processes_agree(first, second, output / "history.csv")
-    assert "9 step(s) per epoch" in stdout  # 38 frames in 2 shards of 19, 2 per step: each process its own
+    assert "9 steps per epoch" in stdout  # 38 frames in 2 shards of 19, 2 per step: each process its own
     assert len(pd.read_csv(output / "submission.csv")) == 2
-    checkpoint = torch.load(output / "2D_Nerve_Segmentation.pt", weights_only=True)
+    assert len(pd.read_csv(output / "val_per_case.csv")) == 10  # process 0 evaluated every validation frame
+    checkpoint = torch.load(output / "best_model.pt", weights_only=True)
     nerve.build_model(nerve.cfg).load_state_dict(checkpoint["model"])  # saved unwrapped: loads in one process
     best = max(first, key=lambda row: row["val_dice"])
-    assert (checkpoint["epoch"], checkpoint["min_area"]) == (best["epoch"], best["min_area"])
+    assert (checkpoint["epoch"], checkpoint["metrics"]["min_area"]) == (best["epoch"], best["min_area"])
 
-    one = nerve.main(replace(nerve.cfg, data_dir=sample_root, output_dir=tmp_path / "one", **small))
+    cfg = replace(nerve.cfg, data_dir=sample_root, output_dir=tmp_path / "one", **small)
+    one = nerve.fit(cfg, nerve.load_data(cfg), nerve.build_model(cfg))
     # Same seed: the same split, the same initial weights, the same frames per step and steps per epoch. Not the
     # same run: the frames are dealt and flipped otherwise (DistributedSampler's permutation, one flip stream per
     # process), and the batch's soft Dice is taken over each process's 2 frames and averaged, not over 4. So the

@@ -1,6 +1,7 @@
 """nerve_ultrasound_segmentation.py and its cleaning step: the Kaggle run-length encoding against train_masks.csv,
 the split by subject, contradictory near-duplicates, the minimum-area filter, bad input files named and counted,
-and a quick training run on the synthetic sample that must beat the all-empty baseline and write a submission.
+and the stages: a quick run of all the cells on the synthetic sample must beat the all-empty baseline and write a
+submission; fit resumes and stops on Ctrl-C or a NaN loss.
 
 The script is loaded as a module with the quick-run switch on; the sample is written once per session (conftest).
 """
@@ -114,10 +115,18 @@ def test_near_duplicates_are_found_within_a_subject_and_different_frames_are_not
     assert find_contradictory_pairs(table, signatures, 0.15).empty
 
 
+def load(nerve, data_dir, tmp_path, **settings):
+    """The Data stage on the download in data_dir/ultrasound-nerve-segmentation: (train frames, validation frames)."""
+    data = nerve.load_data(replace(nerve.cfg, data_dir=data_dir, output_dir=tmp_path / "out", **settings))
+    return data.train, data.val
+
+
 def test_contradictory_frames_leave_training_by_default_and_stay_when_configured(nerve, sample_root, tmp_path, capsys):
     root = sample_root / NERVE
-    cfg = replace(nerve.cfg, output_dir=tmp_path)
-    train, val = nerve.prepare_data(cfg, root)
+    cfg = replace(nerve.cfg, data_dir=sample_root, output_dir=tmp_path)
+    data = nerve.load_data(cfg)
+    train, val = data.train, data.val
+    assert data.root == root and not data.synthetic  # data_dir holds the dataset: used as a real one
     pairs = pd.read_csv(tmp_path / "contradictory_pairs.csv")
     assert len(pairs) >= 2  # the sample plants a near copy with an empty mask in 2-3 subjects
     for subject, with_nerve, empty in pairs[["subject", "img_with_nerve", "img_empty"]].itertuples(index=False):
@@ -126,7 +135,7 @@ def test_contradictory_frames_leave_training_by_default_and_stay_when_configured
     out = capsys.readouterr().out
     assert f"{len(pairs)} pair(s)" in out and "left out of training" in out
 
-    train_all, val_all = nerve.prepare_data(replace(cfg, drop_contradictory=False), root)
+    train_all, val_all = load(nerve, sample_root, tmp_path, drop_contradictory=False)
     train_subjects = {f["subject"] for f in train_all}
     expected = {(s, e) for s, e in zip(pairs["subject"], pairs["img_empty"]) if s in train_subjects}
     assert expected  # at least one pair lies in the training subjects
@@ -198,8 +207,7 @@ def damage_csv_row(root):
 )
 def test_each_bad_input_is_named_skipped_and_counted(nerve, nerve_copy, tmp_path, capsys, damage):
     path, kind, key = damage(nerve_copy)
-    cfg = replace(nerve.cfg, output_dir=tmp_path / "out", drop_contradictory=False)
-    train, val = nerve.prepare_data(cfg, nerve_copy)
+    train, val = load(nerve, nerve_copy.parent, tmp_path, drop_contradictory=False)
     out = capsys.readouterr().out
     assert f"Skipped {path}: {kind}" in out
     assert f"skipped 1 file (1 {kind})" in out
@@ -209,8 +217,7 @@ def test_each_bad_input_is_named_skipped_and_counted(nerve, nerve_copy, tmp_path
 
 def test_missing_csv_is_said_and_the_mask_files_are_used(nerve, nerve_copy, tmp_path, capsys):
     (nerve_copy / "train_masks.csv").unlink()
-    cfg = replace(nerve.cfg, output_dir=tmp_path / "out", drop_contradictory=False)
-    train, val = nerve.prepare_data(cfg, nerve_copy)
+    train, val = load(nerve, nerve_copy.parent, tmp_path, drop_contradictory=False)
     assert "train_masks.csv not found" in capsys.readouterr().out
     assert len(train) + len(val) == 50
 
@@ -219,7 +226,7 @@ def test_nothing_usable_is_one_clear_error(nerve, nerve_copy, tmp_path):
     for path in (nerve_copy / "train").glob("*_mask.tif"):
         path.unlink()
     with pytest.raises(DatasetError, match=r"Found 0 image/mask pairs .* expected <subject>_<img>.tif"):
-        nerve.prepare_data(replace(nerve.cfg, output_dir=tmp_path / "out"), nerve_copy)
+        load(nerve, nerve_copy.parent, tmp_path)
 
 
 def test_bad_or_missing_test_frames_are_named_and_predicted_empty(nerve, nerve_copy, capsys):
@@ -227,7 +234,7 @@ def test_bad_or_missing_test_frames_are_named_and_predicted_empty(nerve, nerve_c
     corrupt.write_bytes(b"not a TIFF")
     missing.unlink()  # still listed in sample_submission.csv
     model = nerve.build_model(nerve.cfg)
-    rows = nerve.predict_test(model, nerve_copy / "test", nerve.cfg, torch.device("cpu"), min_area=0)
+    rows = nerve.predict_test(model, nerve_copy / "test", nerve.cfg, min_area=0)
     out = capsys.readouterr().out
     assert f"Skipped {corrupt}: unreadable" in out and f"Skipped {missing}: missing" in out
     assert "skipped 2 files (" in out
@@ -239,69 +246,87 @@ def test_train_masks_csv_rows_without_files_are_reported(nerve, nerve_copy, tmp_
     table = pd.read_csv(nerve_copy / "train_masks.csv", keep_default_na=False)
     extra = pd.DataFrame({"subject": [9], "img": [1], "pixels": [""]})
     pd.concat([table, extra]).to_csv(nerve_copy / "train_masks.csv", index=False)
-    train, val = nerve.prepare_data(replace(nerve.cfg, output_dir=tmp_path / "out"), nerve_copy)
+    train, val = load(nerve, nerve_copy.parent, tmp_path)
     assert "train_masks.csv has 1 row(s) without an image/mask pair" in capsys.readouterr().out
     assert 9 not in {f["subject"] for f in train + val}
 
 
-# %% Training
+# %% The stages
 
 
-def test_quick_run_learns_and_writes_checkpoint_plot_history_and_submission(nerve, sample_root, tmp_path, capsys):
+def test_quick_run_of_the_cells_learns_and_writes_checkpoint_plots_history_and_submission(
+    sample_root, tmp_path, run_cells, capsys
+):
     data_dir = tmp_path / "data"  # no real download there: the script must say it uses the sample
     (data_dir / "sample").mkdir(parents=True)
     (data_dir / "sample" / NERVE).symlink_to(sample_root / NERVE)
-    cfg = replace(nerve.cfg, data_dir=data_dir, output_dir=tmp_path / "out", images_dir=tmp_path / "Images")
-    history = nerve.main(replace(cfg, tensorboard=True))
+    out_dir, images_dir = tmp_path / "out", tmp_path / "Images"
+    cells = run_cells("nerve_ultrasound_segmentation", data_dir=data_dir, output_dir=out_dir, images_dir=images_dir,
+                      quick=True, tensorboard=True)  # fmt: skip
+    cfg, data, batch, history, per_case = (cells[name] for name in ("cfg", "data", "batch", "history", "per_case"))
     out = capsys.readouterr().out
-    assert "SYNTHETIC" in out and "all-empty baseline" in out
+    assert cfg.quick and cfg.max_epochs == 20 and cfg.image_size == (64, 96)  # the quick run's settings
+    assert "Configuration: QUICK run, with " in out and "SYNTHETIC" in out and "all-empty baseline" in out
+    assert data.synthetic and len(data.train) == 38 and len(data.val) == 10  # 2 contradictory frames left out
+    assert batch["image"].shape == (cfg.batch_size, 1, *cfg.image_size) and batch["image"].dtype == torch.uint8
+    assert set(batch["label"].unique().tolist()) <= {0, 1}  # masks stay binary through resizing and flips
+    assert isinstance(cells["model"], torch.nn.Module)
 
     assert len(history) == cfg.max_epochs
-    best = max(history, key=lambda row: row["val_dice"])
+    best = history.best()
+    assert best == max(history, key=lambda row: row["val_dice"])
     baseline = best["val_dice_all_empty"]
     assert 0 < baseline < 1
     assert best["val_dice"] > baseline + 0.15, (best["val_dice"], baseline)  # learnt, not just "no nerve"
     assert best["presence_accuracy"] > 0.7
 
-    table = pd.read_csv(cfg.output_dir / "history.csv")
+    table = pd.read_csv(out_dir / "history.csv")
     assert list(table.columns[:5]) == ["epoch", "train_loss", "val_loss", "val_dice", "val_dice_no_filter"]
-    assert {"min_area", "presence_accuracy", "val_dice_all_empty"} <= set(table.columns)
+    assert {"min_area", "presence_accuracy", "val_dice_all_empty", "lr", "seconds"} <= set(table.columns)
     np.testing.assert_allclose(table["val_dice"], [row["val_dice"] for row in history])
 
-    checkpoint = torch.load(cfg.output_dir / "2D_Nerve_Segmentation.pt", weights_only=True)
-    assert {"model", "optimizer", "config", "epoch", "metric", "min_area"} <= set(checkpoint)
+    checkpoint = torch.load(out_dir / "best_model.pt", weights_only=True)
+    assert {"model", "config", "epoch", "metric", "metrics"} <= set(checkpoint)
     assert checkpoint["epoch"] == best["epoch"] and checkpoint["metric"] == pytest.approx(best["val_dice"])
-    assert checkpoint["min_area"] == best["min_area"] in cfg.min_area_candidates
+    assert checkpoint["metrics"]["min_area"] == best["min_area"] in cfg.min_area_candidates
     assert checkpoint["config"]["image_size"] == cfg.image_size
-    nerve.build_model(cfg).load_state_dict(checkpoint["model"])  # strict: every weight is there
+    cells["build_model"](cfg).load_state_dict(checkpoint["model"])  # strict: every weight is there
 
-    with Image.open(cfg.output_dir / "dice_per_epoch.png") as plot:
-        assert plot.format == "PNG"
-    with Image.open(cfg.output_dir / "val_predictions.png") as figure:
-        assert figure.format == "PNG" and figure.width > 4 * 200  # four frames side by side
-    picture = cfg.images_dir / "nerve_ultrasound_segmentation_predictions.png"  # the sample was used: README picture
-    assert picture.read_bytes() == (cfg.output_dir / "val_predictions.png").read_bytes()
-    assert len(list((cfg.output_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    # Evaluate: the best weights read back score every validation frame as the best epoch did.
+    assert list(per_case.columns) == ["subject", "img", "has_nerve", "predicted_area", "dice"]
+    assert len(per_case) == len(data.val) and per_case["dice"].mean() == pytest.approx(best["val_dice"], abs=1e-9)
+    assert ((per_case["predicted_area"] == 0) | (per_case["predicted_area"] >= best["min_area"])).all()
+    pd.testing.assert_frame_equal(pd.read_csv(out_dir / "val_per_case.csv"), per_case)
+
+    for name in ("dice_per_epoch.png", "batch.png", "val_predictions.png"):
+        with Image.open(out_dir / name) as figure:
+            assert figure.format == "PNG", name
+    with Image.open(out_dir / "val_predictions.png") as figure:
+        assert figure.width > 4 * 200  # four frames side by side
+    picture = images_dir / "nerve_ultrasound_segmentation_predictions.png"  # the sample was used: README picture
+    assert picture.read_bytes() == (out_dir / "val_predictions.png").read_bytes()
+    assert len(list((out_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
     summary = out[out.index("\nSummary (") :]
     assert f"data:    SYNTHETIC sample {data_dir / 'sample' / NERVE}" in summary
     assert f"best:    epoch {best['epoch']} of {cfg.max_epochs}, validation Dice {best['val_dice']:.4f}" in summary
-    assert f"outputs: {cfg.output_dir}/" in summary and f"picture: {picture}" in summary
+    assert f"outputs: {out_dir}/" in summary and f"picture: {picture}" in summary
 
-    submission = pd.read_csv(cfg.output_dir / "submission.csv", keep_default_na=False)
+    submission = pd.read_csv(out_dir / "submission.csv", keep_default_na=False)
     assert list(submission.columns) == ["img", "pixels"] and list(submission["img"]) == [1, 2, 3, 4, 5, 6]
     areas = [rle_decode(pixels, SHAPE).sum() for pixels in submission["pixels"]]
-    assert all(area == 0 or area >= checkpoint["min_area"] for area in areas)  # the filter was applied
+    assert all(area == 0 or area >= best["min_area"] for area in areas)  # the filter was applied
     assert any(areas)  # the sample's test frames show a nerve about half the time
 
 
-def test_resume_goes_on_and_ctrl_c_or_a_nan_loss_stop_with_one_line(nerve, sample_root, tmp_path, monkeypatch, capsys):
-    cfg = replace(nerve.cfg, data_dir=sample_root, output_dir=tmp_path / "out", max_epochs=2, max_test_images=1)
-    first = nerve.main(cfg)
-    history = nerve.main(replace(cfg, max_epochs=3, resume=True))
+def test_fit_resumes_and_ctrl_c_or_a_nan_loss_stop_with_one_line(nerve, sample_root, tmp_path, monkeypatch, capsys):
+    cfg = replace(nerve.cfg, data_dir=sample_root, output_dir=tmp_path / "out", max_epochs=2)
+    data = nerve.load_data(cfg)
+    first = nerve.fit(cfg, data, nerve.build_model(cfg))
+    history = nerve.fit(replace(cfg, max_epochs=3, resume=True), data, nerve.build_model(cfg))
     assert "2 epoch(s) done" in capsys.readouterr().out
     assert [row["epoch"] for row in history] == [1, 2, 3] and history[:2] == first
     assert pd.read_csv(cfg.output_dir / "history.csv")["epoch"].tolist() == [1, 2, 3]
-    best = cfg.output_dir / "2D_Nerve_Segmentation.pt"
+    best = cfg.output_dir / "best_model.pt"
     kept = best.read_bytes()
 
     def stop(error):
@@ -311,24 +336,31 @@ def test_resume_goes_on_and_ctrl_c_or_a_nan_loss_stop_with_one_line(nerve, sampl
         return train_one_epoch
 
     monkeypatch.setattr(nerve, "train_one_epoch", stop(KeyboardInterrupt()))
-    assert nerve.main(replace(cfg, max_epochs=5, resume=True)) == history
+    stopped = nerve.fit(replace(cfg, max_epochs=5, resume=True), data, nerve.build_model(cfg))
+    assert stopped == history
     last = cfg.output_dir / "last_checkpoint.pt"
-    out = capsys.readouterr().out
-    assert f"Interrupted during epoch 4: {last} holds epoch 3; run again with resume=True" in out
-    assert "Summary" not in out  # stopped: no submission from a run the user interrupted
+    message = f"Interrupted during epoch 4: {last} holds epoch 3; run again with resume=True"
+    assert message in capsys.readouterr().out and stopped.stopped.startswith(message)
+    with pytest.raises(SystemExit) as ended:  # the Train cell ends the run there: no evaluation, no submission
+        nerve.end_if_stopped(stopped)
+    assert ended.value.code == 130
     monkeypatch.setattr(nerve, "train_one_epoch", stop(FloatingPointError("Loss is nan at epoch 4, batch 0")))
-    nerve.main(replace(cfg, max_epochs=5, resume=True))
+    stopped = nerve.fit(replace(cfg, max_epochs=5, resume=True), data, nerve.build_model(cfg))
     best_epoch = torch.load(best, weights_only=True)["epoch"]
     assert f"Loss is nan at epoch 4, batch 0. Kept: {best} (epoch {best_epoch})" in capsys.readouterr().out
     assert best.read_bytes() == kept and torch.load(last, weights_only=True)["epoch"] == 3
+    with pytest.raises(SystemExit) as ended:
+        nerve.end_if_stopped(stopped)
+    assert ended.value.code == 1
 
 
 def test_same_seed_same_split_and_same_first_epoch_on_the_cpu(nerve, sample_root, tmp_path):
     runs = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         cfg = replace(nerve.cfg, data_dir=sample_root, output_dir=tmp_path / name, max_epochs=1, seed=seed)
-        train, val = nerve.prepare_data(cfg, sample_root / NERVE)
-        runs.append(([(f["subject"], f["img"]) for f in train + val], nerve.main(cfg)[0]))
+        data = nerve.load_data(cfg)
+        history = nerve.fit(cfg, data, nerve.build_model(cfg))
+        runs.append(([(f["subject"], f["img"]) for f in data.train + data.val], history[0]))
     (split_a, first_a), (split_b, first_b), (_, other) = runs
     assert split_a == split_b and first_a["train_loss"] == first_b["train_loss"]  # bitwise
     assert first_a["val_dice_no_filter"] == first_b["val_dice_no_filter"]

@@ -1,7 +1,10 @@
 """Every pipeline as a user of Jupyter or VS Code meets it: the README's command turns it into a notebook, and the
 notebook runs cell by cell in a real kernel (jupytext reads the `# %%` cells, nbclient runs them) with QUICK=1 and
-the configuration edited inline, in a fresh copy of the repository whose data/ holds only the synthetic sample."""
+the configuration edited inline, in a fresh copy of the repository whose data/ holds only the synthetic sample.
+After each stage cell the kernel holds that stage's result (`data`, `batch`, `model`, `history`, `per_case`); an
+inline `cfg = Config(max_epochs=1)` and the Train cell run again give a history of one epoch."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -12,36 +15,39 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# Per script: the dataset folder it reads, the inline edit that makes the quick run a few seconds long (as a user
-# types it in a cell below the configuration cell), and the files it must write to output/<script>/.
+# Per script: the dataset folder it reads, the settings that make the quick run a few seconds long (typed inline as
+# `cfg = Config(...)` below the configuration cell, as a user does), and the files it must write to output/<script>/.
+COMMON = ["best_model.pt", "last_checkpoint.pt", "history.csv", "batch.png"]
 PIPELINES = {
     "lung_xray_unet": (
         "MontgomerySet",
-        "cfg = Config(max_epochs=2)",
-        ["best_model.pt", "history.csv", "dice_per_epoch.png", "test_predictions.png", "test_dice.csv"],
+        {"max_epochs": 2},
+        COMMON + ["dice_per_epoch.png", "test_per_case.csv", "test_predictions.png", "predicted_masks"],
     ),
     "nerve_ultrasound_segmentation": (
         "ultrasound-nerve-segmentation",
-        "cfg = Config(max_epochs=2)",
-        ["2D_Nerve_Segmentation.pt", "history.csv", "dice_per_epoch.png", "val_predictions.png", "submission.csv"],
+        {"max_epochs": 2},
+        COMMON + ["dice_per_epoch.png", "val_per_case.csv", "val_predictions.png", "submission.csv"],
     ),
     "covid_ct_segmentation": (
         "COVID-19-20_v2",
-        "cfg = Config(max_epochs=1, pixdim=(6.0, 6.0, 6.0), features=(4, 4, 8, 8, 16, 4), num_samples=2, examples=1)",
-        ["best_model.pt", "history.csv", "dice_per_epoch.png", "val_dice_per_case.csv", "val_predictions.png"],
+        {"max_epochs": 2, "pixdim": (6.0, 6.0, 6.0), "features": (4, 4, 8, 8, 16, 4), "num_samples": 2, "examples": 1},
+        COMMON + ["dice_per_epoch.png", "val_per_case.csv", "val_predictions.png", "submission"],
     ),
     "pneumonia_detection": (
         "rsna-pneumonia-detection-challenge",
-        "cfg = Config(max_epochs=1, max_steps_per_epoch=2, patients_per_class=3, image_size=64, examples=2)",
-        ["Pneumonia_detection.pt", "history.csv", "rsna_metric_per_epoch.png", "val_predictions.png", "submission.csv"],
+        {"max_epochs": 2, "max_steps_per_epoch": 2, "patients_per_class": 3, "image_size": 64, "examples": 2},
+        COMMON + ["rsna_metric_per_epoch.png", "val_per_case.csv", "val_predictions.png", "submission.csv"],
     ),
     "pleural_effusion_3d": (
         "pleural_effusion",
-        "cfg = Config(max_epochs=1, max_cases=3, roi_size=(16, 16, 8), channels=(4, 8), strides=(2,), "
-        "samples_per_volume=1)",
-        ["best_model.pt", "history.csv", "dice_per_epoch.png", "val_cases.csv", "val_predictions.png"],
+        {"max_epochs": 2, "max_cases": 3, "roi_size": (16, 16, 8), "channels": (4, 8), "strides": (2,),
+         "samples_per_volume": 1, "val_interval": 1},
+        COMMON + ["dice_per_epoch.png", "val_per_case.csv", "val_predictions.png", "predictions"],
     ),
-}
+}  # fmt: skip
+STAGES = {"Data": "data", "Transforms": "batch", "Model and loss": "model", "Train": "history", "Evaluate": "per_case"}
+CELLS = ["Imports", "Configuration", *STAGES, "Predict", "Summary"]  # Predict where a script has a test folder
 
 
 def notebook_command() -> list[str]:
@@ -67,14 +73,25 @@ def test_readme_notebook_command_names_every_pipeline_and_writes_notebooks(tmp_p
         notebook = nbformat.read(tmp_path / script.replace(".py", ".ipynb"), as_version=4)
         titles = [cell.metadata.get("title") for cell in notebook.cells if cell.cell_type == "code"]
         assert titles[0] is None  # the docstring: what the script does, where the data goes, how to run it
-        assert titles[1:3] == ["Imports", "Configuration"] and titles[-1] == "Run", (script, titles)
+        assert titles[1:] == [title for title in CELLS if title in titles], (script, titles)
+        assert set(STAGES) <= set(titles), (script, titles)
+
+
+def probe(after: str) -> str:
+    """A cell that prints which stage results the kernel holds, as JSON: run after the cell titled `after`."""
+    names = ["cfg", *STAGES.values()]
+    return f"import json as _json\nprint('HOLDS {after}:', _json.dumps([n for n in {names!r} if n in globals()]))"
+
+
+def config_edit(settings: dict) -> str:
+    return "cfg = Config(" + ", ".join(f"{key}={value!r}" for key, value in settings.items()) + ")"
 
 
 @pytest.mark.parametrize("script", PIPELINES)
-def test_script_runs_as_a_notebook(script, sample_root, tmp_path, monkeypatch, repo_copy):
+def test_script_runs_as_a_notebook_cell_by_cell(script, sample_root, tmp_path, monkeypatch, repo_copy):
     jupytext = pytest.importorskip("jupytext")
     nbclient = pytest.importorskip("nbclient")
-    dataset, edit, outputs = PIPELINES[script]
+    dataset, settings, outputs = PIPELINES[script]
     repo = repo_copy(f"{script}.py", {f"sample/{dataset}": sample_root / dataset})
 
     notebook = jupytext.read(repo / f"{script}.py")
@@ -83,9 +100,20 @@ def test_script_runs_as_a_notebook(script, sample_root, tmp_path, monkeypatch, r
     uses = [line for line in code if "__file__" in line]  # only the ROOT line, guarded for a kernel
     assert all('if "__file__" in globals() else' in line for line in uses), uses
     assert not re.search(r"\bargparse\b|sys\.argv|input\(", source)  # nothing a kernel cannot give
-    config = next(i for i, cell in enumerate(notebook.cells) if cell.metadata.get("title") == "Configuration")
-    assert "\ncfg = Config()" in notebook.cells[config].source
-    notebook.cells.insert(config + 1, jupytext.reads(edit, fmt="py:percent").cells[0])
+    cells, titles = [], {}
+    for cell in notebook.cells:
+        cells.append(cell)
+        title = cell.metadata.get("title")
+        if title == "Configuration":
+            assert "\ncfg = Config()\n" in cell.source
+            cells.append(jupytext.reads(config_edit(settings), fmt="py:percent").cells[0])  # the user's edit
+        if title in ("Configuration", *STAGES):
+            titles[title] = cell
+            cells.append(jupytext.reads(probe(title), fmt="py:percent").cells[0])
+    # Then the user edits the configuration again and runs the Train cell once more: it takes the new value.
+    for extra in (config_edit(settings | {"max_epochs": 1}), titles["Train"].source, "print('EPOCHS', len(history))"):
+        cells.append(jupytext.reads(extra, fmt="py:percent").cells[0])
+    notebook.cells = cells
     monkeypatch.setenv("QUICK", "1")  # the kernel inherits this process's environment
     for name in ("DATA_DIR", "OUTPUT_DIR", "IMAGES_DIR"):
         monkeypatch.delenv(name, raising=False)
@@ -93,12 +121,20 @@ def test_script_runs_as_a_notebook(script, sample_root, tmp_path, monkeypatch, r
     nbclient.NotebookClient(notebook, timeout=600, resources={"metadata": {"path": str(repo)}}).execute()
 
     printed = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+    holds = {title: json.loads(names) for title, names in re.findall(r"HOLDS ([^:]+): (\[.*\])", printed)}
+    expected = ["cfg"]
+    for title, name in [("Configuration", None), *STAGES.items()]:
+        expected += [name] if name else []
+        assert holds[title] == expected, (title, holds)
+    assert "EPOCHS 1" in printed  # the second run of the Train cell took max_epochs=1
+    pictures = [o for cell in notebook.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(pictures) >= 3  # the batch, the metric per epoch and the predictions, drawn inline
     assert f"using the SYNTHETIC sample in {repo / 'data' / 'sample' / dataset}" in printed
     summary = printed[printed.index("\nSummary (") :]
     assert "QUICK run" in summary and "data:    SYNTHETIC sample" in summary
     assert f"outputs: {repo / 'output' / script}/" in summary
     for name in outputs:
-        assert (repo / "output" / script / name).is_file(), name
+        assert (repo / "output" / script / name).exists(), name
     pictures = re.findall(r"picture: (\S+)", summary)
     assert pictures and all(Path(p).parent == repo / "Images" and Path(p).is_file() for p in pictures)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # nothing written outside the repository

@@ -26,7 +26,7 @@ def counting_writer(monkeypatch):
 
 def test_real_dataset_is_preferred_and_named(tmp_path, capsys, counting_writer):
     (tmp_path / NAME / "CXR_png").mkdir(parents=True)
-    assert sample_data.find_dataset(NAME, tmp_path) == tmp_path / NAME
+    assert sample_data.find_dataset(NAME, tmp_path) == (tmp_path / NAME, False)  # the real one: not synthetic
     assert f"Using the real dataset in {tmp_path / NAME}" in capsys.readouterr().out
     assert not counting_writer and not (tmp_path / "sample").exists()
 
@@ -35,12 +35,12 @@ def test_real_dataset_is_preferred_and_named(tmp_path, capsys, counting_writer):
 def test_missing_or_empty_dataset_falls_back_to_the_sample(tmp_path, capsys, counting_writer, make_empty_folder):
     if make_empty_folder:
         (tmp_path / NAME).mkdir()
-    path = sample_data.find_dataset(NAME, tmp_path)
-    assert path == tmp_path / "sample" / NAME
+    path, synthetic = sample_data.find_dataset(NAME, tmp_path)
+    assert path == tmp_path / "sample" / NAME and synthetic
     assert (path / "CXR_png" / "MCUCXR_0001_0.png").is_file()
     assert "SYNTHETIC sample" in capsys.readouterr().out
     # A second call reuses what is there rather than writing it again.
-    assert sample_data.find_dataset(NAME, tmp_path) == path
+    assert sample_data.find_dataset(NAME, tmp_path) == (path, True)
     assert len(counting_writer) == 1
 
 

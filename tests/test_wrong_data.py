@@ -37,6 +37,6 @@ def test_a_wrong_data_folder_is_one_line_naming_what_was_expected_where(script, 
 
 def test_an_empty_dataset_folder_falls_back_to_the_sample_and_says_so(tmp_path, capsys):
     (tmp_path / "MontgomerySet").mkdir()
-    found = sample_data.find_dataset("MontgomerySet", tmp_path)
-    assert found == tmp_path / "sample" / "MontgomerySet" and any(found.iterdir())
+    found, synthetic = sample_data.find_dataset("MontgomerySet", tmp_path)
+    assert synthetic and found == tmp_path / "sample" / "MontgomerySet" and any(found.iterdir())
     assert f"{tmp_path / 'MontgomerySet'} is empty: using the SYNTHETIC sample in {found}" in capsys.readouterr().out
