@@ -151,7 +151,7 @@ def find_train_cases(train_dir: Path, skipped: Skipped) -> list[dict]:
     images, masks = {}, {}
     for path in sorted(train_dir.iterdir()):
         match = TRAIN_NAME.fullmatch(path.name)
-        if match is None:  # e.g. 1_1_scan.tif, as the original pipeline renamed the download: we never rename
+        if match is None:  # e.g. 1_1_scan.tif, a download renamed by hand: the names carry the pairing
             skipped.skip(path, "unexpected name", "expected <subject>_<img>.tif or <subject>_<img>_mask.tif")
             continue
         key = int(match[1]), int(match[2])
@@ -169,7 +169,7 @@ def split_by_subject(subjects, val_fraction: float, seed: int) -> tuple[list[int
     """(train subjects, validation subjects): a seeded shuffle of the distinct subjects, at least one on each side.
 
     By subject, not by frame: the frames of one subject are one video, and near copies of a training frame in
-    validation would measure memory, not segmentation (the original split by file order).
+    validation would measure memory, not segmentation.
     """
     unique = sorted({int(s) for s in subjects})
     if len(unique) < 2:
@@ -535,7 +535,7 @@ def fit(cfg: Config, data: Data, model: torch.nn.Module) -> History:
     (output_dir/best_model.pt, with its minimum area). Returns the history, one row per epoch (history.csv)."""
     torch.backends.cudnn.benchmark = DEVICE.type == "cuda"  # fixed input size: let cuDNN pick its fastest kernels
     train_loader, val_loader = build_loaders(cfg, data)
-    model.to(DEVICE)  # the original forgot to move the model to the GPU
+    model.to(DEVICE)
     train_model = distributed.wrap(model)  # DDP under torchrun (gradients averaged); `model` is what is saved
     loss_fn = DiceBCELoss(cfg.bce_weight)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)

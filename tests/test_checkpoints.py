@@ -1,18 +1,26 @@
-"""checkpoints.py: atomic writes, the last-epoch checkpoint, resuming from it, the line said on an early stop, and
-the epoch's training loss read one step late (EpochLoss)."""
+"""checkpoints.py: the configuration (full recipe, quick run), atomic writes, the last-epoch checkpoint, resuming from
+it, the line said on an early stop, the epoch's training loss read one step late (EpochLoss), and the epoch loop's
+bookkeeping (TrainingRun)."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
+import pandas as pd
 import pytest
 import torch
 
 from checkpoints import (
+    BEST_MODEL,
     LAST_CHECKPOINT,
+    BaseConfig,
     EpochLoss,
+    TrainingRun,
     best_so_far,
     config_dict,
+    end_if_stopped,
+    load_best,
     resume,
     save_atomically,
     save_checkpoint,
@@ -119,3 +127,104 @@ def test_epoch_loss_means_each_term_by_name():
     losses.add(0, torch.tensor([3.0, 1.0]), 1, names=names)
     losses.add(1, torch.tensor([5.0, 2.0]), 1, names=names)
     assert losses.means() == {"train_loss": 4.0, "loss_classifier": 1.5}
+
+
+# %% The configuration
+
+
+@dataclass
+class RecipeConfig(BaseConfig):
+    output_dir: Path = Path("out")
+    lr: float = 1e-3
+    max_epochs: int = 100
+    flips: bool = True
+    resume: bool = False
+    tensorboard: bool = False
+    quick: bool = False
+
+    QUICK_RUN: ClassVar[dict] = dict(max_epochs=3, flips=False)
+
+
+def test_the_quick_run_replaces_the_defaults_and_explicit_settings_win():
+    assert (RecipeConfig().max_epochs, RecipeConfig().flips) == (100, True)  # the full recipe
+    quick = RecipeConfig(quick=True)
+    assert (quick.max_epochs, quick.flips, quick.lr) == (3, False, 1e-3)
+    assert RecipeConfig(quick=True, max_epochs=7).max_epochs == 7
+    assert RecipeConfig(quick=True, flips=True).flips  # even when the explicit value is the full recipe's default
+    assert RecipeConfig(Path("o"), 0.1, 50, quick=True).max_epochs == 50  # positional arguments are explicit too
+    assert replace(quick, lr=0.5) == RecipeConfig(quick=True, lr=0.5)  # replace keeps the quick values
+    assert replace(quick, quick=False).max_epochs == 3  # and changes only what it names
+    assert RecipeConfig(output_dir="elsewhere").output_dir == Path("elsewhere")
+    assert RecipeConfig.from_dict({**config_dict(quick), "gone": 1}) == quick  # a setting no longer known: left out
+    assert quick.changes() == {"max_epochs": 3, "flips": False}
+    assert quick.describe() == "Configuration: QUICK run, with max_epochs=3, flips=False"
+    assert RecipeConfig().describe() == "Configuration: the full recipe"
+
+
+def test_a_quick_run_naming_an_unknown_setting_is_refused():
+    @dataclass
+    class Wrong(BaseConfig):
+        quick: bool = False
+        QUICK_RUN: ClassVar[dict] = dict(epochs=3)
+
+    with pytest.raises(TypeError, match="QUICK_RUN sets settings that Config does not have: epochs"):
+        Wrong()
+
+
+# %% The epoch loop's bookkeeping
+
+
+def train(cfg, metrics: list[dict], fail_at: int | None = None, error=KeyboardInterrupt):
+    """A TrainingRun over a tiny model, each epoch reporting the next of `metrics`; `error` raised at `fail_at`."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    with TrainingRun(cfg, "val_dice", model=model, optimizer=optimizer) as run:
+        for epoch in run.epochs():
+            if epoch == fail_at:
+                raise error
+            model.weight.data += 1  # the weights of each epoch differ
+            run.end_epoch(train_loss=1.0 / epoch, **metrics[epoch - 1])
+    return run.history, model
+
+
+def test_training_run_keeps_the_best_epoch_skips_unvalidated_ones_and_writes_every_file(tmp_path, capsys):
+    cfg = RecipeConfig(output_dir=tmp_path, max_epochs=4)
+    metrics = [{}, {"val_dice": 0.5}, {"val_dice": float("nan")}, {"val_dice": 0.25}]
+    history, model = train(cfg, metrics)
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4] and history.best_epoch == 2 and history.best_metric == 0.5
+    assert history.best()["val_dice"] == 0.5 and math.isnan(history[0]["val_dice"])  # every row has every column
+    assert history.stopped is None and history[0]["lr"] == 1e-3 and history[0]["seconds"] >= 0
+    best = torch.load(tmp_path / BEST_MODEL, weights_only=True)
+    assert (best["epoch"], best["metric"], best["metric_name"]) == (2, 0.5, "val_dice") and best["metrics"][
+        "epoch"
+    ] == 2
+    assert best["config"] == config_dict(cfg) and torch.allclose(best["model"]["weight"], model.weight.data - 2)
+    assert torch.load(tmp_path / LAST_CHECKPOINT, weights_only=True)["epoch"] == 4
+    assert pd.read_csv(tmp_path / "history.csv")["epoch"].tolist() == [1, 2, 3, 4]
+    assert (tmp_path / "dice_per_epoch.png").is_file()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+    assert lines[1].startswith("epoch   2/4  train_loss 0.5000  val_dice 0.5000") and lines[1].endswith("*best*")
+    assert "val_dice" not in lines[0] and "*best*" not in lines[3]  # not validated, and not better
+    reloaded, checkpoint = load_best(cfg, lambda c: torch.nn.Linear(2, 1), torch.device("cpu"))
+    assert checkpoint["epoch"] == 2 and torch.allclose(reloaded.weight.data, model.weight.data - 2)
+
+
+def test_training_run_resumes_and_stops_on_ctrl_c_or_a_nan_with_one_line(tmp_path, capsys):
+    cfg = RecipeConfig(output_dir=tmp_path, max_epochs=2)
+    metrics = [{"val_dice": 0.1 * epoch} for epoch in range(1, 6)]
+    first, _ = train(cfg, metrics)
+    stopped, _ = train(replace(cfg, max_epochs=5, resume=True), metrics, fail_at=4)
+    assert [row["epoch"] for row in stopped] == [1, 2, 3] and stopped[:2] == first  # went on from epoch 3
+    assert stopped.best_epoch == 3 and stopped.exit_status == 130
+    assert stopped.stopped == (f"Interrupted during epoch 4: {tmp_path / LAST_CHECKPOINT} holds epoch 3; "
+                               "run again with resume=True to go on from there")  # fmt: skip
+    assert stopped.stopped in capsys.readouterr().out
+    with pytest.raises(SystemExit) as ended:
+        end_if_stopped(stopped)
+    assert ended.value.code == 130
+    nan, _ = train(replace(cfg, max_epochs=5, resume=True), metrics, 4, FloatingPointError("Loss is nan"))
+    assert nan.stopped == f"Loss is nan. Kept: {tmp_path / BEST_MODEL} (epoch 3)" and nan.exit_status == 1
+    end_if_stopped(first)  # a run that finished goes on to the next cell
+    with pytest.raises(ValueError, match="another error"):  # any other error is not a stop: it goes through
+        train(replace(cfg, output_dir=tmp_path / "other"), metrics, 1, ValueError("another error"))

@@ -121,3 +121,15 @@ def test_rows_list_every_skip_in_order_as_the_printed_line_reads(capsys):
     files, path = Skipped("file"), Path("Train", "a.nii.gz")
     files.skip(path, Unusable("truncated", "the gzip data ends early"))
     assert files.rows == [{"file": str(path), "problem": "truncated", "detail": "truncated (the gzip data ends early)"}]
+
+
+def test_data_is_one_line_saying_real_or_synthetic_the_counts_and_the_skips(tmp_path):
+    from data_cleaning import Data
+
+    skipped = Skipped("file")
+    skipped.skip(tmp_path / "bad.tif", "unreadable", "truncated")
+    data = Data(tmp_path, True, [{"image": object()}] * 3, [{}], unit="frames", skipped=skipped)
+    assert str(data) == f"SYNTHETIC sample {tmp_path}: 3 train, 1 validation frames; 1 file skipped"
+    assert repr(data) == f"Data({data})"  # a notebook shows the line, not the cached pixels
+    real = Data(tmp_path, False, [{}], [{}, {}], test=[{}] * 4, unit="films")
+    assert str(real) == f"real dataset {tmp_path}: 1 train, 2 validation, 4 test films"

@@ -190,3 +190,19 @@ def test_tensorboard_asked_for_but_missing_is_one_line_and_no_log(tmp_path, monk
         "tensorboard=True but the tensorboard package is not installed (pip install tensorboard): not logging\n"
     )
     assert not (tmp_path / "tb").exists()
+
+
+def test_save_figure_writes_a_png_and_show_names_it_or_prints_the_table_on_a_terminal(tmp_path, capsys):
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from dice import save_figure, show
+
+    fig = Figure(figsize=(2, 2))
+    fig.add_subplot().plot([0, 1], [1, 0])
+    path = save_figure(fig, tmp_path / "new" / "figure.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(path.parent.glob("*.partial"))
+    show(path)
+    show(pd.DataFrame({"case": ["a", "b"], "dice": [0.5, 0.25]}))
+    out = capsys.readouterr().out
+    assert f"Figure: {path}" in out and "dice" in out and "0.25" in out  # not in a notebook: said, not drawn
