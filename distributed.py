@@ -16,6 +16,7 @@ so the scripts run exactly as they would without this module.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import traceback
@@ -64,7 +65,8 @@ def device() -> torch.device:
 
 def setup() -> torch.device:
     """Join the process group when torchrun started this process, silence every process but 0, and return the
-    device. In one process (python script.py, a notebook) only returns the device. Safe to call twice."""
+    device; the group is left when the process exits. In one process (python script.py, a notebook) only returns
+    the device. Safe to call twice."""
     here = device()
     if launched_by_torchrun() and not is_distributed():
         if here.type == "cuda":
@@ -75,6 +77,7 @@ def setup() -> torch.device:
         else:
             dist.init_process_group("gloo")
         silence_other_processes()
+        atexit.register(shutdown)  # leave the group when the script ends, whichever cell it ends in
     return here
 
 

@@ -1,31 +1,33 @@
 """Lung segmentation on chest X-rays (Montgomery County set) with a hand-written U-Net, a Trainer and an Inferencer.
 
 Data: `data/MontgomerySet/` as downloaded from the NLM (`CXR_png/`, `ManualMask/leftMask/`, `ManualMask/rightMask/`);
-without it, the synthetic stand-in in `data/sample/MontgomerySet/` (written when missing). With
-`include_shenzhen=True`, also `data/ChinaSet_AllFiles/CXR_png/CHNCXR_####_#.png` with the separately downloaded
+without it, the synthetic stand-in in `data/sample/MontgomerySet/` (written when missing), and the script says so.
+With `include_shenzhen=True`, also `data/ChinaSet_AllFiles/CXR_png/CHNCXR_####_#.png` with the separately downloaded
 masks `CHNCXR_####_#_mask.png` anywhere below `data/ChinaSet_AllFiles/`. The first run prepares the films once
 (`data_cleaning.prepare_lung_segmentation`: union of both lung masks, 512x512, seeded train/test split) into
 `data/segmentation/` (for the sample: `data/sample/segmentation/`); the download is only read.
 
-Outputs, in `output/lung_xray_unet/`: `best_model.pt` (model, optimizer, config, epoch, validation Dice),
-`history.csv` and `dice_per_epoch.png` (rewritten every epoch), `predicted_masks/<name>.png` (0/255, each at its
-film's original size), `test_dice.csv` (Dice per test film) and `test_predictions.png` (true and predicted outlines).
+Outputs, in `output/lung_xray_unet/`: `best_model.pt`, `last_checkpoint.pt`, `history.csv`, `dice_per_epoch.png`,
+`batch.png`, `predicted_masks/<name>.png` (0/255, each at its film's original size), `test_per_case.csv` (Dice per
+test film) and `test_predictions.png` (true and predicted outlines; copied to `Images/` with `dice_per_epoch.png`
+for the README when the synthetic sample was used).
 
-    python lung_xray_unet.py            # from any directory; or cell by cell in VS Code / Jupyter
-    QUICK=1 python lung_xray_unet.py    # a short first try: small images, small network, fewer epochs
-
-`DATA_DIR` and `OUTPUT_DIR` in the environment move the data and output folders (the tests use them). On several
-GPUs: `torchrun --nproc_per_node=4 lung_xray_unet.py` (README: several GPUs and machines).
+Run: `python lung_xray_unet.py` from any directory (`QUICK=1` for a short first try: small images, small network,
+fewer epochs), or cell by cell in VS Code or Jupyter, each cell leaving its result to look at: `cfg`, `data`,
+`batch`, `model`, `history`, `per_case`. Edit the configuration inline (`cfg = Config(max_epochs=10)`) and run the
+cells below again. `DATA_DIR`, `OUTPUT_DIR` and `IMAGES_DIR` in the environment move the data, output and picture
+folders (the tests use them). On several GPUs: `torchrun --nproc_per_node=4 lung_xray_unet.py` (README: several
+GPUs and machines).
 """
 
 # %% Imports
-import math
+import functools
+import json
 import os
-import random
-import shutil
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -40,57 +42,62 @@ from tqdm import tqdm
 
 import distributed
 from checkpoints import (
+    BaseConfig,
     EpochLoss,
-    best_so_far,
-    config_dict,
-    resume,
-    save_checkpoint,
-    save_history,
-    save_last,
-    stop_message,
+    History,
+    TrainingRun,
+    end_if_stopped,
+    load_best,
+    readme_pictures,
+    run_summary,
+    save_atomically,
+    seed_everything,
 )
 from data_cleaning import (
     PREPARED_CASES,
+    PREPARED_MANIFEST,
+    Data,
     DatasetError,
+    Skipped,
+    one_line_data_problems,
     prepare_lung_segmentation,
     read_gray,
     read_lung_mask,
     to_unit_range,
 )
-from dice import DiceAccumulator, SoftDiceLoss, log_epoch, plot_dice_history, tensorboard_writer
+from dice import DiceAccumulator, SoftDiceLoss, save_figure, show
 from precision import autocast, grad_scaler
 from sample_data import find_dataset
 
 # %% Configuration
-QUICK = os.environ.get("QUICK", "0") == "1"  # the collection's quick-run switch (README): read here, once
 # The repository root, whether run as a file from anywhere or in a notebook kernel (no __file__, cwd = repo root).
 ROOT = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+QUICK = os.environ.get("QUICK", "0") == "1"  # the collection's quick-run switch (README): read here, once
 DEVICE = distributed.device()  # picked once: the GPU if any (under torchrun, this process's own), else the CPU
 
 
 @dataclass
-class Config:
+class Config(BaseConfig):
     data_dir: Path = Path(os.environ.get("DATA_DIR", ROOT / "data"))  # holds MontgomerySet/ (else sample/ is used)
     output_dir: Path = Path(os.environ.get("OUTPUT_DIR", ROOT / "output" / "lung_xray_unet"))  # everything written
     images_dir: Path = Path(os.environ.get("IMAGES_DIR", ROOT / "Images"))  # the README's pictures, copied there
     # from runs on the synthetic sample only (pictures of real patients never land in a folder of the repository)
     seed: int = 0  # initial weights, shuffling and augmentation
     split_seed: int = 0  # test and validation films: kept apart from `seed` so a new seed keeps the same test set
-    quick: bool = QUICK  # recorded in the checkpoint: a quick model is not a result
     include_shenzhen: bool = False  # add the Shenzhen set (data/ChinaSet_AllFiles/): 662 more films, 8-bit
     prepared_size: int = 512  # side of the prepared films in segmentation/: the original preparation's 512x512
     test_fraction: float = 0.25  # films held out for the final test; one film per patient, so split by patient
     val_fraction: float = 0.2  # of the remaining films, to pick the best epoch by Dice (never the test films)
-    max_cases: int | None = 24 if QUICK else None  # films per split (train+validation, test); None: all
-    image_size: int = 64 if QUICK else 512  # network input side; lungs are large: 64 px already outlines them
-    depth: int = 3 if QUICK else 5  # resolution levels; 5 (4 poolings) as in the paper
-    start_filters: int = 8 if QUICK else 32  # channels at the first level, doubled per level (the paper: 64)
+    max_cases: int | None = None  # films per split (train+validation, test); None: all
+    image_size: int = 512  # network input side: the prepared films as they are
+    depth: int = 5  # resolution levels; 5 (4 poolings) as in the paper
+    start_filters: int = 32  # channels at the first level, doubled per level (the paper: 64)
     up_mode: str = "transpose"  # "transpose": the paper's 2x2 up-convolution; "bilinear": upsample + 1x1 conv
     norm: str = "instance"  # nnU-Net's: same in training and evaluation at any batch size; "batch"; "none" (paper)
     loss: str = "dice_bce"  # "dice_bce": 1 output, sigmoid; "softmax_dice": 2 outputs, softmax, one-hot Dice + CE
-    max_epochs: int = 20 if QUICK else 50  # lungs are large and regular: a U-Net converges in a few hundred steps
-    batch_size: int = 2 if QUICK else 8  # quick: more, smaller steps per epoch; 8 films of 512 px fit one GPU (AMP)
-    lr: float = 3e-3 if QUICK else 1e-3  # Adam, cosine-annealed to 0; the tiny quick network takes a larger step
+    max_epochs: int = 50  # lungs are large and regular: a U-Net converges in a few hundred steps
+    batch_size: int = 8  # 8 films of 512 px fit one GPU (AMP)
+    lr: float = 1e-3  # Adam, cosine-annealed to 0 over max_epochs
     rotate_deg: float = 5.0  # augmentation: films are taken upright, so only small rotations...
     scale: float = 0.05  # ... small zooms (patient size, distance to the detector) ...
     shift: float = 0.03  # ... and shifts (fraction of the side); no flips: the heart is on the patient's left
@@ -101,18 +108,35 @@ class Config:
     figure_cases: int = 4  # test films shown in test_predictions.png
     tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
     resume: bool = False  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs
+    quick: bool = QUICK  # the quick run below; recorded in the checkpoint: a quick model is not a result
+
+    # The quick run (QUICK=1, or Config(quick=True)): a first try in seconds on a CPU. These replace the defaults
+    # above; a setting given explicitly, as in Config(quick=True, max_epochs=5), wins.
+    QUICK_RUN: ClassVar[dict] = dict(
+        max_cases=24,  # a short first try on the real set too (the sample has 12 films)
+        image_size=64,  # lungs are large: 64 px already outlines them
+        depth=3,  # a small network for small images
+        start_filters=8,
+        max_epochs=20,  # the sample is learnt in about 15 epochs
+        batch_size=2,  # more, smaller steps per epoch on the sample's few films
+        lr=3e-3,  # the tiny network takes a larger step
+    )
 
 
 cfg = Config()
+if __name__ == "__main__":
+    distributed.setup()  # under torchrun: join the other processes (README: several GPUs); else nothing
+    one_line_data_problems()  # from the command line, a data folder unlike the README's is one line
+    print(cfg.describe())
 
 # %% Data
 
 
-def prepare_data(cfg: Config) -> Path:
-    """The prepared folder: real data when `data_dir/MontgomerySet` exists, else the sample; prepared if missing."""
-    montgomery, _ = find_dataset("MontgomerySet", Path(cfg.data_dir))  # says which one it is using
+def prepare_data(cfg: Config, montgomery: Path) -> Path:
+    """The prepared folder of the Montgomery download `montgomery` (with Shenzhen if asked), prepared if missing.
+
+    It sits beside the download: data/segmentation, or data/sample/segmentation for the sample, never mixed."""
     shenzhen = montgomery.parent / "ChinaSet_AllFiles" if cfg.include_shenzhen else None
-    # The prepared folder sits beside the dataset used: data/segmentation or data/sample/segmentation, never mixed.
     return prepare_lung_segmentation(
         montgomery, montgomery.parent / "segmentation", cfg.prepared_size, cfg.test_fraction, cfg.split_seed, shenzhen
     )
@@ -121,7 +145,8 @@ def prepare_data(cfg: Config) -> Path:
 def split_cases(prepared: Path, cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
     """(train, validation, test) cases; validation is a seeded draw of the prepared train split.
 
-    A case is {"name", "image", "seg" (prepared PNGs), "height", "width" (original), "mask_files" (originals)}.
+    A case is {"name", "image", "seg" (prepared PNGs), "height", "width" (original), "image_file", "mask_files"
+    (originals)}.
     """
     table = pd.read_csv(prepared / PREPARED_CASES).sort_values("name")
     cases = {split: [] for split in ("train", "test")}
@@ -148,26 +173,48 @@ def split_cases(prepared: Path, cfg: Config) -> tuple[list[dict], list[dict], li
 def read_prepared(path: Path, size: int, is_mask: bool = False) -> torch.Tensor:
     """A prepared PNG as a float tensor (1, size, size): images 0..1, masks 0/1."""
     pixels = torch.from_numpy(read_gray(path))[None, None]  # (1, 1, H, W)
-    if is_mask:
-        # Nearest neighbour keeps the mask binary (the original resized masks bilinearly: soft, wrong labels).
+    if is_mask:  # nearest neighbour keeps the mask binary: a bilinear resize would give soft, wrong labels
         return (F.interpolate(pixels, size=(size, size), mode="nearest-exact") > 0).float()[0]
     # Prepared images are 16-bit, 0..65535 = 0..1; antialiasing as in the preparation when shrinking further.
     return F.interpolate(pixels / 65535, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
-def load_cases(cases: list[dict], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images and masks of `cases` at `size`, decoded once and kept in memory: (N, 1, size, size) each."""
-    if not cases:  # under torchrun, a process's share of few validation films may be empty
-        return torch.zeros(0, 1, size, size), torch.zeros(0, 1, size, size)
-    images = torch.stack([read_prepared(case["image"], size) for case in cases])
-    segs = torch.stack([read_prepared(case["seg"], size, is_mask=True) for case in cases])
-    return images, segs
+def decode(cases: list[dict], size: int) -> list[dict]:
+    """The cases with their prepared film and lung mask decoded once at `size` and kept in memory: "film" (1, size,
+    size) in 0..1, "lungs" (1, size, size) 0/1."""
+    return [
+        case | {"film": read_prepared(case["image"], size), "lungs": read_prepared(case["seg"], size, is_mask=True)}
+        for case in tqdm(cases, desc="reading films", leave=False, disable=None)
+    ]
 
+
+def skipped_at_preparation(prepared: Path) -> Skipped:
+    """The cases the preparation named and skipped (on the run that prepared the folder), counted by problem."""
+    skipped = Skipped("case")
+    skipped.counts.update(json.loads((prepared / PREPARED_MANIFEST).read_text())["skipped"])
+    return skipped
+
+
+def load_data(cfg: Config) -> Data:
+    """The films of the download (or of the sample), prepared once into segmentation/ beside it, split by patient
+    into train, validation and test; the train and validation films decoded at the network's size (`image_size`).
+    The test films stay on disk: the Inferencer reads them at the size its network was trained at."""
+    with distributed.main_first():  # process 0 writes the sample and the prepared films if missing, then the others
+        root, synthetic = find_dataset("MontgomerySet", cfg.data_dir)  # says which one it is using
+        prepared = prepare_data(cfg, root)
+    train, val, test = split_cases(prepared, cfg)
+    train, val = decode(train, cfg.image_size), decode(val, cfg.image_size)
+    return Data(root, synthetic, train, val, test, unit="films", skipped=skipped_at_preparation(prepared))
+
+
+if __name__ == "__main__":
+    data = load_data(cfg)
+    print(data)
 
 # %% Transforms
 # Plain torch rather than MONAI dictionary transforms: the films are cached tensors already, one random affine per
 # batch on the device is a few lines (and as fast on a GPU as the network), and importing monai.transforms would
-# add about 4 s to a 30 s quick run.
+# add about 4 s to a 30 s quick run. Validation and test films are not augmented.
 
 
 def augment(img: torch.Tensor, seg: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,6 +235,53 @@ def augment(img: torch.Tensor, seg: torch.Tensor, cfg: Config) -> tuple[torch.Te
     contrast, brightness = 1 + cfg.intensity * uniform(), cfg.intensity * uniform()
     return img * contrast.view(n, 1, 1, 1) + brightness.view(n, 1, 1, 1), seg
 
+
+def build_transforms(cfg: Config) -> Callable:
+    """The training augmentation: `augment(img, seg) -> (img, seg)` on a batch (B, 1, S, S), on its own device.
+
+    It draws from torch's random generator: seeded by build_model, and per process under torchrun (Trainer)."""
+    return functools.partial(augment, cfg=cfg)
+
+
+def films(cases: list[dict], size: int) -> TensorDataset:
+    """(film, lungs) of decoded cases as a dataset of tensors (N, 1, size, size); empty for no case (under
+    torchrun, a process's share of few validation films may be empty)."""
+    if not cases:
+        return TensorDataset(torch.zeros(0, 1, size, size), torch.zeros(0, 1, size, size))
+    return TensorDataset(torch.stack([c["film"] for c in cases]), torch.stack([c["lungs"] for c in cases]))
+
+
+def build_loaders(cfg: Config, data: Data) -> tuple[DataLoader, DataLoader]:
+    """(training loader: shuffled; validation loader: this process's share of the validation films).
+
+    Under torchrun each process trains on its own shard of the films, reshuffled every epoch, with batch_size
+    films per process and step; in one process there is no sampler and the loader shuffles."""
+    args = {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers, "pin_memory": DEVICE.type == "cuda"}
+    train_ds = films(data.train, cfg.image_size)
+    sampler = distributed.train_sampler(train_ds, cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DataLoader(train_ds, shuffle=sampler is None, sampler=sampler, generator=generator, **args)
+    return train_loader, DataLoader(films(distributed.shard(data.val), cfg.image_size), **args)
+
+
+def draw_batch(batch: tuple[torch.Tensor, torch.Tensor], n: int = 6) -> Figure:
+    """The first films of a training batch as the network gets them (augmented, at its size), lungs outlined."""
+    img, seg = batch
+    n = min(n, len(img))
+    fig = Figure(figsize=(2.6 * n, 2.8), dpi=100)
+    for i in range(n):
+        ax = fig.add_subplot(1, n, i + 1)
+        ax.imshow(img[i, 0].numpy(), cmap="gray", vmin=0, vmax=1)  # exposure jitter shows as a darker or paler film
+        ax.contour(seg[i, 0].numpy(), levels=[0.5], colors="lime", linewidths=1)
+        ax.axis("off")
+    fig.suptitle(f"An augmented training batch: films {tuple(img.shape)} {img.dtype}, lungs in green", fontsize=10)
+    return fig
+
+
+if __name__ == "__main__":
+    train_loader, val_loader = build_loaders(cfg, data)
+    batch = build_transforms(cfg)(*next(iter(train_loader)))  # (films, lung masks): (B, 1, S, S) each
+    show(save_figure(draw_batch(batch), cfg.output_dir / "batch.png"))
 
 # %% Model and loss
 # U-Net: Ronneberger, Fischer, Brox, "U-Net: Convolutional Networks for Biomedical Image Segmentation", MICCAI 2015,
@@ -260,6 +354,7 @@ class UNet(nn.Module):
 
 def build_model(cfg: Config) -> UNet:
     """One grayscale channel in; one logit (sigmoid) or two (softmax over background and lung) out."""
+    seed_everything(cfg.seed)  # the same initial weights for the same seed, in every process
     out_channels = {"dice_bce": 1, "softmax_dice": 2}[cfg.loss]
     return UNet(1, out_channels, cfg.depth, cfg.start_filters, cfg.up_mode, cfg.norm)
 
@@ -276,8 +371,8 @@ class LungLoss(nn.Module):
     """Soft Dice + cross-entropy, for either head; `seg` is the 0/1 mask (B, 1, H, W).
 
     Dice alone gives weak gradients early on and cross-entropy alone is swayed by the large background: their sum
-    trains fast and well. The original compared a 2-channel output with class indices in its Dice loss; here the
-    softmax head's Dice is taken against one-hot targets, over both channels.
+    trains fast and well. The softmax head's Dice is taken against one-hot targets, over both channels (a
+    2-channel output compared with class indices would score the wrong thing).
     """
 
     def __init__(self, mode: str):
@@ -294,34 +389,39 @@ class LungLoss(nn.Module):
         return self.dice(logits - logits.flip(1), one_hot) + F.cross_entropy(logits.float(), seg[:, 0].long())
 
 
-# %% Train and evaluate
+if __name__ == "__main__":
+    model = build_model(cfg)
+    print(f"U-Net: depth {cfg.depth}, {cfg.start_filters} start filters, {cfg.up_mode} up-sampling, {cfg.norm} "
+          f"norm, {sum(p.numel() for p in model.parameters()):,} parameters; loss {cfg.loss}")  # fmt: skip
+
+# %% Train
 
 
 class Trainer:
-    """Trains on `train_loader`, validates every epoch, keeps the epoch with the best validation Dice.
+    """Trains `model` on the training films, validates every epoch, keeps the epoch with the best validation Dice
+    (summed over all validation films, as nnU-Net does): `fit()`.
 
-    Each epoch appends a row to `history` and rewrites `history.csv` and `dice_per_epoch.png`; an epoch that
-    improves the validation Dice (summed over all validation films, as nnU-Net does) rewrites `best_model.pt`;
-    every epoch rewrites `last_checkpoint.pt`, everything needed to go on (`resume=True`). Both are replaced
-    atomically, so a kill at any moment leaves the previous ones whole. Ctrl-C or a loss that is not finite stops
-    training with one line that says where, and sets `stopped`; the checkpoints on disk are kept.
+    The per-epoch bookkeeping is checkpoints.TrainingRun's: best_model.pt, last_checkpoint.pt (resume=True goes on
+    from it), history.csv, dice_per_epoch.png, and the stop on Ctrl-C or a loss that is not finite, with one line.
 
     Under torchrun, `model` (saved, validated) is trained through `train_model`, its DistributedDataParallel
     wrapper, each process on its own shard of the films; `val_loader` holds this process's share of the validation
     films, and the scores of all are gathered. Only process 0 writes. In one process `train_model` is `model`.
     """
 
-    def __init__(self, cfg: Config, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader):
-        self.cfg, self.model, self.train_loader, self.val_loader = cfg, model, train_loader, val_loader
-        self.train_model = distributed.wrap(model)  # DDP under torchrun (gradients averaged); `model` is what is saved
-        self.output_dir = Path(cfg.output_dir)
+    def __init__(self, cfg: Config, data: Data, model: nn.Module):
+        torch.backends.cudnn.benchmark = DEVICE.type == "cuda"  # fixed input size: let cuDNN pick its fastest kernels
+        self.cfg, self.data = cfg, data
+        self.train_loader, self.val_loader = build_loaders(cfg, data)
+        self.model = model.to(DEVICE)
+        self.train_model = distributed.wrap(self.model)  # DDP under torchrun (gradients averaged); `model` is saved
+        self.augment = build_transforms(cfg)
         self.loss_fn = LungLoss(cfg.loss)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.max_epochs)
         self.scaler = grad_scaler(DEVICE, cfg.amp)  # float16 only: none with bfloat16 or on the CPU (precision.py)
-        self.history: list[dict] = []
-        self.best_dice, self.best_epoch = -math.inf, 0
-        self.stopped: str | None = None  # why training stopped before max_epochs, if it did
+        if distributed.world_size() > 1:  # the augmentation draws from torch's generator: each process its own way
+            torch.manual_seed(cfg.seed + distributed.rank())
 
     def train_one_epoch(self, epoch: int) -> float:
         """One pass over the training films, augmented; the mean loss per film."""
@@ -329,7 +429,7 @@ class Trainer:
         bar = tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False, disable=None)
         losses = EpochLoss(epoch, self.cfg.lr, bar)  # read one step late: the GPU never waits for a loss to be read
         for step, (img, seg) in enumerate(bar):
-            img, seg = augment(img.to(DEVICE, non_blocking=True), seg.to(DEVICE, non_blocking=True), self.cfg)
+            img, seg = self.augment(img.to(DEVICE, non_blocking=True), seg.to(DEVICE, non_blocking=True))
             with autocast(DEVICE, self.cfg.amp):
                 loss = self.loss_fn(self.train_model(img), seg)
             # Under torchrun, the mean over the processes: all stop at the same step (one stopping alone would leave
@@ -340,14 +440,13 @@ class Trainer:
             self.scaler.scale(loss).backward()  # under torchrun, DDP averages the gradients of all processes here
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        mean = losses.mean()  # checks the last step before the learning rate moves on
-        self.scheduler.step()
-        return mean
+        return losses.mean()  # checks the last step too
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, DiceAccumulator]:
-        """Validation loss per film, and the Dice of the thresholded predictions (at the network's size). Under
-        torchrun each process validates its share of the films (`val_loader`), and both results cover all of them."""
+    def evaluate(self) -> dict:
+        """The validation row: loss per film, and the Dice of the thresholded predictions at the network's size,
+        over all films (`val_dice`, the one that picks the best epoch) and per film (`val_mean_dice`). Under
+        torchrun each process validates its share of the films (`val_loader`), and the scores cover all of them."""
         self.model.eval()
         total, count = 0.0, 0
         dice = DiceAccumulator(empty="one")  # every film has lungs: the convention for empty masks never applies
@@ -358,86 +457,41 @@ class Trainer:
             total, count = total + self.loss_fn(logits, seg).item() * len(img), count + len(img)
             dice.update(torch.sigmoid(lung_logit(logits).float()) > self.cfg.threshold, seg > 0.5)
         total, count = distributed.all_sum(total, count)  # every process's films (unchanged in one process)
-        return total / count, distributed.gather_dice(dice)
+        dice = distributed.gather_dice(dice)
+        return {"val_loss": total / count, "val_dice": dice.global_dice(), "val_mean_dice": dice.mean()}
 
-    def save_best(self, epoch: int, val_dice: float) -> None:
-        checkpoint = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "config": config_dict(self.cfg),
-            "epoch": epoch,
-            "metric": val_dice,
-            "metric_name": "validation Dice",
-        }
-        save_checkpoint(checkpoint, self.output_dir / "best_model.pt")
+    def fit(self) -> History:
+        """Train up to max_epochs (with resume=True, from the epoch after last_checkpoint.pt), validating every
+        epoch. Returns the history, one row per epoch (history.csv); `history.stopped` says why if it stopped early."""
+        print(f"Training on {DEVICE.type}: {len(self.data.train)} films, {len(self.train_loader)} steps per epoch")
+        parts = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler}
+        title = "Lung segmentation: validation Dice per epoch"
+        with TrainingRun(self.cfg, "val_dice", title=title, **parts) as run:
+            for epoch in run.epochs(self.train_loader):
+                train_loss = self.train_one_epoch(epoch)
+                self.scheduler.step()  # cosine annealing, one step per epoch
+                run.end_epoch(train_loss=train_loss, **self.evaluate())
+        return run.history
 
-    def fit(self) -> list[dict]:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        parts = {name: getattr(self, name) for name in ("model", "optimizer", "scheduler", "scaler")}
-        first_epoch = 1
-        if self.cfg.resume:
-            first_epoch, self.history = resume(self.output_dir, DEVICE, **parts)
-            self.best_dice, self.best_epoch = best_so_far(self.output_dir / "best_model.pt")
-        writer = tensorboard_writer(self.cfg.tensorboard and distributed.is_main(), self.output_dir / "tensorboard")
-        try:
-            self.train_epochs(first_epoch, writer, parts)
-        # Ctrl-C (or Interrupt in a notebook) drops the epoch under way; a loss that is not finite stops training.
-        except (KeyboardInterrupt, FloatingPointError) as err:
-            self.stopped = stop_message(err, self.output_dir, self.history, self.output_dir / "best_model.pt")
-        finally:
-            if writer is not None:
-                writer.close()
-        if self.stopped:
-            print(self.stopped)
-        return self.history
 
-    def train_epochs(self, first_epoch: int, writer, parts: dict) -> None:
-        for epoch in range(first_epoch, self.cfg.max_epochs + 1):
-            start = time.perf_counter()
-            lr = self.optimizer.param_groups[0]["lr"]
-            distributed.set_epoch(self.train_loader, epoch)  # under torchrun: new shards for this epoch
-            train_loss = self.train_one_epoch(epoch)
-            val_loss, dice = self.evaluate()
-            val_dice = dice.global_dice()
-            is_best = val_dice > self.best_dice  # the same in every process: the scores cover all films
-            if is_best:
-                self.best_dice, self.best_epoch = val_dice, epoch
-            self.history.append(
-                {
-                    "epoch": epoch,
-                    "train_loss": train_loss,
-                    "val_loss": val_loss,
-                    "val_dice": val_dice,
-                    "val_mean_dice": dice.mean(),
-                    "lr": lr,
-                    "seconds": time.perf_counter() - start,
-                }
-            )
-            if distributed.is_main():  # one process writes; the others hold the same weights and history
-                if is_best:
-                    self.save_best(epoch, val_dice)
-                save_history(self.history, self.output_dir / "history.csv")
-                plot_dice_history([row["val_dice"] for row in self.history], self.output_dir / "dice_per_epoch.png")
-                log_epoch(writer, self.history[-1], epoch)
-                save_last(self.output_dir, epoch, self.history, self.cfg, **parts)
-            print(
-                f"epoch {epoch:3d}/{self.cfg.max_epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
-                f"val Dice {val_dice:.4f}  (best {self.best_dice:.4f} at epoch {self.best_epoch})  "
-                f"{self.history[-1]['seconds']:.1f} s"
-            )
+if __name__ == "__main__":
+    history = Trainer(cfg, data, model).fit()
+    show(cfg.output_dir / "dice_per_epoch.png")
+    end_if_stopped(history)  # Ctrl-C or a loss that was not finite: said why; the cells below do not run
+
+# %% Evaluate
 
 
 class Inferencer:
-    """Loads the best checkpoint and segments films: at the network's size, then back at each film's own size."""
+    """The best epoch's network, read back from output_dir/best_model.pt and built with the configuration it was
+    trained with (whatever `cfg` says now); segments films at its input size, then at each film's own size, with
+    `cfg.threshold`."""
 
-    def __init__(self, checkpoint_path: Path):
-        checkpoint = torch.load(checkpoint_path, map_location=DEVICE, weights_only=True)
-        self.cfg = Config(**checkpoint["config"])  # the settings it was trained with, whatever `cfg` says now
+    def __init__(self, cfg: Config):
+        self.model, checkpoint = load_best(cfg, build_model, DEVICE)
+        self.trained = Config.from_dict(checkpoint["config"])  # its input size
+        self.threshold = cfg.threshold
         self.epoch, self.val_dice = checkpoint["epoch"], checkpoint["metric"]
-        self.model = build_model(self.cfg).to(DEVICE)
-        self.model.load_state_dict(checkpoint["model"])
-        self.model.eval()
 
     @torch.no_grad()
     def predict(self, case: dict) -> np.ndarray:
@@ -447,131 +501,82 @@ class Inferencer:
         4892-px film with nearest neighbour has 10-px stairs along every outline, where interpolated probabilities
         give smooth outlines that fall between the network's pixels.
         """
-        img = read_prepared(case["image"], self.cfg.image_size)[None].to(DEVICE)  # (1, 1, S, S)
+        img = read_prepared(case["image"], self.trained.image_size)[None].to(DEVICE)  # (1, 1, S, S)
         prob = torch.sigmoid(lung_logit(self.model(img)).float())
         prob = F.interpolate(prob, size=(case["height"], case["width"]), mode="bilinear", align_corners=False)
-        return (prob[0, 0] > self.cfg.threshold).cpu().numpy()
+        return (prob[0, 0] > self.threshold).cpu().numpy()
 
-    def run(self, cases: list[dict], output_dir: Path) -> dict:
-        """Predict `cases`, write the masks, the Dice per film and the outline figure; return the test Dice."""
-        output_dir = Path(output_dir)
-        (output_dir / "predicted_masks").mkdir(parents=True, exist_ok=True)
-        dice, rows, shown = DiceAccumulator(empty="one"), [], []
+    def segment(self, cases: list[dict], masks_dir: Path) -> tuple[pd.DataFrame, DiceAccumulator]:
+        """Every film of `cases` segmented, its mask written to masks_dir/<name>.png (0/255 at the film's size) and
+        scored against the original masks at that size: (one row per film, the scores of all)."""
+        masks_dir.mkdir(parents=True, exist_ok=True)
+        dice, rows = DiceAccumulator(empty="one"), []
         for case in tqdm(cases, desc="test", leave=False, disable=None):
             pred = self.predict(case)
-            Image.fromarray(pred.astype(np.uint8) * np.uint8(255)).save(
-                output_dir / "predicted_masks" / f"{case['name']}.png"
-            )
+            Image.fromarray(pred.astype(np.uint8) * np.uint8(255)).save(masks_dir / f"{case['name']}.png")
             truth = read_lung_mask(case["mask_files"], pred.shape)  # the original union mask, at the original size
             dice.update(torch.from_numpy(pred)[None], torch.from_numpy(truth)[None])
-            rows.append(
-                {
-                    "name": case["name"],
-                    "height": case["height"],
-                    "width": case["width"],
-                    "dice": dice.per_image()[-1].item(),
-                }
-            )
-            if len(shown) < self.cfg.figure_cases:
-                shown.append((case, truth, pred, rows[-1]["dice"]))
-        pd.DataFrame(rows).to_csv(output_dir / "test_dice.csv", index=False)
-        self.plot(shown, output_dir / "test_predictions.png")
-        return {"test_dice": dice.global_dice(), "test_mean_dice": dice.mean()}
-
-    @staticmethod
-    def plot(shown: list[tuple], path: Path) -> None:
-        """Test films with their true (green) and predicted (red) lung outlines."""
-        fig = Figure(figsize=(3.5 * len(shown), 4.2), dpi=100)
-        for i, (case, truth, pred, score) in enumerate(shown):
-            ax = fig.add_subplot(1, len(shown), i + 1)
-            step = max(1, max(truth.shape) // 1024)  # a 4892-px film is drawn at a quarter: same outlines, faster
-            ax.imshow(to_unit_range(read_gray(case["image_file"])[::step, ::step]), cmap="gray")
-            ax.contour(truth[::step, ::step], levels=[0.5], colors="lime", linewidths=1.2)
-            ax.contour(pred[::step, ::step], levels=[0.5], colors="red", linewidths=1.2)
-            ax.set_title(f"{case['name']}\nDice {score:.3f}", fontsize=9)
-            ax.axis("off")
-        handles = [Line2D([], [], color="lime", label="true"), Line2D([], [], color="red", label="predicted")]
-        fig.legend(handles=handles, loc="lower center", ncol=2)
-        fig.savefig(path, bbox_inches="tight")
+            rows.append({"name": case["name"], "height": case["height"], "width": case["width"]})
+        per_case = pd.DataFrame(rows, columns=["name", "height", "width"])
+        per_case["dice"] = dice.per_image().tolist() if rows else []
+        return per_case, dice
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # CPU and every GPU
+def draw_predictions(cases: list[dict], per_case: pd.DataFrame, masks_dir: Path) -> Figure:
+    """Test films at their original size with their true (green) and predicted (red, as written) lung outlines."""
+    fig = Figure(figsize=(3.5 * len(cases), 4.2), dpi=100)
+    for i, (case, score) in enumerate(zip(cases, per_case["dice"])):
+        ax = fig.add_subplot(1, len(cases), i + 1)
+        truth = read_lung_mask(case["mask_files"], (case["height"], case["width"]))
+        pred = read_gray(masks_dir / f"{case['name']}.png") > 0
+        step = max(1, max(truth.shape) // 1024)  # a 4892-px film is drawn at a quarter: same outlines, faster
+        ax.imshow(to_unit_range(read_gray(case["image_file"])[::step, ::step]), cmap="gray")
+        ax.contour(truth[::step, ::step], levels=[0.5], colors="lime", linewidths=1.2)
+        ax.contour(pred[::step, ::step], levels=[0.5], colors="red", linewidths=1.2)
+        ax.set_title(f"{case['name']}\nDice {score:.3f}", fontsize=9)
+        ax.axis("off")
+    handles = [Line2D([], [], color="lime", label="true"), Line2D([], [], color="red", label="predicted")]
+    fig.legend(handles=handles, loc="lower center", ncol=2)
+    return fig
 
 
-def main(cfg: Config) -> list[dict]:
-    """Prepare the films if needed, train, pick the best epoch by validation Dice, segment the test films."""
-    start = time.perf_counter()
-    seed_everything(cfg.seed)  # the same initial weights in every process
-    # Under `torchrun --nproc_per_node=N`: join the other processes, take this process's GPU, print only in process
-    # 0 (README, "Several GPUs"). With `python` or in a notebook: one process on DEVICE.
-    distributed.setup()
-    torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest convolutions
-    with distributed.main_first():  # process 0 writes the sample and the prepared films if missing, then the others
-        prepared = prepare_data(cfg)
-    train_cases, val_cases, test_cases = split_cases(prepared, cfg)
-    print(
-        f"{len(train_cases)} train, {len(val_cases)} validation, {len(test_cases)} test films at {cfg.image_size} px "
-        f"on {DEVICE.type}{' (QUICK run)' if cfg.quick else ''}"
-    )
-    loader = {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers, "pin_memory": DEVICE.type == "cuda"}
-    train_ds = TensorDataset(*load_cases(train_cases, cfg.image_size))
-    # Under torchrun each process trains on its own shard of the films, reshuffled every epoch (Trainer: set_epoch),
-    # with batch_size films per process and step; in one process there is no sampler and the loader shuffles.
-    sampler = distributed.train_sampler(train_ds, cfg.seed)
-    train_loader = DataLoader(
-        train_ds, shuffle=sampler is None, sampler=sampler, generator=torch.Generator().manual_seed(cfg.seed), **loader
-    )
-    val_shard = distributed.shard(val_cases)  # this process's share of the validation films (all in one process)
-    val_loader = DataLoader(TensorDataset(*load_cases(val_shard, cfg.image_size)), **loader)
-
-    model = build_model(cfg).to(DEVICE)
-    print(
-        f"U-Net: depth {cfg.depth}, {cfg.start_filters} start filters, {cfg.up_mode} up-sampling, {cfg.norm} norm, "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters; loss {cfg.loss}"
-    )
-    if distributed.world_size() > 1:  # augment() draws from torch's generator: each process its own way
-        torch.manual_seed(cfg.seed + distributed.rank())
-    trainer = Trainer(cfg, model, train_loader, val_loader)
-    history = trainer.fit()
+def evaluate_best(cfg: Config, data: Data) -> pd.DataFrame | None:
+    """The best epoch's network on the held-out test films: predicted_masks/<name>.png, the Dice per film at its
+    original size (test_per_case.csv, returned) and the outlines (test_predictions.png). Process 0 only (None in
+    the others)."""
     if not distributed.is_main():
-        return history  # process 0 alone segments the test films and writes; the others are done
-    if trainer.stopped or not trainer.best_epoch:  # said why; the checkpoints on disk are kept
-        return history
-
-    inferencer = Inferencer(Path(cfg.output_dir) / "best_model.pt")
-    print(f"Best epoch {inferencer.epoch}: validation Dice {inferencer.val_dice:.4f}")
-    output_dir = Path(cfg.output_dir)
-    test = inferencer.run(test_cases, output_dir)
-    print(
-        f"Test Dice {test['test_dice']:.4f} (mean per film {test['test_mean_dice']:.4f}) on {len(test_cases)} films "
-        f"at their original size"
-    )
-    synthetic = prepared.parent == Path(cfg.data_dir) / "sample"  # prepared beside the sample, not the real data
-    pictures = []
-    if synthetic:  # the README's pictures: films with outlines (true and predicted), and the Dice curve
-        Path(cfg.images_dir).mkdir(parents=True, exist_ok=True)
-        for name in ("test_predictions.png", "dice_per_epoch.png"):
-            pictures.append(Path(cfg.images_dir) / f"lung_xray_unet_{name}")
-            shutil.copyfile(output_dir / name, pictures[-1])
-    print(f"\nSummary ({time.perf_counter() - start:.0f} s{', QUICK run' if cfg.quick else ''})\n"
-          f"  data:    {'SYNTHETIC sample' if synthetic else 'real dataset'}, prepared in {prepared}: "
-          f"{len(train_cases)} train, {len(val_cases)} validation, {len(test_cases)} test films\n"
-          f"  best:    epoch {inferencer.epoch} of {len(history)}, validation Dice {inferencer.val_dice:.4f}; "
-          f"test Dice {test['test_dice']:.4f}\n"
-          f"  outputs: {output_dir}/ best_model.pt, history.csv, dice_per_epoch.png, predicted_masks/ "
-          f"({len(test_cases)} masks), test_dice.csv, test_predictions.png"
-          + "".join(f"\n  picture: {p}" for p in pictures))  # fmt: skip
-    return history
+        return None
+    inferencer = Inferencer(cfg)
+    masks_dir = cfg.output_dir / "predicted_masks"
+    per_case, dice = inferencer.segment(data.test, masks_dir)
+    save_atomically(cfg.output_dir / "test_per_case.csv", lambda path: per_case.to_csv(path, index=False))
+    figure = draw_predictions(data.test[: cfg.figure_cases], per_case, masks_dir)
+    save_figure(figure, cfg.output_dir / "test_predictions.png")
+    print(f"Best epoch {inferencer.epoch}: validation Dice {inferencer.val_dice:.4f}; test Dice "
+          f"{dice.global_dice():.4f} (mean per film {dice.mean():.4f}) on {len(per_case)} films at their original "
+          "size")  # fmt: skip
+    return per_case
 
 
-# %% Run
 if __name__ == "__main__":
-    try:
-        history = main(cfg)
-    except DatasetError as err:  # a data folder unlike the README's: one line saying what was expected where
-        raise SystemExit(f"Data problem: {err}") from None
-    finally:
-        distributed.shutdown()  # under torchrun: leave the process group (nothing to do in one process)
+    per_case = evaluate_best(cfg, data)
+    show(per_case)
+    show(cfg.output_dir / "test_predictions.png")
+
+# %% Summary
+OUTPUTS = ["best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "batch.png",
+           "predicted_masks/", "test_per_case.csv", "test_predictions.png"]  # fmt: skip
+PICTURES = {name: f"lung_xray_unet_{name}" for name in ("test_predictions.png", "dice_per_epoch.png")}
+
+
+def best_text(history: History, per_case: pd.DataFrame | None) -> str:
+    """The best epoch's validation Dice, and the test films' (process 0 alone has them)."""
+    text = f"validation Dice {history.best()['val_dice']:.4f}"
+    if per_case is not None:
+        text += f"; test Dice {per_case['dice'].mean():.4f} (mean of {len(per_case)} films at their original size)"
+    return text
+
+
+if __name__ == "__main__":
+    pictures = readme_pictures(cfg, data, PICTURES)  # from the synthetic sample only
+    print(run_summary(cfg, data, history, best_text(history, per_case), OUTPUTS, pictures))

@@ -1,10 +1,10 @@
-"""lung_xray_unet.py and its step in data_cleaning.py: preparation, bad inputs, the U-Net, the losses, and quick runs
-(as a function and as a script; as a notebook: test_notebooks.py) that must learn the synthetic Montgomery lungs."""
+"""lung_xray_unet.py and its step in data_cleaning.py: preparation, bad inputs, the U-Net, the losses, and the
+stages: load_data, the Trainer (resume, Ctrl-C, NaN, a kill at any moment, determinism) and a quick run of all the
+cells (as `python lung_xray_unet.py` runs them; as a notebook: test_notebooks.py) that must learn the synthetic
+Montgomery lungs, at each film's original size, better than a mask that does not look at the film."""
 
 import hashlib
 import json
-import os
-import re
 import shutil
 import subprocess
 import sys
@@ -21,10 +21,14 @@ from PIL import Image
 
 import data_cleaning
 import sample_data
+from checkpoints import config_dict
 from dice import mean_dice
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "lung_xray_unet.py"
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +39,10 @@ def lx(load_script):
 
 @pytest.fixture(scope="module")
 def download(tmp_path_factory) -> Path:
-    """The synthetic Montgomery set as downloaded: `<tmp>/MontgomerySet/` (12 films, 16-bit PNGs with 12-bit values)."""
-    return sample_data.write_dataset("MontgomerySet", tmp_path_factory.mktemp("data"))
+    """The synthetic Montgomery set as downloaded (12 films, 16-bit PNGs with 12-bit values), where the script looks
+    for its sample: `<tmp>/data/sample/MontgomerySet/`. With data_dir=<tmp>/data a script uses it as the sample;
+    with data_dir=<tmp>/data/sample, as a real download. Both prepare it into `<tmp>/data/sample/segmentation/`."""
+    return sample_data.write_dataset("MontgomerySet", tmp_path_factory.mktemp("data") / "sample")
 
 
 def snapshot(folder: Path) -> dict:
@@ -46,6 +52,11 @@ def snapshot(folder: Path) -> dict:
         for path in sorted(folder.rglob("*"))
         if path.is_file()
     }
+
+
+def read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image)
 
 
 def names_in(folder: Path) -> list[str]:
@@ -148,9 +159,11 @@ def test_shenzhen_films_join_when_asked_8_bit_rgb_and_all(lx, download, tmp_path
         union = Image.fromarray(expected_mask(download, name)).resize(film.size, Image.Resampling.NEAREST)
         union.save(shenzhen / "masks" / f"CHNCXR_{number:04d}_0_mask.png")
 
-    prepared = lx.prepare_data(replace(lx.cfg, data_dir=tmp_path, include_shenzhen=True))
+    data = lx.load_data(replace(lx.cfg, data_dir=tmp_path, include_shenzhen=True))
+    prepared = tmp_path / "segmentation"
     cases = pd.read_csv(prepared / "cases.csv")
     assert sorted(cases["source"].value_counts().items()) == [("Montgomery", 12), ("Shenzhen", 3)]
+    assert len(data.train) + len(data.val) + len(data.test) == 15
     for number, name in enumerate(montgomery_names, 1):  # the same film, 8-bit RGB or 12-bit gray: the same input
         as_8_bit, as_12_bit = (data_cleaning.read_gray(next(prepared.glob(f"*/image/{stem}.png"))) / 65535
                                for stem in (f"CHNCXR_{number:04d}_0", name))  # fmt: skip
@@ -179,7 +192,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("problem", BAD_INPUTS)
-def test_a_bad_case_is_named_skipped_and_counted(problem, download, tmp_path, capsys):
+def test_a_bad_case_is_named_skipped_and_counted(lx, problem, download, tmp_path, capsys):
     broken = tmp_path / "MontgomerySet"
     shutil.copytree(download, broken)
     name = names_in(broken / "CXR_png")[4]
@@ -193,15 +206,18 @@ def test_a_bad_case_is_named_skipped_and_counted(problem, download, tmp_path, ca
     assert manifest["skipped"] == {problem: 1} and manifest["train"] + manifest["test"] == 11
     assert not list(prepared.rglob(f"{name}.png"))
     assert_masks_paired_by_name(prepared, broken)  # the films after the gap keep their own masks
+    data = lx.load_data(replace(lx.cfg, data_dir=tmp_path))  # the Data stage counts it too, from prepared.json
+    assert data.skipped.counts == {problem: 1} and str(data).endswith("films; 1 case skipped")
+    assert name not in {case["name"] for case in data.train + data.val + data.test}
 
 
-def test_no_usable_case_is_one_clear_error(tmp_path, capsys):
+def test_no_usable_case_is_one_clear_error(lx, tmp_path, capsys):
     empty = tmp_path / "MontgomerySet"
     (empty / "CXR_png").mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(empty / "CXR_png" / "MCUCXR_0001_0.png")
     expected = "expected CXR_png/<name>.png with ManualMask/leftMask/<name>.png"
     with pytest.raises(data_cleaning.DatasetError, match=expected):
-        data_cleaning.prepare_lung_segmentation(empty)
+        lx.load_data(replace(lx.cfg, data_dir=tmp_path))
     assert "Skipped case MCUCXR_0001_0: image without mask: CXR_png/MCUCXR_0001_0.png has no" in capsys.readouterr().out
     assert sorted(path.name for path in tmp_path.iterdir()) == ["MontgomerySet"]  # nothing half-written left
 
@@ -242,10 +258,9 @@ def test_both_heads_compute_dice_plus_cross_entropy_of_their_probabilities(lx):
 
 @pytest.mark.parametrize("loss", ["dice_bce", "softmax_dice"])
 def test_both_losses_are_finite_and_decrease_on_one_batch(lx, download, loss):
-    cfg = replace(lx.cfg, loss=loss)
-    train, _, _ = lx.split_cases(data_cleaning.prepare_lung_segmentation(download), cfg)
-    img, seg = lx.load_cases(train[:2], cfg.image_size)
-    torch.manual_seed(0)
+    cfg = replace(lx.cfg, data_dir=download.parent, loss=loss)
+    films = lx.load_data(cfg).train[:2]
+    img, seg = torch.stack([film["film"] for film in films]), torch.stack([film["lungs"] for film in films])
     model, loss_fn = lx.build_model(cfg), lx.LungLoss(loss)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
@@ -259,44 +274,79 @@ def test_both_losses_are_finite_and_decrease_on_one_batch(lx, download, loss):
     assert np.isfinite(losses).all() and losses[-1] < 0.7 * losses[0]
 
 
-def tiny_films(value: float | None = None) -> torch.utils.data.DataLoader:
-    """Four 32-px films with random masks (or filled with `value`), two per batch: an epoch of milliseconds."""
+# %% The stages: data, training (resume, Ctrl-C, NaN, kill), a quick run of all the cells
+
+
+def test_data_stage_splits_by_patient_and_decodes_the_films_at_the_network_size(lx, download, tmp_path, capsys):
+    cfg = replace(lx.cfg, data_dir=download.parent, output_dir=tmp_path)
+    data = lx.load_data(cfg)
+    assert data.root == download and not data.synthetic  # data_dir holds the dataset: used as a real one
+    assert "Using the real dataset in" in capsys.readouterr().out
+    assert (len(data.train), len(data.val), len(data.test)) == (7, 2, 3)  # 12 films: 9 train+validation, 3 test
+    assert str(data) == f"real dataset {download}: 7 train, 2 validation, 3 test films; 0 cases skipped"
+    names = [[case["name"] for case in split] for split in (data.train, data.val, data.test)]
+    assert len(set(sum(names, []))) == 12  # one film per patient: disjoint by film is disjoint by patient
+    prepared = download.parent / "segmentation"
+    assert sorted(names[2]) == names_in(prepared / "test" / "image")  # the prepared test split is the test set
+    for case in data.train + data.val:
+        assert case["film"].shape == case["lungs"].shape == (1, cfg.image_size, cfg.image_size)
+        assert 0 <= case["film"].min() < case["film"].max() <= 1 and set(case["lungs"].unique().tolist()) == {0, 1}
+        # The prepared PNGs shrunk by Pillow (antialiased bilinear, nearest neighbour): the same film and lungs.
+        size = (cfg.image_size, cfg.image_size)
+        film = Image.fromarray(read_png(case["image"]) / np.float32(65535)).resize(size, Image.Resampling.BILINEAR)
+        assert np.abs(case["film"][0].numpy() - np.asarray(film)).mean() < 0.01
+        lungs = np.asarray(Image.fromarray(read_png(case["seg"])).resize(size, Image.Resampling.NEAREST)) > 0
+        assert mean_dice(case["lungs"].bool(), torch.from_numpy(lungs)[None]) > 0.97
+    assert "film" not in data.test[0]  # read by the Inferencer, at the size its network was trained at
+    assert not list(tmp_path.iterdir())  # the Data stage writes nothing to the outputs
+
+
+def tiny_data(value: float | None = None) -> data_cleaning.Data:
+    """Four 32-px films with random masks (or filled with `value`) to train on and the same four to validate on,
+    two per batch (the quick run's batch_size): an epoch of milliseconds."""
     generator = torch.Generator().manual_seed(0)
     img = torch.rand(4, 1, 32, 32, generator=generator) if value is None else torch.full((4, 1, 32, 32), value)
     seg = (torch.rand(4, 1, 32, 32, generator=generator) > 0.5).float()
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(img, seg), batch_size=2)
+    films = [{"name": f"film {i}", "film": img[i], "lungs": seg[i]} for i in range(4)]
+    return data_cleaning.Data(Path("tiny"), True, train=films, val=films, unit="films")
 
 
 def test_resume_goes_on_and_a_non_finite_loss_stops_keeping_the_best(lx, tmp_path, monkeypatch, capsys):
-    plotted = []
-    monkeypatch.setattr(lx, "plot_dice_history", lambda dice, path, **kw: plotted.append(list(dice)))
-    cfg = replace(lx.cfg, output_dir=tmp_path, max_epochs=2)
-    first = lx.Trainer(cfg, lx.build_model(cfg), tiny_films(), tiny_films()).fit()
-    assert [row["epoch"] for row in first] == [1, 2]
+    import checkpoints
 
-    resumed = lx.Trainer(replace(cfg, max_epochs=4, resume=True), lx.build_model(cfg), tiny_films(), tiny_films())
-    history = resumed.fit()
-    assert "Resuming from" in capsys.readouterr().out and resumed.stopped is None
+    plotted = []
+    monkeypatch.setattr(checkpoints, "plot_dice_history", lambda dice, path, *a, **kw: plotted.append(list(dice)))
+    cfg = replace(lx.cfg, output_dir=tmp_path, max_epochs=2)
+    first = lx.Trainer(cfg, tiny_data(), lx.build_model(cfg)).fit()
+    assert [row["epoch"] for row in first] == [1, 2]
+    assert list(first[0]) == ["epoch", "train_loss", "val_loss", "val_dice", "val_mean_dice", "lr", "seconds"]
+
+    history = lx.Trainer(replace(cfg, max_epochs=4, resume=True), tiny_data(), lx.build_model(cfg)).fit()
+    assert "Resuming from" in capsys.readouterr().out and history.stopped is None
     assert [row["epoch"] for row in history] == [1, 2, 3, 4] and history[:2] == first
     assert pd.read_csv(tmp_path / "history.csv")["epoch"].tolist() == [1, 2, 3, 4]
     assert len(plotted[-1]) == 4  # the plot covers every epoch, those before the resume too
     last = torch.load(tmp_path / "last_checkpoint.pt", weights_only=True)
     assert last["epoch"] == 4 and {"model", "optimizer", "scheduler", "scaler", "history"} <= set(last)
+    assert history[2]["lr"] != cfg.lr  # the cosine schedule went on from where it was, not from the start
 
     best_before = (tmp_path / "best_model.pt").read_bytes()
     best_epoch = torch.load(tmp_path / "best_model.pt", weights_only=True)["epoch"]
-    nan = lx.Trainer(replace(cfg, max_epochs=6, resume=True), lx.build_model(cfg), tiny_films(float("nan")), None)
-    assert nan.fit() == history  # stopped in epoch 5: nothing added
+    stopped = lx.Trainer(replace(cfg, max_epochs=6, resume=True), tiny_data(float("nan")), lx.build_model(cfg)).fit()
+    assert stopped == history  # stopped in epoch 5: nothing added
     out = capsys.readouterr().out
     assert f"Loss is nan at epoch 5, batch 0: stopping (try a lower lr than {cfg.lr}, or amp=False)" in out
-    assert f"Kept: {tmp_path / 'best_model.pt'} (epoch {best_epoch})" in out and nan.stopped
+    assert f"Kept: {tmp_path / 'best_model.pt'} (epoch {best_epoch})" in out and stopped.stopped
     assert (tmp_path / "best_model.pt").read_bytes() == best_before
     assert torch.load(tmp_path / "last_checkpoint.pt", weights_only=True)["epoch"] == 4
+    with pytest.raises(SystemExit) as ended:  # the Train cell ends the run there: no test films segmented
+        lx.end_if_stopped(stopped)
+    assert ended.value.code == 1
 
 
 def test_ctrl_c_stops_with_one_line_and_the_last_epoch_on_disk(lx, tmp_path, monkeypatch, capsys):
     cfg = replace(lx.cfg, output_dir=tmp_path, max_epochs=5)
-    trainer = lx.Trainer(cfg, lx.build_model(cfg), tiny_films(), tiny_films())
+    trainer = lx.Trainer(cfg, tiny_data(), lx.build_model(cfg))
     train_one_epoch = trainer.train_one_epoch
 
     def interrupted_in_epoch_3(epoch):
@@ -305,20 +355,24 @@ def test_ctrl_c_stops_with_one_line_and_the_last_epoch_on_disk(lx, tmp_path, mon
         return train_one_epoch(epoch)
 
     monkeypatch.setattr(trainer, "train_one_epoch", interrupted_in_epoch_3)
-    assert len(trainer.fit()) == 2
+    history = trainer.fit()
+    assert len(history) == 2
     last = tmp_path / "last_checkpoint.pt"
     assert capsys.readouterr().out.endswith(
         f"Interrupted during epoch 3: {last} holds epoch 2; run again with resume=True to go on from there\n"
     )
     assert torch.load(last, weights_only=True)["epoch"] == 2
+    with pytest.raises(SystemExit) as ended:
+        lx.end_if_stopped(history)
+    assert ended.value.code == 130
 
 
 def test_resume_with_another_network_is_one_clear_error(lx, tmp_path):
     cfg = replace(lx.cfg, output_dir=tmp_path, max_epochs=1)
-    lx.Trainer(cfg, lx.build_model(cfg), tiny_films(), tiny_films()).fit()
+    lx.Trainer(cfg, tiny_data(), lx.build_model(cfg)).fit()
     wider = replace(cfg, start_filters=2 * cfg.start_filters, resume=True, max_epochs=2)
     with pytest.raises(ValueError, match="last_checkpoint.pt was written with another configuration than this one"):
-        lx.Trainer(wider, lx.build_model(wider), tiny_films(), tiny_films()).fit()
+        lx.Trainer(wider, tiny_data(), lx.build_model(wider)).fit()
 
 
 KILLED_RUN = """
@@ -327,10 +381,11 @@ from dataclasses import replace
 sys.path.insert(0, {tests!r})
 spec = importlib.util.spec_from_file_location("lung_xray_unet", {script!r})
 lx = importlib.util.module_from_spec(spec)
+sys.modules["lung_xray_unet"] = lx
 spec.loader.exec_module(lx)
-from test_lung_xray_unet import tiny_films
+from test_lung_xray_unet import tiny_data
 cfg = replace(lx.cfg, output_dir={out!r}, max_epochs=10_000, resume=True)
-lx.Trainer(cfg, lx.build_model(cfg), tiny_films(), tiny_films()).fit()
+lx.Trainer(cfg, tiny_data(), lx.build_model(cfg)).fit()
 """
 
 
@@ -359,96 +414,103 @@ def test_a_kill_at_any_moment_leaves_loadable_checkpoints_and_resume_goes_on(tmp
 
 def test_same_seed_same_split_and_same_first_epoch_on_the_cpu(lx, download, tmp_path):
     runs = []
-    for name in ("a", "b"):
-        cfg = replace(lx.cfg, data_dir=download.parent, output_dir=tmp_path / name, max_epochs=1)
-        history = lx.main(cfg)
-        runs.append((lx.split_cases(download.parent / "segmentation", cfg), history[0]))
-    (split_a, first_a), (split_b, first_b) = runs
-    assert split_a == split_b
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        cfg = replace(lx.cfg, data_dir=download.parent, output_dir=tmp_path / name, max_epochs=1, seed=seed)
+        cfg = replace(cfg, images_dir=tmp_path / "Images")
+        data = lx.load_data(cfg)
+        history = lx.Trainer(cfg, data, lx.build_model(cfg)).fit()
+        runs.append(([[case["name"] for case in split] for split in (data.train, data.val, data.test)], history[0]))
+    (split_a, first_a), (split_b, first_b), (split_c, other) = runs
+    assert split_a == split_b == split_c  # the split has its own seed (split_seed): a new seed keeps the test set
     assert first_a["train_loss"] == first_b["train_loss"] and first_a["val_dice"] == first_b["val_dice"]  # bitwise
-    other = lx.main(replace(cfg, output_dir=tmp_path / "c", max_epochs=1, seed=1))
-    assert other[0]["train_loss"] != first_a["train_loss"]  # the seed does reach the weights and the shuffling
+    assert other["train_loss"] != first_a["train_loss"]  # the seed does reach the weights and the augmentation
+    # A run on a real dataset (data_dir holds MontgomerySet) never copies its pictures to the README's folder.
+    assert not data.synthetic and lx.readme_pictures(cfg, data, lx.PICTURES) == [] and not cfg.images_dir.exists()
 
 
-# %% Quick runs
-
-
-@pytest.fixture(scope="module")
-def quick_run(lx, download, tmp_path_factory):
-    """main() with the quick configuration on the synthetic set: (cfg, history, download before the run)."""
-    before = snapshot(download)
-    cfg = replace(lx.cfg, data_dir=download.parent, output_dir=tmp_path_factory.mktemp("output"), tensorboard=True)
-    cfg = replace(cfg, images_dir=tmp_path_factory.mktemp("images") / "Images")
-    return cfg, lx.main(cfg), before
-
-
-def test_quick_run_learns_the_lungs(quick_run, download):
-    cfg, _, _ = quick_run
-    test_dice = pd.read_csv(cfg.output_dir / "test_dice.csv")
-    assert test_dice["dice"].mean() >= 0.85
-    # Better by far than masks that do not look at the film: everything, or the mean lung shape of the train set
-    # (the synthetic lungs vary little, so the mean shape alone already scores about 0.87).
+def assert_learns_the_lungs(per_case: pd.DataFrame, download: Path, masks_dir: Path) -> None:
+    """Every test film's Dice, at its original size, against an independent reference, and better by far than
+    masks that do not look at the film: everything, or the mean lung shape of the training films (the synthetic
+    lungs vary little, so the mean shape alone already scores about 0.87)."""
+    assert per_case["dice"].mean() >= 0.85
     prepared = download.parent / "segmentation"
-    mean_shape = np.mean([np.asarray(Image.open(path)) > 0 for path in (prepared / "train" / "mask").glob("*.png")], 0)
+    mean_shape = np.mean([read_png(path) > 0 for path in (prepared / "train" / "mask").glob("*.png")], 0)
     mean_shape = Image.fromarray((mean_shape > 0.5).astype(np.uint8) * np.uint8(255))
     baseline = []
-    for case in test_dice.itertuples():
+    for case in per_case.itertuples():
         masks = [download / "ManualMask" / side / f"{case.name}.png" for side in ("leftMask", "rightMask")]
         truth = torch.from_numpy(data_cleaning.read_lung_mask(masks, (case.height, case.width)))[None]
-        predicted = np.asarray(Image.open(cfg.output_dir / "predicted_masks" / f"{case.name}.png")) > 0
+        predicted = read_png(masks_dir / f"{case.name}.png") > 0
         assert case.dice == pytest.approx(mean_dice(torch.from_numpy(predicted)[None], truth))  # at the original size
         shape = np.asarray(mean_shape.resize((case.width, case.height), Image.Resampling.NEAREST)) > 0
         baseline.append(mean_dice(torch.from_numpy(shape)[None], truth))
         assert case.dice > max(baseline[-1], mean_dice(torch.ones_like(truth), truth) + 0.3), case.name
-    assert test_dice["dice"].mean() > np.mean(baseline) + 0.05
+    assert per_case["dice"].mean() > np.mean(baseline) + 0.05
 
 
-def test_quick_run_writes_history_plot_masks_and_figure(quick_run, download):
-    cfg, history, before = quick_run
+def assert_writes_history_checkpoint_masks_and_figures(cells: dict, download: Path) -> None:
+    cfg, history, per_case = cells["cfg"], cells["history"], cells["per_case"]
+    out = cfg.output_dir
     assert [row["epoch"] for row in history] == list(range(1, cfg.max_epochs + 1))
-    csv = pd.read_csv(cfg.output_dir / "history.csv")
+    csv = pd.read_csv(out / "history.csv")
     assert list(csv.columns) == ["epoch", "train_loss", "val_loss", "val_dice", "val_mean_dice", "lr", "seconds"]
     np.testing.assert_allclose(csv["val_dice"], [row["val_dice"] for row in history])
-    for figure in ("dice_per_epoch.png", "test_predictions.png"):
-        assert Image.open(cfg.output_dir / figure).size[0] > 300
+    assert csv["lr"].iloc[0] == cfg.lr and csv["lr"].is_monotonic_decreasing  # cosine-annealed
+    best = history.best()
+    assert best == max(history, key=lambda row: row["val_dice"])
+    checkpoint = torch.load(out / "best_model.pt", weights_only=True)
+    assert checkpoint["epoch"] == best["epoch"] and checkpoint["metric"] == pytest.approx(best["val_dice"])
+    assert checkpoint["config"] == config_dict(cfg) and checkpoint["metrics"] == best
+    cells["build_model"](cfg).load_state_dict(checkpoint["model"])  # strict: every weight is there
+    assert set(torch.load(out / "last_checkpoint.pt", weights_only=True)) >= {"model", "optimizer", "scheduler"}
+    pd.testing.assert_frame_equal(pd.read_csv(out / "test_per_case.csv"), per_case)
+    assert list(per_case.columns) == ["name", "height", "width", "dice"]
     cases = pd.read_csv(download.parent / "segmentation" / "cases.csv")
     test_cases = cases[cases["split"] == "test"]
-    assert names_in(cfg.output_dir / "predicted_masks") == sorted(test_cases["name"])
+    assert sorted(per_case["name"]) == names_in(out / "predicted_masks") == sorted(test_cases["name"])
     for case in test_cases.itertuples():
         original = Image.open(download / "CXR_png" / f"{case.name}.png")
-        predicted = Image.open(cfg.output_dir / "predicted_masks" / f"{case.name}.png")
+        predicted = Image.open(out / "predicted_masks" / f"{case.name}.png")
         assert predicted.size == original.size and set(np.unique(np.asarray(predicted))) == {0, 255}
+    # The Inferencer, built from the checkpoint alone, gives the masks written.
+    test = cells["data"].test
+    saved = read_png(out / "predicted_masks" / f"{test[0]['name']}.png") > 0
+    np.testing.assert_array_equal(cells["Inferencer"](cfg).predict(test[0]), saved)
+    for figure in ("dice_per_epoch.png", "test_predictions.png", "batch.png"):
+        with Image.open(out / figure) as image:
+            assert image.format == "PNG" and image.width > 300, figure
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+def test_quick_run_of_the_cells_learns_the_lungs_and_writes_every_output(download, tmp_path, run_cells, capsys):
+    before = snapshot(download)
+    data_dir, out_dir, images_dir = download.parent.parent, tmp_path / "out", tmp_path / "Images"
+    cells = run_cells("lung_xray_unet", data_dir=data_dir, output_dir=out_dir, images_dir=images_dir, quick=True,
+                      tensorboard=True)  # fmt: skip
+    cfg, data, batch, history, per_case = (cells[name] for name in ("cfg", "data", "batch", "history", "per_case"))
+    out = capsys.readouterr().out
+    assert cfg.quick and (cfg.image_size, cfg.depth, cfg.max_epochs) == (64, 3, 20)  # the quick run's settings
+    assert "Configuration: QUICK run, with " in out and f"using the SYNTHETIC sample in {download}" in out
+    assert data.synthetic and (len(data.train), len(data.val), len(data.test)) == (7, 2, 3)
+    img, seg = batch  # augmented, as the network gets it
+    assert img.shape == seg.shape == (cfg.batch_size, 1, cfg.image_size, cfg.image_size) and img.dtype == torch.float32
+    assert set(seg.unique().tolist()) == {0, 1}  # the mask stays binary through rotation, zoom and shift
+    assert isinstance(cells["model"], torch.nn.Module)
+    assert f"Training on {cells['DEVICE'].type}: 7 films, 4 steps per epoch" in out
+
+    assert_learns_the_lungs(per_case, download, out_dir / "predicted_masks")
+    assert_writes_history_checkpoint_masks_and_figures(cells, download)
     assert snapshot(download) == before  # the run only read the download
-    assert not cfg.images_dir.exists()  # pictures of a "real" dataset are not copied to the README's folder
-    assert len(list((cfg.output_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert (download.parent / "segmentation" / "prepared.json").exists()  # prepared beside the sample it used
+    assert not (data_dir / "segmentation").exists()
 
-
-def test_best_checkpoint_holds_config_epoch_metric_and_reproduces_the_masks(lx, quick_run):
-    cfg, history, _ = quick_run
-    checkpoint = torch.load(cfg.output_dir / "best_model.pt", weights_only=True)
-    best = max(history, key=lambda row: row["val_dice"])
-    assert checkpoint["epoch"] == best["epoch"] and checkpoint["metric"] == pytest.approx(best["val_dice"])
-    assert checkpoint["config"] == lx.config_dict(cfg) and {"model", "optimizer", "scheduler"} <= set(checkpoint)
-    inferencer = lx.Inferencer(cfg.output_dir / "best_model.pt")
-    _, _, test = lx.split_cases(cfg.data_dir / "segmentation", cfg)
-    saved = np.asarray(Image.open(cfg.output_dir / "predicted_masks" / f"{test[0]['name']}.png")) > 0
-    np.testing.assert_array_equal(inferencer.predict(test[0]), saved)
-
-
-def test_script_runs_as_a_user_runs_it(tmp_path):
-    env = {**os.environ, "QUICK": "1", "DATA_DIR": str(tmp_path / "data"), "OUTPUT_DIR": str(tmp_path / "out")}
-    env["IMAGES_DIR"] = str(tmp_path / "Images")
-    result = subprocess.run([sys.executable, str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "using the SYNTHETIC sample" in result.stdout and "(QUICK run)" in result.stdout
-    assert float(re.search(r"Test Dice (\d\.\d+)", result.stdout).group(1)) >= 0.85
-    assert (tmp_path / "data" / "sample" / "segmentation" / "prepared.json").exists()  # beside the sample it used
-    assert not (tmp_path / "data" / "segmentation").exists()
-    for output in ("best_model.pt", "history.csv", "dice_per_epoch.png", "test_predictions.png", "test_dice.csv"):
-        assert (tmp_path / "out" / output).is_file(), output
     # The synthetic sample was used: its figures are the README's pictures; the summary says where everything went.
-    for name in ("test_predictions.png", "dice_per_epoch.png"):
-        assert (tmp_path / "Images" / f"lung_xray_unet_{name}").read_bytes() == (tmp_path / "out" / name).read_bytes()
-    summary = result.stdout[result.stdout.index("\nSummary (") :]
-    assert "data:    SYNTHETIC sample" in summary and f"outputs: {tmp_path / 'out'}/" in summary
-    assert f"picture: {tmp_path / 'Images' / 'lung_xray_unet_dice_per_epoch.png'}" in summary
+    pictures = [images_dir / f"lung_xray_unet_{name}" for name in ("test_predictions.png", "dice_per_epoch.png")]
+    for picture in pictures:
+        assert picture.read_bytes() == (out_dir / picture.name.removeprefix("lung_xray_unet_")).read_bytes()
+    summary = out[out.index("\nSummary (") :]
+    best = history.best()
+    assert f"data:    SYNTHETIC sample {download}: 7 train, 2 validation, 3 test films" in summary
+    best_line = f"best:    epoch {best['epoch']} of {cfg.max_epochs}, validation Dice {best['val_dice']:.4f}; test"
+    assert f"{best_line} Dice {per_case['dice'].mean():.4f} (mean of 3 films at their original size)" in summary
+    assert f"outputs: {out_dir}/" in summary and all(f"picture: {picture}" in summary for picture in pictures)
