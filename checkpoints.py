@@ -317,8 +317,12 @@ class TrainingRun:
             row["lr"] = self.lr
         row["seconds"] = time.perf_counter() - self.start
         self.history.append(row)
-        for other in self.history:  # every row with every column (NaN where an epoch did not validate)
-            other.update({key: math.nan for key in row if key not in other})
+        columns = list(dict.fromkeys(key for other in self.history for key in other))
+        columns.sort(key=lambda key: key in ("lr", "seconds"))  # those two last, the metrics in the order they came
+        for other in self.history:  # every row with every column, in one order (NaN where an epoch did not validate)
+            ordered = {key: other.get(key, math.nan) for key in columns}
+            other.clear()
+            other.update(ordered)
         value = float(row.get(self.metric, math.nan))
         is_best = not math.isnan(value) and value > self.history.best_metric  # the same in every process
         if is_best:

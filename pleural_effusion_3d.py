@@ -12,26 +12,25 @@ PleThora (Kiser et al. 2020) https://doi.org/10.7937/tcia.2020.6c7y-gq39.
 Data: `data/pleural_effusion/` holding `NSCLC-Radiomics/LUNG1-xxx/<study>/<series>/1-001.dcm ...` as TCIA's
 downloader writes it, and `Effusions/LUNG1-xxx/LUNG1-xxx_effusion_first_reviewer.nii.gz` from PleThora. Without
 it the synthetic stand-in under `data/sample/` is used (written when missing), and the script says so.
-Outputs: `output/pleural_effusion_3d/`: `best_model.pt` (best epoch), `last_checkpoint.pt`, `history.csv` and
-`dice_per_epoch.png` (rewritten every epoch), `val_cases.csv`, `predictions/<case>_effusion_predicted.nii.gz`,
-`val_predictions.png` (copied to `Images/pleural_effusion_3d_predictions.png` for the README when the synthetic
-sample was used), `skipped_cases.csv`.
+Outputs: `output/pleural_effusion_3d/`: `best_model.pt`, `last_checkpoint.pt`, `history.csv`, `dice_per_epoch.png`,
+`batch.png`, `skipped_cases.csv`, `val_per_case.csv`, `predictions/<case>_effusion_predicted.nii.gz`,
+`val_predictions.png` (true and predicted outlines; copied to `Images/` for the README when the synthetic sample
+was used).
 
-Run: `python pleural_effusion_3d.py` (`QUICK=1` for a short first try), or cell by cell in VS Code or Jupyter;
-edit the configuration inline, e.g. `cfg = Config(max_epochs=200)`; after Ctrl-C, `Config(resume=True)` goes on.
-On several GPUs: `torchrun --nproc_per_node=4 pleural_effusion_3d.py` (README: several GPUs and machines).
+Run: `python pleural_effusion_3d.py` (`QUICK=1` for a short first try), or cell by cell in VS Code or Jupyter,
+each cell leaving its result to look at: `cfg`, `data`, `batch`, `model`, `history`, `per_case`. Edit the
+configuration inline (`cfg = Config(max_epochs=200)`) and run the cells below again; after Ctrl-C,
+`Config(resume=True)` goes on. On several GPUs: `torchrun --nproc_per_node=4 pleural_effusion_3d.py` (README:
+several GPUs and machines).
 """
 
 # %% Imports
 import gzip
-import math
 import os
-import random
-import shutil
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import nibabel as nib
 import numpy as np
@@ -45,41 +44,42 @@ from monai.data import DataLoader, Dataset
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 from monai.transforms import Compose, EnsureTyped, RandCropByPosNegLabeld, RandFlipd, RandRotate90d, SpatialPadd
+from monai.utils import first
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 from tqdm import tqdm
 
 import distributed
 from checkpoints import (
+    BaseConfig,
     EpochLoss,
-    best_so_far,
-    config_dict,
-    resume,
+    History,
+    TrainingRun,
+    end_if_stopped,
+    load_best,
+    readme_pictures,
+    run_summary,
     save_atomically,
-    save_checkpoint,
-    save_history,
-    save_last,
-    stop_message,
+    seed_everything,
 )
-from data_cleaning import DatasetError, Skipped, Unusable
-from dice import DiceAccumulator, log_epoch, plot_dice_history, soft_dice_loss, tensorboard_writer
+from data_cleaning import Data, DatasetError, Skipped, Unusable, one_line_data_problems
+from dice import DiceAccumulator, save_figure, show, soft_dice_loss
 from precision import autocast, grad_scaler
 from sample_data import find_dataset
 
 # %% Configuration
 # The repository root, whether run as a file (from any directory) or in a notebook kernel (no __file__).
 ROOT = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
-QUICK = os.environ.get("QUICK", "0") == "1"  # the collection's quick-run switch (README): fewer epochs, cases, pixels
+QUICK = os.environ.get("QUICK", "0") == "1"  # the collection's quick-run switch (README): read here, once
 DEVICE = distributed.device()  # picked once: the GPU if any (under torchrun, this process's own), else the CPU
 
 
 @dataclass
-class Config:
+class Config(BaseConfig):
     data_dir: Path = ROOT / "data"  # holds pleural_effusion/ (NSCLC-Radiomics/ and Effusions/); else data/sample/
-    output_dir: Path = ROOT / "output" / "pleural_effusion_3d"  # weights, history, plot, predictions
+    output_dir: Path = ROOT / "output" / "pleural_effusion_3d"  # weights, history, plots, predictions
     images_dir: Path = ROOT / "Images"  # the README's pictures: val_predictions.png is copied there, from runs on
     # the synthetic sample only (pictures of real patients never land in a folder of the repository)
     seed: int = 0  # one seed for the split, the initial weights, the crops and the augmentation
-    quick: bool = QUICK  # recorded in the checkpoint: a quick model is not a result
     reviewer: str = "first"  # PleThora mask to learn: "first" outlined every case, "second" only some
     max_cases: int | None = None  # the first N cases with a mask (the original used 10); None: all (78 in PleThora)
     val_fraction: float = 0.2  # of cases, drawn with `seed`: 10 cases -> 8 train / 2 validation, as the original
@@ -88,35 +88,53 @@ class Config:
     in_plane_factor: int = 2  # in-plane downsampling: 512 x 512 -> 256 x 256 (the sample's 160 -> 80); 1: none
     body_threshold_hu: float = -500.0  # foreground crop: the box around voxels denser than this (air is -1000)
     crop_margin: int = 4  # voxels (after downsampling) kept around the body's box
-    roi_size: tuple[int, int, int] = (48, 48, 16) if QUICK else (96, 96, 48)  # training crop, (x, y, z) as MONAI
-    # orders NIfTI axes: the original's 48x96x96 (D x H x W); quick: the sample's bodies are ~68x50x28 once halved
+    roi_size: tuple[int, int, int] = (96, 96, 48)  # training crop, (x, y, z) as MONAI orders NIfTI axes: the
+    # original's 48x96x96 (D x H x W)
     samples_per_volume: int = 4  # random crops per case and epoch
     pos_neg_ratio: tuple[float, float] = (1.0, 1.0)  # crops centred on fluid : elsewhere (RandCropByPosNegLabeld)
     flip_prob: float = 0.25  # probability of a flip, for each of the three axes (MONAI's tutorials 0.1, nnU-Net 0.5)
     rot90_prob: float = 0.25  # probability of 1-3 in-plane quarter turns (needs a square in-plane roi_size)
-    channels: tuple[int, ...] = (8, 16, 32, 64) if QUICK else (16, 32, 64, 128, 256)  # UNet features per level
-    strides: tuple[int, ...] = (2, 2, 2) if QUICK else (2, 2, 2, 2)  # roi_size must divide by their product
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)  # UNet features per level
+    strides: tuple[int, ...] = (2, 2, 2, 2)  # roi_size must divide by their product
     num_res_units: int = 2  # residual units per block, as MONAI's spleen tutorial
     initial_logit: float = -2.0  # output bias at the start: logit(0.12), a guess at the fluid share of a real crop
     # (the sample's effusions are small: about 1% of its crops)
     bce_weight: float = 0.5  # loss = (1 - bce_weight) x Dice + bce_weight x BCE; 0.5 is the original's sum, halved
     pos_weight: float = 3.0  # BCE weight of fluid voxels, as the original: see DiceBCELoss
-    lr: float = 1e-2 if QUICK else 1e-3  # AdamW; quick: 120 steps in all, so large ones
+    lr: float = 1e-3  # AdamW
     weight_decay: float = 1e-4  # AdamW's decoupled weight decay
     lr_power: float = 0.9  # lr x (1 - epoch / max_epochs) ** lr_power: nnU-Net's "poly" decay to 0; 0 keeps lr fixed
-    max_epochs: int = 30 if QUICK else 300  # an epoch is `samples_per_volume` crops of every training case
+    max_epochs: int = 300  # an epoch is `samples_per_volume` crops of every training case
     batch_size: int = 2  # cases per step: batch_size x samples_per_volume crops
-    val_interval: int = 2 if QUICK else 5  # epochs between validations (MONAI's name); sliding windows cost time
+    val_interval: int = 5  # epochs between validations (MONAI's name; also the last epoch): sliding windows cost time
     sw_batch_size: int = 4  # windows per forward pass in sliding-window inference
     sw_overlap: float = 0.75  # overlap of neighbouring windows, as the original; gaussian blending
-    num_workers: int = 4 if DEVICE.type == "cuda" and not QUICK else 0  # background crops and augmentation feed a
-    # GPU; on a CPU they would compete with the model for the same cores
+    threshold: float = 0.5  # effusion probability above which a voxel is fluid
+    num_workers: int = 4 if DEVICE.type == "cuda" else 0  # background crops and augmentation feed a GPU; on a CPU
+    # they would compete with the model for the same cores
     amp: bool = True  # mixed precision on CUDA (bfloat16 where supported, else float16); ignored on the CPU
     tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
     resume: bool = False  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs
+    quick: bool = QUICK  # the quick run below; recorded in the checkpoint: a quick model is not a result
+
+    # The quick run (QUICK=1, or Config(quick=True)): a first try in about half a minute on a CPU. These replace the
+    # defaults above; a setting given explicitly, as in Config(quick=True, max_epochs=5), wins.
+    QUICK_RUN: ClassVar[dict] = dict(
+        roi_size=(48, 48, 16),  # the sample's bodies are about 68x50x28 once halved: 96x96x48 is larger than a body
+        channels=(8, 16, 32, 64),  # a smaller UNet of 4 levels for the smaller crops
+        strides=(2, 2, 2),  # roi_size must divide by their product, 8
+        lr=1e-2,  # 120 steps in all, so large ones
+        max_epochs=30,  # validation Dice about 0.8 on the sample by then
+        val_interval=2,  # the sample's 2 validation volumes are small: validate every other epoch
+        num_workers=0,  # 4 steps per epoch: worker processes would cost more to start than they save
+    )
 
 
 cfg = Config()
+if __name__ == "__main__":
+    distributed.setup()  # under torchrun: join the other processes (README: several GPUs); else nothing
+    one_line_data_problems()  # from the command line, a data folder unlike the README's is one line
+    print(cfg.describe())
 
 # %% Data
 CT_DIR, MASK_DIR = "NSCLC-Radiomics", "Effusions"  # the two folders under data/pleural_effusion/
@@ -180,35 +198,10 @@ def read_series(series_dir: Path) -> tuple[np.ndarray, np.ndarray]:
             datasets.append(pydicom.dcmread(path))
         except Exception as err:
             raise Unusable("unreadable DICOM", f"{path}: {err}") from err
-    uids = Counter(str(ds.get("SeriesInstanceUID", "none")) for ds in datasets)
-    if len(uids) > 1:
-        series = ", ".join(f"{n} files of ...{uid[-10:]}" for uid, n in uids.most_common())
-        raise Unusable("mixed series", f"{series_dir} holds {len(uids)} SeriesInstanceUIDs ({series})")
-    if len(datasets) < 2:
-        raise Unusable("too few slices", f"{len(datasets)} DICOM file(s) in {series_dir}")
-    for keyword in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
-        if any(keyword not in ds for ds in datasets):
-            raise Unusable("no geometry", f"a slice in {series_dir} lacks {keyword}")
-    orientations = np.array([ds.ImageOrientationPatient for ds in datasets], dtype=np.float64)
-    sizes = {(int(ds.Rows), int(ds.Columns), tuple(float(s) for s in ds.PixelSpacing)) for ds in datasets}
-    if not np.allclose(orientations, orientations[0], atol=1e-4) or len(sizes) > 1:
-        raise Unusable("inconsistent slices", f"orientation, size or pixel spacing differs in {series_dir}")
-
-    row_dir, col_dir = orientations[0].reshape(2, 3)  # DICOM: direction of a row (columns increase), of a column
-    normal = np.cross(row_dir, col_dir)
-    positions = np.array([ds.ImagePositionPatient for ds in datasets], dtype=np.float64)  # (n, 3) LPS mm
-    order = np.argsort(positions @ normal, kind="stable")
-    datasets, positions = [datasets[i] for i in order], positions[order]
-    along = positions @ normal  # mm along the normal, increasing
-    gaps = np.diff(along)
-    step = float(np.median(gaps))
-    if gaps.min() < 1e-3:
-        raise Unusable("duplicate slice position", f"two slices at {along[gaps.argmin()]:.2f} mm in {series_dir}")
-    if np.abs(gaps - step).max() > 0.1 * step:  # real series are evenly spaced to well under 1%
-        i = int(np.abs(gaps - step).argmax())
-        where = f"{gaps[i]:.2f} mm between the slices at {along[i]:.2f} and {along[i + 1]:.2f} mm along the normal"
-        problem = "missing slice" if gaps[i] > 1.5 * step else "uneven slice spacing"
-        raise Unusable(problem, f"{where}, {step:.2f} mm elsewhere, in {series_dir}")
+    check_slices(datasets, series_dir)
+    row_dir, col_dir = np.array(datasets[0].ImageOrientationPatient, dtype=np.float64).reshape(2, 3)  # DICOM: the
+    # direction of a row (columns increase), of a column (rows increase)
+    datasets, positions = sort_by_position(datasets, np.cross(row_dir, col_dir), series_dir)
 
     slices = []
     for ds in datasets:
@@ -228,6 +221,45 @@ def read_series(series_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     lps[:3, 2] = (positions[-1] - positions[0]) / (len(datasets) - 1)  # one slice to the next (a tilt included)
     lps[:3, 3] = positions[0]
     return hu, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM's patient axes are LPS, NIfTI's RAS: x and y flip
+
+
+def check_slices(datasets: list, series_dir: Path) -> None:
+    """Raise Unusable unless the files of `series_dir` are one series of at least 2 slices, each with its geometry,
+    all of the same orientation, size and pixel spacing."""
+    uids = Counter(str(ds.get("SeriesInstanceUID", "none")) for ds in datasets)
+    if len(uids) > 1:
+        series = ", ".join(f"{n} files of ...{uid[-10:]}" for uid, n in uids.most_common())
+        raise Unusable("mixed series", f"{series_dir} holds {len(uids)} SeriesInstanceUIDs ({series})")
+    if len(datasets) < 2:
+        raise Unusable("too few slices", f"{len(datasets)} DICOM file(s) in {series_dir}")
+    for keyword in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
+        if any(keyword not in ds for ds in datasets):
+            raise Unusable("no geometry", f"a slice in {series_dir} lacks {keyword}")
+    orientations = np.array([ds.ImageOrientationPatient for ds in datasets], dtype=np.float64)
+    sizes = {(int(ds.Rows), int(ds.Columns), tuple(float(s) for s in ds.PixelSpacing)) for ds in datasets}
+    if not np.allclose(orientations, orientations[0], atol=1e-4) or len(sizes) > 1:
+        raise Unusable("inconsistent slices", f"orientation, size or pixel spacing differs in {series_dir}")
+
+
+def sort_by_position(datasets: list, normal: np.ndarray, series_dir: Path) -> tuple[list, np.ndarray]:
+    """(the slices sorted along the slice normal, their ImagePositionPatient (n, 3) in LPS mm, in that order).
+
+    Raises Unusable for two slices at one position, a missing slice or uneven spacing: the affine's one step from
+    slice to slice would place the voxels beyond the gap wrongly."""
+    positions = np.array([ds.ImagePositionPatient for ds in datasets], dtype=np.float64)
+    order = np.argsort(positions @ normal, kind="stable")
+    datasets, positions = [datasets[i] for i in order], positions[order]
+    along = positions @ normal  # mm along the normal, increasing
+    gaps = np.diff(along)
+    step = float(np.median(gaps))
+    if gaps.min() < 1e-3:
+        raise Unusable("duplicate slice position", f"two slices at {along[gaps.argmin()]:.2f} mm in {series_dir}")
+    if np.abs(gaps - step).max() > 0.1 * step:  # real series are evenly spaced to well under 1%
+        i = int(np.abs(gaps - step).argmax())
+        where = f"{gaps[i]:.2f} mm between the slices at {along[i]:.2f} and {along[i + 1]:.2f} mm along the normal"
+        problem = "missing slice" if gaps[i] > 1.5 * step else "uneven slice spacing"
+        raise Unusable(problem, f"{where}, {step:.2f} mm elsewhere, in {series_dir}")
+    return datasets, positions
 
 
 def read_mask(path: Path, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -279,7 +311,7 @@ def window_hu(hu: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:
     the chest wall and diaphragm (40-60) it lies against; the lung around it is -850, bone 400 and more. The soft-
     tissue (mediastinal) window, W 400 L 40 (-160..240 HU), is the one radiologists read effusions in: it keeps
     fat, fluid and muscle apart in the middle of 0..1, clips lung and air to 0 (the fluid's edge against the lung
-    stays sharp) and bone to 1. The original's window was inverted.
+    stays sharp) and bone to 1.
     """
     low, high = window
     return ((hu - low) / (high - low)).clamp(0, 1)
@@ -354,7 +386,7 @@ def load_cases(cases: list[dict], cfg: Config, skipped: Skipped) -> list[dict]:
 def split_by_case(items: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, validation) cases: a seeded shuffle of the case names, at least one case on each side.
 
-    A case is one patient's scan, so no patient is on both sides; the original split without a seed."""
+    A case is one patient's scan, so no patient is on both sides; seeded, so that a run can be repeated."""
     names = sorted(item["case"] for item in items)
     if len(names) < 2:
         raise DatasetError(f"Need at least 2 usable cases to split, found {len(names)}: {names}")
@@ -364,6 +396,36 @@ def split_by_case(items: list[dict], val_fraction: float, seed: int) -> tuple[li
     return [i for i in items if i["case"] not in val_names], [i for i in items if i["case"] in val_names]
 
 
+def load_data(cfg: Config) -> Data:
+    """The cases of the download (or of the sample) that have a CT series and a mask, each read and preprocessed
+    once and kept in memory, bad ones named, skipped and counted (skipped_cases.csv), split by case."""
+    with distributed.main_first():  # process 0 writes the synthetic sample if missing, the others then read it
+        root, synthetic = find_dataset("pleural_effusion", cfg.data_dir)
+    # A full NSCLC-Radiomics download has 422 patients, of whom PleThora outlined 78: the other 344 are "no mask".
+    # So only the first 10 of each kind are printed; all are kept in skipped_cases.csv.
+    skipped = Skipped("case", print_limit=10)
+    cases = find_cases(root, cfg.reviewer, skipped)
+    if cfg.max_cases is not None and len(cases) > cfg.max_cases:
+        print(f"Using the first {cfg.max_cases} of {len(cases)} cases with a mask (max_cases)")
+        cases = cases[: cfg.max_cases]
+    items = load_cases(cases, cfg, skipped)
+    print(skipped.summary(f"{root}: {len(items)} cases usable"))
+    if distributed.is_main():  # under torchrun every process read the same cases: one writes
+        table = pd.DataFrame(skipped.rows, columns=["case", "problem", "detail"])
+        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        save_atomically(cfg.output_dir / "skipped_cases.csv", lambda path: table.to_csv(path, index=False))
+    train, val = split_by_case(items, cfg.val_fraction, cfg.seed)
+    shapes = ", ".join(f"{i['case']} {tuple(i['image'].shape[1:])}" for i in items[:3])
+    more = ", ..." if len(items) > 3 else ""
+    print(f"Split by case (seed {cfg.seed}): {len(train)} train, {len(val)} validation "
+          f"({', '.join(i['case'] for i in val)}); network grid (x, y, z) {shapes}{more}")  # fmt: skip
+    return Data(root, synthetic, train, val, unit="cases", skipped=skipped)
+
+
+if __name__ == "__main__":
+    data = load_data(cfg)
+    print(data)
+
 # %% Transforms
 # The volumes are cached on the network's grid, so the transforms only crop and augment. Crops: half centred on a
 # fluid voxel, half on any other voxel (the original's pos/neg crops): effusions fill about 1% of a chest CT, and
@@ -372,12 +434,13 @@ def split_by_case(items: list[dict], val_fraction: float, seed: int) -> tuple[li
 # not by "at the back".
 
 
-def build_train_transforms(cfg: Config) -> Compose:
+def build_transforms(cfg: Config) -> Compose:
+    """The training crops and their augmentation, seeded; plain tensors out."""
     keys = ["image", "label"]
     if cfg.rot90_prob > 0 and cfg.roi_size[0] != cfg.roi_size[1]:
         raise ValueError(f"rot90_prob > 0 needs a square in-plane roi_size, not {cfg.roi_size}")
     pos, neg = cfg.pos_neg_ratio
-    return Compose(
+    transforms = Compose(
         [
             SpatialPadd(keys, spatial_size=cfg.roi_size),  # a body smaller than a crop: padded with 0, as air
             RandCropByPosNegLabeld(
@@ -388,15 +451,65 @@ def build_train_transforms(cfg: Config) -> Compose:
             EnsureTyped(keys, track_meta=False),  # plain tensors: no MONAI metadata to collate
         ]
     )
+    return transforms.set_random_state(seed=cfg.seed + distributed.rank())  # each process crops its own way
 
+
+def build_train_loader(cfg: Config, data: Data) -> DataLoader:
+    """The training loader: `batch_size` cases per step, each giving `samples_per_volume` crops.
+
+    Under torchrun each process trains on its own shard of the cases, reshuffled every epoch, with batch_size cases
+    per process and step; in one process there is no sampler and the loader shuffles."""
+    train_ds = Dataset(
+        [{"image": i["image"], "label": i["label"]} for i in data.train], transform=build_transforms(cfg)
+    )
+    sampler = distributed.train_sampler(train_ds, cfg.seed)
+    shard_size = len(sampler) if sampler is not None else len(train_ds)
+    return DataLoader(
+        train_ds,
+        batch_size=cfg.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=shard_size > cfg.batch_size,  # no tiny last batch, unless there is only one batch
+        generator=torch.Generator().manual_seed(cfg.seed),
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,  # do not restart the workers every epoch
+        pin_memory=DEVICE.type == "cuda",
+    )
+
+
+def draw_batch(batch: dict, n: int = 6) -> Figure:
+    """The middle axial slice of the first crops of a training batch, as the network gets them (cropped, flipped,
+    turned, windowed to 0..1; rows down), the fluid outlined in green. A crop centred on fluid has it in its middle
+    slice; the others mostly show none."""
+    n = min(n, len(batch["image"]))
+    middle = batch["image"].shape[-1] // 2
+    fig = Figure(figsize=(2.4 * n, 2.6), dpi=100)
+    for i in range(n):
+        image, label = batch["image"][i, 0, :, :, middle].float(), batch["label"][i, 0, :, :, middle]
+        ax = fig.add_subplot(1, n, i + 1)
+        ax.imshow(image.T.numpy(), cmap="gray", vmin=0, vmax=1)
+        if label.any():
+            ax.contour(label.T.float().numpy(), levels=[0.5], colors="lime", linewidths=1)
+        ax.set_title(f"crop {i}: {batch['label'][i].float().mean().item():.1%} fluid", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"A training batch: image {tuple(batch['image'].shape)} {batch['image'].dtype}, slice {middle} of "
+                 "each crop", fontsize=10)  # fmt: skip
+    return fig
+
+
+if __name__ == "__main__":
+    train_loader = build_train_loader(cfg, data)
+    batch = first(train_loader)  # {"image": (B x samples, 1, x, y, z) float16 in 0..1, "label": same shape, uint8}
+    show(save_figure(draw_batch(batch), cfg.output_dir / "batch.png"))
 
 # %% Model and loss
 
 
-def build_model(cfg: Config) -> torch.nn.Module:
+def build_model(cfg: Config) -> UNet:
     """MONAI's UNet in 3D with residual units (Kerfoot et al., STACOM 2018, https://doi.org/10.1007/978-3-030-12029-
     0_40), after Ronneberger et al. (MICCAI 2015) and Cicek et al. (3D U-Net, MICCAI 2016): one input channel (the
     windowed CT), one output channel (the effusion's logit per voxel)."""
+    seed_everything(cfg.seed)  # the same initial weights for the same seed, in every process
     model = UNet(
         spatial_dims=3,
         in_channels=1,
@@ -435,10 +548,14 @@ class DiceBCELoss(torch.nn.Module):
         return (1 - self.bce_weight) * dice + self.bce_weight * bce
 
 
-# %% Train and evaluate
+if __name__ == "__main__":
+    model = build_model(cfg)
+    print(f"MONAI UNet 3D {cfg.channels}: {sum(p.numel() for p in model.parameters()):,} parameters")
+
+# %% Train
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, cfg: Config, epoch: int) -> float:
+def train_one_epoch(model, loader, loss_fn, optimizer, scaler, cfg: Config, epoch: int) -> float:
     """One pass over the training cases (`samples_per_volume` crops each); returns the mean loss per crop.
 
     Stops with a clear error naming the epoch and batch if the loss is not finite.
@@ -447,9 +564,9 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, cfg: Conf
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=None)
     losses = EpochLoss(epoch, cfg.lr, bar)  # read one step late: the GPU never waits for the CPU to read a loss
     for step, batch in enumerate(bar):
-        img = batch["image"].to(device, non_blocking=True).float()  # (B x samples, 1, x, y, z)
-        seg = batch["label"].to(device, non_blocking=True).float()
-        with autocast(device, cfg.amp):
+        img = batch["image"].to(DEVICE, non_blocking=True).float()  # (B x samples, 1, x, y, z)
+        seg = batch["label"].to(DEVICE, non_blocking=True).float()
+        with autocast(DEVICE, cfg.amp):
             loss = loss_fn(model(img), seg)
         # Under torchrun, the mean over the processes: all stop at the same step (one stopping alone would leave
         # the others waiting for it), and the history's loss is that of every crop trained on. In one process,
@@ -463,45 +580,88 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, cfg: Conf
 
 
 @torch.no_grad()
-def predict_logits(model, image: torch.Tensor, device, cfg: Config) -> torch.Tensor:
+def predict_logits(model, image: torch.Tensor, cfg: Config) -> torch.Tensor:
     """Logits (x, y, z) of a whole cached volume (1, x, y, z): windows of `roi_size` overlapping by `sw_overlap`,
     blended with gaussian weights (the centre of a window, which saw the most context, counts most)."""
     model.eval()
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
-        with autocast(device, cfg.amp):
+        with autocast(DEVICE, cfg.amp):
             return model(window).float()  # blended in float32
 
     logits = sliding_window_inference(
-        image[None].to(device).float(), cfg.roi_size, cfg.sw_batch_size, predictor, overlap=cfg.sw_overlap,
+        image[None].to(DEVICE).float(), cfg.roi_size, cfg.sw_batch_size, predictor, overlap=cfg.sw_overlap,
         mode="gaussian",
     )  # fmt: skip
     return logits[0, 0]
 
 
-def evaluate(model, items: list[dict], loss_fn, device, cfg: Config) -> dict[str, float]:
-    """Validation loss and Dice on the network's grid, over whole volumes: the mean of the cases' Dice (as the
-    original's 0.628 over 2 volumes) and the global Dice (all voxels at once, as nnU-Net reports).
+def evaluate(model, items: list[dict], loss_fn, cfg: Config) -> dict:
+    """The validation row: loss and Dice on the network's grid, over whole volumes: the mean of the cases' Dice (as
+    the original's 0.628 over 2 volumes) and the global Dice (all voxels at once, as nnU-Net reports).
 
     Under torchrun each process predicts its share of the cases, and the scores of all are gathered: every process
     returns the same numbers, those of all `items`."""
     dice = DiceAccumulator(empty="one")  # a case without fluid scores 1 if none is predicted (PleThora's all have)
     losses = []
     for item in tqdm(distributed.shard(items), desc="validation", leave=False, disable=None):
-        logits = predict_logits(model, item["image"], device, cfg)
-        seg = item["label"][0].to(device)
+        logits = predict_logits(model, item["image"], cfg)
+        seg = item["label"][0].to(DEVICE)
         losses.append(loss_fn(logits[None, None], seg[None, None]).item())
-        dice.update((logits > 0)[None], seg.bool()[None])
+        dice.update((torch.sigmoid(logits) > cfg.threshold)[None], seg.bool()[None])
     losses = [loss for part in distributed.gather(losses) for loss in part]  # every process's cases
     dice = distributed.gather_dice(dice)
     return {"val_loss": float(np.mean(losses)), "val_dice": dice.mean(), "val_global_dice": dice.global_dice()}
 
 
-def predict_case(model, hu: np.ndarray, device, cfg: Config) -> np.ndarray:
+def poly_decay(cfg: Config):
+    """nnU-Net's poly decay, as the factor of `lr` once `done` epochs are done: 0 after the last one.
+
+    A function of the epoch, not PolynomialLR: that one keeps its length in its state, so a finished run resumed
+    with a larger max_epochs would go on at lr 0."""
+    return lambda done: max(1 - done / cfg.max_epochs, 0.0) ** cfg.lr_power
+
+
+def fit(cfg: Config, data: Data, model: torch.nn.Module) -> History:
+    """Train `model` on random crops of the training cases, validate every `val_interval` epochs and at the last,
+    keep the best epoch by validation Dice (output_dir/best_model.pt). Returns the history, one row per epoch
+    (history.csv); the epochs not validated have no val_* values."""
+    torch.backends.cudnn.benchmark = DEVICE.type == "cuda"  # fixed crop size: let cuDNN pick its fastest kernels
+    train_loader = build_train_loader(cfg, data)
+    model.to(DEVICE)
+    train_model = distributed.wrap(model)  # DDP under torchrun (gradients averaged); `model` is what is saved
+    loss_fn = DiceBCELoss(cfg.bce_weight, cfg.pos_weight).to(DEVICE)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_decay(cfg))
+    scaler = grad_scaler(DEVICE, cfg.amp)  # float16 only: none with bfloat16 or on the CPU (precision.py)
+    print(f"Training on {DEVICE.type}: {len(data.train)} cases, {len(train_loader)} steps per epoch")
+    title = "Pleural effusion: validation Dice per epoch"
+    parts = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)  # what last_checkpoint holds
+    with TrainingRun(cfg, "val_dice", title=title, **parts) as run:
+        # Resumed, the optimizer holds the first run's lr: set it from the epoch reached, on this run's decay.
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base_lr * poly_decay(cfg)(run.first_epoch - 1)
+        for epoch in run.epochs(train_loader):
+            train_loss = train_one_epoch(train_model, train_loader, loss_fn, optimizer, scaler, cfg, epoch)
+            scheduler.step()
+            validate = epoch % cfg.val_interval == 0 or epoch == cfg.max_epochs
+            run.end_epoch(train_loss=train_loss, **(evaluate(model, data.val, loss_fn, cfg) if validate else {}))
+    return run.history
+
+
+if __name__ == "__main__":
+    history = fit(cfg, data, model)
+    show(cfg.output_dir / "dice_per_epoch.png")
+    end_if_stopped(history)  # Ctrl-C or a loss that was not finite: said why; the cells below do not run
+
+# %% Evaluate
+
+
+def predict_case(model, hu: np.ndarray, cfg: Config) -> np.ndarray:
     """The effusion mask (bool, X, Y, Z) of an HU volume read by `read_series`, on the series' own grid."""
     prep = preprocess(hu, cfg)
-    prob = torch.sigmoid(predict_logits(model, prep["image"], device, cfg))
-    return (to_original_grid(prob, prep, hu.shape, cfg) > 0.5).numpy()
+    prob = torch.sigmoid(predict_logits(model, prep["image"], cfg))
+    return (to_original_grid(prob, prep, hu.shape, cfg) > cfg.threshold).numpy()
 
 
 def save_nifti(path: Path, mask: np.ndarray, affine: np.ndarray) -> None:
@@ -517,7 +677,43 @@ def save_nifti(path: Path, mask: np.ndarray, affine: np.ndarray) -> None:
     save_atomically(path, lambda partial: partial.write_bytes(gzip.compress(img.to_bytes(), compresslevel=1)))
 
 
-def draw_predictions(views: list[dict], path: Path, cfg: Config, title: str = "") -> None:
+def score_case(case: str, pred: np.ndarray, truth: np.ndarray, affine: np.ndarray) -> dict:
+    """A row of val_per_case.csv: the Dice at the series' full resolution, against the PleThora mask as read, and
+    the effusion's volume, true and predicted."""
+    dice = DiceAccumulator(empty="one")
+    dice.update(torch.from_numpy(pred)[None], torch.from_numpy(truth)[None])
+    ml = abs(np.linalg.det(affine[:3, :3])) / 1000  # mL per voxel
+    return {"case": case, "dice": dice.mean(), "true_ml": truth.sum() * ml, "predicted_ml": pred.sum() * ml,
+            "shape": "x".join(map(str, pred.shape))}  # fmt: skip
+
+
+def evaluate_best(cfg: Config, data: Data) -> pd.DataFrame | None:
+    """The best epoch's weights, read back from best_model.pt, on every validation case read again at full
+    resolution: the prediction written as NIfTI in the series' geometry (predictions/), its Dice and volumes
+    (val_per_case.csv), the slices with most fluid (val_predictions.png). Process 0 only (None in the others)."""
+    if not distributed.is_main():
+        return None
+    model, checkpoint = load_best(cfg, build_model, DEVICE)
+    rows, views = [], []
+    for item in tqdm(data.val, desc="predicting validation cases", leave=False, disable=None):
+        hu, affine, truth = read_case(item)
+        pred = predict_case(model, hu, cfg)
+        save_nifti(cfg.output_dir / "predictions" / f"{item['case']}_effusion_predicted.nii.gz", pred, affine)
+        rows.append(score_case(item["case"], pred, truth, affine))
+        k = int(truth.sum(axis=(0, 1)).argmax())  # the slice with most fluid
+        views.append({"case": item["case"], "hu": hu[:, :, k], "truth": truth[:, :, k], "pred": pred[:, :, k],
+                      "slice": k, "dice": rows[-1]["dice"]})  # fmt: skip
+    per_case = pd.DataFrame(rows)
+    save_atomically(cfg.output_dir / "val_per_case.csv", lambda path: per_case.to_csv(path, index=False))
+    title = "Validation: PleThora (green) and predicted (red) effusion"
+    save_figure(draw_predictions(views[:3], cfg, title), cfg.output_dir / "val_predictions.png")
+    on_grid = f"{checkpoint['metric']:.4f} on the network's grid, which chose the epoch"
+    print(f"Best epoch {checkpoint['epoch']}: validation Dice {per_case['dice'].mean():.4f} at the series' full "
+          f"resolution (mean over {len(per_case)} cases; {on_grid})")  # fmt: skip
+    return per_case
+
+
+def draw_predictions(views: list[dict], cfg: Config, title: str = "") -> Figure:
     """One axial slice per case (the one with most fluid), in the soft-tissue window, with the true (green) and
     predicted (red) outlines. `views[i]`: {"case", "hu", "truth", "pred" (X, Y) at full resolution, "slice", "dice"}.
     Shown as the scanner shows it, rows down and columns across (patient's right on the left for these series),
@@ -540,199 +736,35 @@ def draw_predictions(views: list[dict], path: Path, cfg: Config, title: str = ""
             ax.legend(handles=lines, loc="upper right", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    save_atomically(path, lambda partial: fig.savefig(partial, format="png", bbox_inches="tight"))
+    return fig
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # CPU and every GPU
-
-
-def write_validation_outputs(model, val_items: list[dict], device, cfg: Config) -> pd.DataFrame:
-    """With the loaded weights: each validation case read again at full resolution, predicted, written as NIfTI
-    in the series' geometry and scored there; the figure of the slices with most fluid. Returns val_cases.csv."""
-    output_dir = Path(cfg.output_dir)
-    rows, views = [], []
-    for item in tqdm(val_items, desc="predicting validation cases", leave=False, disable=None):
-        hu, affine, truth = read_case(item)
-        pred = predict_case(model, hu, device, cfg)
-        save_nifti(output_dir / "predictions" / f"{item['case']}_effusion_predicted.nii.gz", pred, affine)
-        dice = DiceAccumulator(empty="one")
-        dice.update(torch.from_numpy(pred)[None], torch.from_numpy(truth)[None])
-        ml = abs(np.linalg.det(affine[:3, :3])) / 1000  # mL per voxel
-        rows.append(
-            {
-                "case": item["case"],
-                "dice": dice.mean(),  # at the series' full resolution, against the PleThora mask as read
-                "true_ml": truth.sum() * ml,
-                "predicted_ml": pred.sum() * ml,
-                "shape": "x".join(map(str, hu.shape)),
-            }
-        )
-        k = int(truth.sum(axis=(0, 1)).argmax())
-        views.append({"case": item["case"], "hu": hu[:, :, k], "truth": truth[:, :, k], "pred": pred[:, :, k]})
-        views[-1] |= {"slice": k, "dice": dice.mean()}
-    table = pd.DataFrame(rows)
-    save_atomically(output_dir / "val_cases.csv", lambda path: table.to_csv(path, index=False))
-    title = "Validation: PleThora (green) and predicted (red) effusion"
-    draw_predictions(views[:3], output_dir / "val_predictions.png", cfg, title)
-    return table
-
-
-def main(cfg: Config) -> list[dict]:
-    """Train, keep the best epoch by validation Dice, write the validation predictions as NIfTI and the figure.
-
-    Returns the history: one dict per epoch (also written to history.csv)."""
-    start_time = time.time()
-    seed_everything(cfg.seed)  # the same initial weights in every process
-    # Under `torchrun --nproc_per_node=N`: join the other processes, take this process's GPU, print only in process
-    # 0 (README, "Several GPUs"). With `python` or in a notebook: one process on DEVICE.
-    device = distributed.setup()
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest kernels
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with distributed.main_first():  # process 0 writes the synthetic sample if missing, the others then read it
-        root, synthetic = find_dataset("pleural_effusion", Path(cfg.data_dir))  # says real or synthetic
-
-    # A full NSCLC-Radiomics download has 422 patients, of whom PleThora outlined 78: the other 344 are "no mask".
-    # So only the first 10 of each kind are printed; all are kept in skipped_cases.csv.
-    skipped = Skipped("case", print_limit=10)
-    cases = find_cases(root, cfg.reviewer, skipped)
-    if cfg.max_cases is not None and len(cases) > cfg.max_cases:
-        print(f"Using the first {cfg.max_cases} of {len(cases)} cases with a mask (max_cases)")
-        cases = cases[: cfg.max_cases]
-    items = load_cases(cases, cfg, skipped)
-    print(skipped.summary(f"{root}: {len(items)} cases usable"))
-    skipped_table = pd.DataFrame(skipped.rows, columns=["case", "problem", "detail"])
-    if distributed.is_main():  # under torchrun every process read the same cases: one writes
-        save_atomically(output_dir / "skipped_cases.csv", lambda path: skipped_table.to_csv(path, index=False))
-    train_items, val_items = split_by_case(items, cfg.val_fraction, cfg.seed)
-    shapes = ", ".join(f"{i['case']} {tuple(i['image'].shape[1:])}" for i in items[:3])
-    print(f"Split by case (seed {cfg.seed}): {len(train_items)} train, {len(val_items)} validation "
-          f"({', '.join(i['case'] for i in val_items)}); network grid (x, y, z) {shapes}{', ...' * (len(items) > 3)} "
-          f"on {device.type}{' (QUICK run)' if cfg.quick else ''}")  # fmt: skip
-
-    train_transforms = build_train_transforms(cfg)
-    train_transforms.set_random_state(seed=cfg.seed + distributed.rank())  # each process crops its own way
-    train_ds = Dataset([{"image": i["image"], "label": i["label"]} for i in train_items], transform=train_transforms)
-    # Under torchrun each process trains on its own shard of the cases, reshuffled every epoch (set_epoch below),
-    # with batch_size cases per process and step; in one process there is no sampler and the loader shuffles.
-    sampler = distributed.train_sampler(train_ds, cfg.seed)
-    shard_size = len(sampler) if sampler is not None else len(train_ds)
-    train_loader = DataLoader(
-        train_ds,
-        batch_size=cfg.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=shard_size > cfg.batch_size,  # no tiny last batch, unless there is only one batch
-        generator=torch.Generator().manual_seed(cfg.seed),
-        num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
-        pin_memory=device.type == "cuda",
-    )
-    batch = next(iter(train_loader))  # peek at one batch
-    fluid = batch["label"].float().mean().item()
-    print(f"One training batch: image {tuple(batch['image'].shape)} {batch['image'].dtype}, label "
-          f"{tuple(batch['label'].shape)} ({fluid:.1%} fluid); {len(train_loader)} steps per epoch")  # fmt: skip
-
-    model = build_model(cfg).to(device)
-    train_model = distributed.wrap(model)  # DDP under torchrun (gradients averaged); `model` is what is saved
-    loss_fn = DiceBCELoss(cfg.bce_weight, cfg.pos_weight).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = grad_scaler(device, cfg.amp)  # float16 only: none with bfloat16 or on the CPU
-
-    def poly(done: int) -> float:
-        """nnU-Net's poly decay: the factor of `lr` once `done` epochs are done, 0 after the last one."""
-        return max(1 - done / cfg.max_epochs, 0.0) ** cfg.lr_power
-
-    # A function of the epoch, not PolynomialLR: that one keeps its length in its state, so a finished run resumed
-    # with a larger max_epochs would go on at lr 0.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
-    checkpoint_path = output_dir / "best_model.pt"
-    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}  # what "last" holds
-    history, first_epoch = [], 1
-    if cfg.resume:
-        first_epoch, history = resume(output_dir, device, **parts)
-        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):  # the optimizer's is the first run's
-            group["lr"] = base_lr * poly(first_epoch - 1)
-    best_dice, best_epoch = best_so_far(checkpoint_path) if cfg.resume else (-math.inf, 0)
-    writer = tensorboard_writer(cfg.tensorboard and distributed.is_main(), output_dir / "tensorboard")
-    try:
-        for epoch in range(first_epoch, cfg.max_epochs + 1):
-            epoch_start = time.time()
-            lr = optimizer.param_groups[0]["lr"]
-            distributed.set_epoch(train_loader, epoch)  # under torchrun: new shards for this epoch
-            train_loss = train_one_epoch(train_model, train_loader, loss_fn, optimizer, scaler, device, cfg, epoch)
-            scheduler.step()
-            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": np.nan, "val_dice": np.nan}
-            row |= {"val_global_dice": np.nan, "lr": lr}
-            validate = epoch % cfg.val_interval == 0 or epoch == cfg.max_epochs
-            is_best = False
-            if validate:
-                row |= evaluate(model, val_items, loss_fn, device, cfg)
-                is_best = row["val_dice"] > best_dice  # the same in every process: the scores cover all cases
-                if is_best:
-                    best_dice, best_epoch = row["val_dice"], epoch
-            history.append(row | {"seconds": time.time() - epoch_start})
-            if distributed.is_main():  # one process writes; the others hold the same weights and history
-                if is_best:
-                    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-                    state |= {"scheduler": scheduler.state_dict(), "config": config_dict(cfg), "epoch": epoch}
-                    state |= {"metric": best_dice, "metric_name": "validation Dice (mean over cases)"}
-                    save_checkpoint(state, checkpoint_path)
-                save_history(history, output_dir / "history.csv")
-                # Epochs without validation have no val_* values: left out, not drawn as NaN.
-                log_epoch(writer, {key: value for key, value in history[-1].items() if not pd.isna(value)}, epoch)
-                if validate:
-                    plot_dice_history([h["val_dice"] for h in history], output_dir / "dice_per_epoch.png",
-                                      title="Pleural effusion: validation Dice per epoch")  # fmt: skip
-                save_last(output_dir, epoch, history, cfg, **parts)
-            scores = ""
-            if validate:
-                scores = (f"  val loss {row['val_loss']:.4f}  val Dice {row['val_dice']:.4f} "
-                          f"(global {row['val_global_dice']:.4f})")  # fmt: skip
-            print(f"epoch {epoch:3d}/{cfg.max_epochs}  train loss {train_loss:.4f}{scores}  "
-                  f"{history[-1]['seconds']:.1f} s" + ("  *best*" if best_epoch == epoch else ""))  # fmt: skip
-    # Ctrl-C (or Interrupt in a notebook) drops the epoch under way; a loss that is not finite stops training.
-    except (KeyboardInterrupt, FloatingPointError) as err:
-        print(stop_message(err, output_dir, history, checkpoint_path))
-        return history
-    finally:
-        if writer is not None:
-            writer.close()
-    if not distributed.is_main():
-        return history  # process 0 alone predicts the validation cases at full resolution; the others are done
-
-    # The best epoch's weights, read back from the checkpoint, predict the validation cases at full resolution.
-    checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
-    model.load_state_dict(checkpoint["model"])
-    table = write_validation_outputs(model, val_items, device, cfg)
-    pictures = []
-    if synthetic:  # the README's picture
-        Path(cfg.images_dir).mkdir(parents=True, exist_ok=True)
-        pictures.append(Path(cfg.images_dir) / "pleural_effusion_3d_predictions.png")
-        shutil.copyfile(output_dir / "val_predictions.png", pictures[-1])
-    best = history[best_epoch - 1]
-    full = ", ".join(f"{r.case} {r.dice:.4f} ({r.true_ml:.0f} mL true, {r.predicted_ml:.0f} predicted)"
-                     for r in table.itertuples())  # fmt: skip
-    print(f"\nSummary ({time.time() - start_time:.0f} s{', QUICK run' if cfg.quick else ''})\n"
-          f"  data:    {'SYNTHETIC sample' if synthetic else 'real dataset'} {root}: {len(items)} cases used "
-          f"({len(train_items)} train, {len(val_items)} validation), {len(skipped.rows)} skipped\n"
-          f"  best:    epoch {best_epoch} of {len(history)}, validation Dice {best_dice:.4f} (mean over cases on the "
-          f"network's grid; global {best['val_global_dice']:.4f}); at full resolution {full}\n"
-          f"  outputs: {output_dir}/ {checkpoint_path.name}, last_checkpoint.pt, history.csv, dice_per_epoch.png, "
-          f"val_cases.csv, val_predictions.png, skipped_cases.csv, predictions/ ({len(table)} NIfTI masks)"
-          + "".join(f"\n  picture: {p}" for p in pictures))  # fmt: skip
-    return history
-
-
-# %% Run
 if __name__ == "__main__":
-    try:
-        history = main(cfg)
-    except DatasetError as err:  # a data folder unlike the README's: one line saying what was expected where
-        raise SystemExit(f"Data problem: {err}") from None
-    finally:
-        distributed.shutdown()  # under torchrun: leave the process group (nothing to do in one process)
+    per_case = evaluate_best(cfg, data)
+    show(per_case)
+    show(cfg.output_dir / "val_predictions.png")
+
+# %% Summary
+
+
+def best_text(history: History, per_case: pd.DataFrame | None) -> str:
+    """The summary's words on the best epoch: its validation Dice on the network's grid (which chose it), and at
+    full resolution per case where this process evaluated (process 0)."""
+    best = history.best()
+    text = f"validation Dice {best['val_dice']:.4f} (mean over cases on the network's grid; global "
+    text += f"{best['val_global_dice']:.4f})"
+    if per_case is not None:
+        text += "; at full resolution " + ", ".join(
+            f"{r.case} {r.dice:.4f} ({r.true_ml:.0f} mL true, {r.predicted_ml:.0f} predicted)"
+            for r in per_case.itertuples()
+        )
+    return text
+
+
+if __name__ == "__main__":
+    pictures = readme_pictures(cfg, data, {"val_predictions.png": "pleural_effusion_3d_predictions.png"})
+    print(run_summary(cfg, data, history, best_text(history, per_case),
+                      ["best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "batch.png",
+                       "skipped_cases.csv", "val_per_case.csv", "val_predictions.png",
+                       f"predictions/ ({len(data.val)} NIfTI masks)"],
+                      pictures))  # fmt: skip

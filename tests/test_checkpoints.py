@@ -194,6 +194,7 @@ def test_training_run_keeps_the_best_epoch_skips_unvalidated_ones_and_writes_eve
     history, model = train(cfg, metrics)
     assert [row["epoch"] for row in history] == [1, 2, 3, 4] and history.best_epoch == 2 and history.best_metric == 0.5
     assert history.best()["val_dice"] == 0.5 and math.isnan(history[0]["val_dice"])  # every row has every column
+    assert [list(row) for row in history] == [["epoch", "train_loss", "val_dice", "lr", "seconds"]] * 4  # one order
     assert history.stopped is None and history[0]["lr"] == 1e-3 and history[0]["seconds"] >= 0
     best = torch.load(tmp_path / BEST_MODEL, weights_only=True)
     assert (best["epoch"], best["metric"], best["metric_name"]) == (2, 0.5, "val_dice") and best["metrics"][
