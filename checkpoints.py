@@ -374,9 +374,13 @@ def end_if_stopped(history: History) -> None:
     """A run that stopped early ends here, before the stages that would evaluate or predict with it: from the
     command line with exit status 130 after Ctrl-C (as a shell's own Ctrl-C), 1 after a loss that was not finite,
     so that `python a.py && python b.py` stops too; in a notebook, Run All stops at this cell (SystemExit) and the
-    kernel keeps everything. The checkpoints are on disk: `resume=True` goes on."""
+    kernel keeps everything. The checkpoints are on disk: `resume=True` goes on. A run none of whose epochs gave a
+    finite validation metric has no best epoch to evaluate: it ends here too, saying so."""
     if history.stopped:
         raise SystemExit(history.exit_status)
+    if not history.best_epoch:
+        print(f"No epoch of {len(history)} gave a finite {history.metric}: no best model to evaluate or predict with")
+        raise SystemExit(1)
 
 
 def load_best(cfg, build_model: Callable, device: torch.device) -> tuple[torch.nn.Module, dict]:

@@ -5,47 +5,44 @@ challenge's NIfTI files as downloaded and checks their headers first (a CT witho
 different grids, 2D or 4D files and truncated files are named, skipped and counted), splits the labelled cases by
 case with a seed, and trains the challenge baseline recipe with today's MONAI: fixed orientation, 1.25x1.25x5 mm
 voxels, HU window -1000..500, random lesion/background crops of 192x192x16, affine/noise/flip augmentation, a
-BasicUNet, Dice + cross-entropy, Adam. Every epoch it segments the validation cases with a sliding window, maps
-the predictions back onto each scan's own grid and scores them there (Dice per case, the challenge metric, and
-global Dice); the best epoch by mean Dice is kept. Finally it segments the unlabelled `Validation/` scans and
-writes one `NNN.nii.gz` mask per case with the scan's exact shape and affine, as the challenge expects.
+BasicUNet, Dice + cross-entropy, Adam. Every `val_interval` epochs it segments the validation cases with a sliding
+window, maps the predictions back onto each scan's own grid and scores them there (Dice per case, the challenge
+metric, and global Dice); the best epoch by mean Dice is kept. Finally it segments the unlabelled `Validation/`
+scans and writes one `NNN.nii.gz` mask per case with the scan's exact shape and affine, as the challenge expects.
 Challenge: https://covid-segmentation.grand-challenge.org/ ; baseline:
 https://github.com/Project-MONAI/tutorials/tree/main/3d_segmentation/challenge_baseline
 
 Data: `data/COVID-19-20_v2/` as unzipped (`Train/volume-covid19-A-XXXX_ct.nii.gz` with `..._seg.nii.gz`,
 `Validation/volume-covid19-A-XXXX_ct.nii.gz`). Without it the synthetic stand-in under `data/sample/` is used
 (written when missing), and the script says so.
-Outputs: `output/covid_ct_segmentation/`: `best_model.pt` (best epoch), `last_checkpoint.pt`, `history.csv` and
-`dice_per_epoch.png` (rewritten every epoch), `val_dice_per_case.csv`, `val_predictions.png` (copied to
-`Images/covid_ct_segmentation_predictions.png` for the README when the synthetic sample was used),
-`submission/NNN.nii.gz` (one mask per `Validation/` scan).
+Outputs: `output/covid_ct_segmentation/`: `best_model.pt`, `last_checkpoint.pt`, `history.csv`, `dice_per_epoch.png`,
+`batch.png`, `val_per_case.csv`, `val_predictions.png` (true and predicted outlines; copied to `Images/` for the
+README when the synthetic sample was used), `submission/NNN.nii.gz` (one mask per `Validation/` scan).
 
-Run: `python covid_ct_segmentation.py` (`QUICK=1` for a short first try), or cell by cell in VS Code or Jupyter;
-edit the configuration inline, e.g. `cfg = Config(max_epochs=50)`; after Ctrl-C, `Config(resume=True)` goes on.
-On several GPUs: `torchrun --nproc_per_node=4 covid_ct_segmentation.py` (README: several GPUs and machines).
+Run: `python covid_ct_segmentation.py` (`QUICK=1` for a short first try), or cell by cell in VS Code or Jupyter,
+each cell leaving its result to look at: `cfg`, `data`, `batch`, `model`, `history`, `per_case`. Edit the
+configuration inline (`cfg = Config(max_epochs=50)`) and run the cells below again; after Ctrl-C,
+`Config(resume=True)` goes on. On several GPUs: `torchrun --nproc_per_node=4 covid_ct_segmentation.py` (README:
+several GPUs and machines).
 """
 
 # %% Imports
 import gzip
 import logging
-import math
 import os
-import random
-import re
-import shutil
 import sys
-import time
 import warnings
-import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from monai.data import CacheDataset, DataLoader, MetaTensor
+from matplotlib.lines import Line2D
+from monai.data import DataLoader, Dataset, MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.networks.nets import BasicUNet
@@ -63,22 +60,34 @@ from monai.transforms import (
     Spacingd,
     SpatialPadd,
 )
+from monai.utils import first
 from tqdm import tqdm
 
 import distributed
 from checkpoints import (
+    BaseConfig,
     EpochLoss,
-    best_so_far,
-    config_dict,
-    resume,
+    History,
+    TrainingRun,
+    end_if_stopped,
+    load_best,
+    readme_pictures,
+    run_summary,
     save_atomically,
-    save_checkpoint,
-    save_history,
-    save_last,
-    stop_message,
+    seed_everything,
 )
-from data_cleaning import DatasetError, Skipped, Unusable
-from dice import DiceAccumulator, log_epoch, plot_dice_history, tensorboard_writer
+from data_cleaning import (
+    Data,
+    DatasetError,
+    Skipped,
+    cache_dataset,
+    damaged_file_stops_the_run,
+    find_covid_cases,
+    one_line_data_problems,
+    transformed_or_skipped,
+    undecodable_named,
+)
+from dice import DiceAccumulator, save_figure, show
 from precision import autocast, grad_scaler
 from sample_data import find_dataset
 
@@ -90,26 +99,24 @@ warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
 # %% Configuration
 # The repository root, whether run as a file (from any directory) or in a notebook kernel (no __file__).
 ROOT = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
-QUICK = os.environ.get("QUICK", "0") == "1"  # the collection's quick-run switch (README): fewer epochs, cases, voxels
+QUICK = os.environ.get("QUICK", "0") == "1"  # the collection's quick-run switch (README): read here, once
 DEVICE = distributed.device()  # picked once: the GPU if any (under torchrun, this process's own), else the CPU
 
 
 @dataclass
-class Config:
+class Config(BaseConfig):
     data_dir: Path = ROOT / "data"  # holds COVID-19-20_v2/ as unzipped; else data/sample/ is used
     output_dir: Path = ROOT / "output" / "covid_ct_segmentation"  # weights, history, plots, submission masks
     images_dir: Path = ROOT / "Images"  # the README's pictures: val_predictions.png is copied there, from runs on
     # the synthetic sample only (pictures of real patients never land in a folder of the repository)
     seed: int = 0  # one seed for the split, the initial weights and the augmentation
-    quick: bool = QUICK  # recorded in the checkpoint: a quick model is not a result
     val_fraction: float = 0.2  # of the labelled cases, drawn by case (the baseline took the last 20% by name)
-    max_cases: int | None = 10 if QUICK else None  # labelled cases used, the first by name (None: all 199)
-    max_infer_cases: int | None = 3 if QUICK else None  # Validation/ scans segmented (None: all 50, a submission)
-    pixdim: tuple[float, float, float] = (4.0, 4.0, 5.0) if QUICK else (1.25, 1.25, 5.0)  # voxel size (mm) the
-    # network sees (the baseline's 1.25x1.25x5 mm); quick: near the sample's own 3.4-3.9 mm, 10x fewer voxels
+    max_cases: int | None = None  # labelled cases used, the first by name (None: all 199)
+    max_infer_cases: int | None = None  # Validation/ scans segmented (None: all 50, a submission)
+    pixdim: tuple[float, float, float] = (1.25, 1.25, 5.0)  # voxel size (mm) the network sees, the baseline's
     hu_window: tuple[float, float] = (-1000.0, 500.0)  # HU mapped to 0..1 and clipped: air to dense tissue
-    roi_size: tuple[int, int, int] = (48, 48, 16) if QUICK else (192, 192, 16)  # training crop and sliding window,
-    # (x, y, z) voxels; BasicUNet halves each side 4 times, so multiples of 16
+    roi_size: tuple[int, int, int] = (192, 192, 16)  # training crop and sliding window, (x, y, z) voxels;
+    # BasicUNet halves each side 4 times, so multiples of 16
     num_samples: int = 3  # random crops per volume per step (the baseline's 3)
     pos_neg: tuple[float, float] = (1.0, 1.0)  # odds of a crop centred on a lesion voxel vs elsewhere: small lesions
     # would be missed by uniform crops (lesions are a few % of the lungs)
@@ -119,119 +126,51 @@ class Config:
     noise_prob: float = 0.15  # probability of Gaussian noise on the 0..1 intensities
     noise_std: float = 0.01  # about 15 HU
     flip_prob: float = 0.5  # probability of a flip along each axis (lesions occur anywhere in either lung)
-    features: tuple[int, ...] = (8, 8, 16, 32, 64, 8) if QUICK else (32, 32, 64, 128, 256, 32)  # BasicUNet
-    # channels per level, the last one the decoder's output (the baseline's (32, 32, 64, 128, 256, 32))
+    features: tuple[int, ...] = (32, 32, 64, 128, 256, 32)  # BasicUNet channels per level, the last one the
+    # decoder's output (the baseline's)
     dropout: float = 0.1  # as the baseline
     initial_logit: float = -4.6  # the output bias at the start: logit(0.01), about the share of lesion voxels
-    lr: float = 1e-2 if QUICK else 1e-4  # Adam (the baseline's 1e-4); quick: a 16x smaller net, 1000x fewer steps
-    max_epochs: int = 14 if QUICK else 500  # the baseline trained 500 epochs of 160 cases; quick: 42 steps
+    lr: float = 1e-4  # Adam, the baseline's
+    max_epochs: int = 500  # the baseline trained 500 epochs of 160 cases
     batch_size: int = 2  # volumes per step, each giving num_samples crops: 6 crops per step (the baseline's)
-    val_interval: int = 4 if QUICK else 1  # epochs between validations (sliding window over each validation scan)
+    val_interval: int = 1  # epochs between validations (sliding window over each validation scan); and the last
     overlap: float = 0.5  # sliding-window overlap between neighbouring windows
     sw_batch_size: int = 4  # windows per forward pass in the sliding window
-    tta_flips: bool = not QUICK  # final validation and Validation/ masks: also predict the x- and y-flipped scans
-    # and average (the baseline's test-time augmentation, without its noise copies); 3x the inference time
+    tta_flips: bool = True  # final validation and Validation/ masks: also predict the x- and y-flipped scans and
+    # average (the baseline's test-time augmentation, without its noise copies); 3x the inference time
     threshold: float = 0.5  # lesion probability above which a voxel is lesion
     cache_rate: float = 1.0  # share of training volumes kept preprocessed in memory (about 25 MB each at 1.25 mm)
-    num_workers: int = 4 if DEVICE.type == "cuda" and not QUICK else 0  # background crops and augmentation feed
-    # a GPU; on a CPU they would compete with the model for the same cores
+    num_workers: int = 4 if DEVICE.type == "cuda" else 0  # background crops and augmentation feed a GPU; on a CPU
+    # they would compete with the model for the same cores
     amp: bool = True  # mixed precision on CUDA (bfloat16 where supported, else float16); ignored on the CPU
     examples: int = 3  # validation cases drawn in val_predictions.png
     tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
     resume: bool = False  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs
+    quick: bool = QUICK  # the quick run below; recorded in the checkpoint: a quick model is not a result
+
+    # The quick run (QUICK=1, or Config(quick=True)): a first try in about a minute on a CPU. These replace the
+    # defaults above; a setting given explicitly, as in Config(quick=True, max_epochs=5), wins.
+    QUICK_RUN: ClassVar[dict] = dict(
+        max_cases=10,  # the first 10 labelled cases of the real data (the sample has 8)
+        max_infer_cases=3,  # a smoke-test submission, not a complete one
+        pixdim=(4.0, 4.0, 5.0),  # near the sample's own 3.4-3.9 mm: 10x fewer voxels than 1.25 mm
+        roi_size=(48, 48, 16),  # 19 cm across at 4 mm (192 voxels: 24 cm at 1.25 mm); multiples of 16 still
+        features=(8, 8, 16, 32, 64, 8),  # a 16x smaller network
+        lr=1e-2,  # a 16x smaller network and 1000x fewer steps than the baseline's: larger steps
+        max_epochs=14,  # 42 steps on the sample
+        val_interval=4,  # validation at epochs 4, 8, 12 and 14 (the last)
+        tta_flips=False,  # 3x the inference time, for a first try
+        num_workers=0,  # no worker processes to start for a minute's run
+    )
 
 
 cfg = Config()
+if __name__ == "__main__":
+    distributed.setup()  # under torchrun: join the other processes (README: several GPUs); else nothing
+    one_line_data_problems()  # from the command line, a data folder unlike the README's is one line
+    print(cfg.describe())
 
 # %% Data
-CASE_NAME = re.compile(r"volume-covid19-A-(\d{4})_(ct|seg)\.nii\.gz")  # the challenge's file names
-AFFINE_TOLERANCE_MM = 1e-3  # image and mask affines may differ by float rounding, not by a micrometre
-
-
-def gzip_is_complete(path: Path, expected_bytes: int) -> bool:
-    """Whether the .gz file holds all `expected_bytes` of its NIfTI, decompressing it only when in doubt.
-
-    A gzip file ends with the size of its uncompressed data (modulo 2**32): when it matches, the file was written
-    to the end, at the cost of reading 4 bytes. Only on a mismatch is the whole file decompressed, since a file made
-    of several gzip members (bgzip) keeps in its tail the size of the last member only.
-    """
-    with open(path, "rb") as f:
-        f.seek(-4, os.SEEK_END)
-        if int.from_bytes(f.read(4), "little") == expected_bytes % 2**32:
-            return True
-    try:
-        with gzip.open(path, "rb") as f:
-            size = 0
-            while chunk := f.read(1 << 24):
-                size += len(chunk)
-    except (EOFError, OSError, zlib.error):
-        return False
-    return size >= expected_bytes
-
-
-def check_volume(path: Path) -> nib.Nifti1Image:
-    """The NIfTI image (header read, voxels not) of a usable 3D volume; raises Unusable otherwise."""
-    try:
-        img = nib.load(path)
-    except Exception as err:  # nibabel, gzip and zlib raise several kinds on a damaged or non-NIfTI file
-        raise Unusable("unreadable", f"not a readable NIfTI file: {err}") from err
-    if len(img.shape) != 3:
-        raise Unusable("not 3D", f"shape {img.shape}: expected a 3D volume")
-    expected = img.dataobj.offset + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
-    if path.name.endswith(".gz") and not gzip_is_complete(path, expected):
-        raise Unusable("truncated", "the gzip data ends before the volume does")
-    return img
-
-
-def find_cases(folder: Path, skipped: Skipped, labelled: bool = True) -> list[dict]:
-    """The usable cases of a challenge folder, sorted by case id: {"case", "image"} and, if labelled, "label".
-
-    Pairs `volume-covid19-A-XXXX_ct.nii.gz` with `..._seg.nii.gz` by case id and checks the headers only (cheap):
-    both 3D and complete, the mask on the CT's grid (same shape, same affine). A case failing a check is named,
-    skipped and counted in `skipped`.
-    """
-    files: dict[str, dict[str, Path]] = {}
-    for path in sorted(folder.iterdir()):
-        match = CASE_NAME.fullmatch(path.name)
-        if match is None or (match[2] == "seg" and not labelled):
-            expected = "volume-covid19-A-XXXX_ct.nii.gz" + (" or _seg.nii.gz" if labelled else "")
-            skipped.skip(path, "unexpected name", f"expected {expected}")
-            continue
-        files.setdefault(match[1], {})["image" if match[2] == "ct" else "label"] = path
-    cases = []
-    for case_id, paths in sorted(files.items()):
-        if "image" not in paths:
-            skipped.skip(paths["label"], "mask without CT", f"no volume-covid19-A-{case_id}_ct.nii.gz")
-            continue
-        if labelled and "label" not in paths:
-            skipped.skip(paths["image"], "CT without mask", f"no volume-covid19-A-{case_id}_seg.nii.gz")
-            continue
-        try:
-            path = paths["image"]
-            ct = check_volume(path)
-            if labelled:
-                path = paths["label"]
-                seg = check_volume(path)
-                if seg.shape != ct.shape:
-                    raise Unusable("mask shape differs", f"mask {seg.shape}, CT {ct.shape}")
-                if not np.allclose(seg.affine, ct.affine, rtol=0, atol=AFFINE_TOLERANCE_MM):
-                    gap = np.abs(seg.affine - ct.affine).max()
-                    raise Unusable("mask affine differs", f"from the CT's by up to {gap:.3g} mm")
-        except Unusable as err:
-            skipped.skip(path, err)
-            continue
-        cases.append({"case": case_id, **{key: str(p) for key, p in paths.items()}})
-    return cases
-
-
-def submission_name(case_id: str) -> str:
-    """`NNN.nii.gz` for case `volume-covid19-A-0NNN`: the challenge's submission name.
-
-    The baseline cut the first 18 characters, `volume-covid19-A-0`, so case A-0011 became `011.nii.gz`. Formatting
-    the number with at least three digits gives the same names for every challenge id (all below 1000) and stays
-    unique if an id ever reaches 1000, where cutting a fixed prefix would not.
-    """
-    return f"{int(case_id):03d}.nii.gz"
 
 
 def split_by_case(cases: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -249,6 +188,34 @@ def split_by_case(cases: list[dict], val_fraction: float, seed: int) -> tuple[li
     return train, val
 
 
+def load_data(cfg: Config) -> Data:
+    """The labelled cases of Train/ (or of the sample), {"case", "image", "label"} with file paths: paired by case
+    id, their headers checked (data_cleaning.py), the first max_cases, split by case with the seed."""
+    with distributed.main_first():  # process 0 writes the synthetic sample if missing, the others then read it
+        root, synthetic = find_dataset("COVID-19-20_v2", cfg.data_dir)
+    train_dir = root / "Train"
+    if not train_dir.is_dir():
+        raise DatasetError(f"{train_dir} not found: expected Train/ and Validation/ in {root} (README.md)")
+    skipped = Skipped("file")
+    cases = find_covid_cases(train_dir, skipped)  # a case with a missing, 2D/4D, truncated or misaligned file: named
+    print(skipped.summary(f"{train_dir}: {len(cases)} usable labelled cases"))
+    if cfg.max_cases is not None and len(cases) > cfg.max_cases:
+        print(f"Using the first {cfg.max_cases} of {len(cases)} labelled cases (max_cases)")
+        cases = cases[: cfg.max_cases]
+    if len(cases) < 2:
+        raise DatasetError(
+            f"{len(cases)} usable labelled case(s) in {train_dir}: need 2 at least, as "
+            "volume-covid19-A-XXXX_ct.nii.gz with its volume-covid19-A-XXXX_seg.nii.gz (3D, on the same grid)"
+        )
+    train, val = split_by_case(cases, cfg.val_fraction, cfg.seed)
+    print(f"Split by case (seed {cfg.seed}): validation cases {', '.join(c['case'] for c in val)}")
+    return Data(root, synthetic, train, val, unit="cases", skipped=skipped)
+
+
+if __name__ == "__main__":
+    data = load_data(cfg)
+    print(data)
+
 # %% Transforms
 # The baseline's chain with today's MONAI: LoadImaged(ensure_channel_first) replaces AddChanneld, and predictions
 # go back to each scan's grid with Invertd instead of NiftiSaver's resampling. Every scan is reoriented to RAS
@@ -258,46 +225,12 @@ def split_by_case(cases: list[dict], val_fraction: float, seed: int) -> tuple[li
 
 
 class LoadVolumesd(LoadImaged):
-    """MONAI's LoadImaged, naming the file it cannot read. find_cases checks each file's header and the length its
-    gzip trailer gives (cheap); a .gz damaged inside (a bad sector, a copy patched up) gets past both and fails only
-    when its voxels are decompressed, here, deep inside nibabel and zlib: this says which file, as Unusable."""
+    """MONAI's LoadImaged, naming the file it cannot decode (data_cleaning.undecodable_named), so that a .gz
+    damaged inside is named, skipped and counted like every other bad input."""
 
     def __call__(self, data, reader=None):
-        try:
+        with undecodable_named(data, self.keys):
             return super().__call__(data, reader)
-        except Exception as err:
-            files = [str(data[key]) for key in self.keys if key in data]
-            bad = [path for path in files if not decodes(path)] or files  # which of the CT and its mask it was
-            detail = f"{', '.join(bad)} cannot be decompressed or decoded ({type(err).__name__}: {err})"
-            raise Unusable("unreadable", detail) from err
-
-
-def decodes(path: str) -> bool:
-    """Whether all the voxels of a NIfTI file can be read."""
-    try:
-        np.asanyarray(nib.load(path).dataobj)
-    except Exception:
-        return False
-    return True
-
-
-def unusable_cause(err: BaseException) -> Unusable | None:
-    """The Unusable behind `err`: MONAI wraps an error raised in a transform in a RuntimeError (or two)."""
-    while err is not None and not isinstance(err, Unusable):
-        err = err.__cause__ or err.__context__
-    return err
-
-
-def cache_dataset(files: list[dict], transforms: Compose, **kwargs) -> CacheDataset:
-    """MONAI's CacheDataset of `files` (loaded and preprocessed now); a file that cannot be read stops the run with
-    one line naming it (a DatasetError), not a traceback from three libraries down."""
-    try:
-        return CacheDataset(files, transforms, **kwargs)
-    except RuntimeError as err:
-        unusable = unusable_cause(err)
-        if unusable is None:
-            raise
-        raise DatasetError(f"{unusable.detail}: replace it, or move its case (_ct and _seg) out of Train/") from None
 
 
 def build_transforms(cfg: Config, mode: str) -> Compose:
@@ -306,7 +239,8 @@ def build_transforms(cfg: Config, mode: str) -> Compose:
     resampled = keys if mode == "train" else ["image"]
     low, high = cfg.hu_window
     transforms = [
-        LoadVolumesd(keys, reader="NibabelReader", ensure_channel_first=True),  # (1, X, Y, Z) MetaTensor, float32
+        # MONAI's LoadImaged, naming a file it cannot decode: (1, X, Y, Z) MetaTensor, float32
+        LoadVolumesd(keys, reader="NibabelReader", ensure_channel_first=True),
         Orientationd(resampled, axcodes="RAS", labels=None),  # labels=None: the axis names of the MetaTensor's space
         Spacingd(resampled, pixdim=cfg.pixdim, mode=("bilinear", "nearest")[: len(resampled)]),
         ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
@@ -341,17 +275,56 @@ def build_transforms(cfg: Config, mode: str) -> Compose:
     return Compose(transforms)
 
 
+def preview_batch(cfg: Config, data: Data) -> dict:
+    """One training batch as the network gets it: the first batch_size training cases through the training
+    transforms, read from disk here (fit caches the training set, once), num_samples crops each."""
+    transforms = build_transforms(cfg, "train")
+    loader = DataLoader(Dataset(data.train[: cfg.batch_size], transforms), batch_size=cfg.batch_size,
+                        generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
+    with damaged_file_stops_the_run():  # a CT or mask that cannot be decoded: one line naming it
+        return first(loader)
+
+
+def draw_batch(batch: dict, n: int = 6) -> Figure:
+    """The middle axial slice of the first crops of a batch, lesion outlined in green, and each crop's share of
+    lesion voxels. A lesion-centred crop has its centre voxel on a lesion, in or next to that slice; the others
+    are centred anywhere in the scan."""
+    n = min(n, len(batch["image"]))
+    fig = Figure(figsize=(2.4 * n, 2.8), dpi=100)
+    for i in range(n):
+        k = batch["image"].shape[-1] // 2
+        # RAS arrays drawn as radiologists read a slice (the patient's right on the left, anterior at the top), but
+        # for the random flips, which turn some crops over.
+        img, seg = (np.flip(batch[key][i, 0, :, :, k].numpy(), (0, 1)).T for key in ("image", "label"))
+        ax = fig.add_subplot(1, n, i + 1)
+        ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+        if seg.any():
+            ax.contour(seg, levels=[0.5], colors="lime", linewidths=1)
+        ax.set_title(f"crop {i}: {batch['label'][i].float().mean().item():.1%} lesion", fontsize=9)
+        ax.axis("off")
+    with_lesion = int(batch["label"].flatten(1).any(1).sum())
+    fig.suptitle(f"A training batch: image {tuple(batch['image'].shape)} {batch['image'].dtype}; lesion in "
+                 f"{with_lesion} of {len(batch['label'])} crops ({batch['label'].float().mean().item():.1%} of the "
+                 "voxels)", fontsize=10)  # fmt: skip
+    return fig
+
+
+if __name__ == "__main__":
+    batch = preview_batch(cfg, data)  # {"image": (batch_size x num_samples, 1, X, Y, Z) in 0..1, "label": same}
+    show(save_figure(draw_batch(batch), cfg.output_dir / "batch.png"))
+
 # %% Model and loss
 
 
 def build_model(cfg: Config) -> torch.nn.Module:
     """MONAI's BasicUNet, a 3D U-Net (Cicek et al., "3D U-Net", MICCAI 2016, https://arxiv.org/abs/1606.06650) with
     instance norm and LeakyReLU, as the challenge baseline. One output channel: the lesion's logit per voxel."""
+    seed_everything(cfg.seed)  # the same initial weights for the same seed, in every process
     model = BasicUNet(spatial_dims=3, in_channels=1, out_channels=1, features=cfg.features, dropout=cfg.dropout)
     # Start from the prior, as RetinaNet does (Lin et al., "Focal loss for dense object detection", ICCV 2017): from
     # a bias of 0, every voxel starts as lesion at probability 0.5, cross-entropy first pushes them all to background,
     # and the Dice term then has nothing to work with. Measured on the quick run: validation Dice 0.000 after 14
-    # epochs from a bias of 0, 0.64 from logit(0.01).
+    # epochs from a bias of 0, 0.58 from logit(0.01).
     torch.nn.init.constant_(model.final_conv.bias, cfg.initial_logit)
     return model
 
@@ -368,10 +341,14 @@ def build_loss() -> DiceCELoss:
     return DiceCELoss(sigmoid=True, batch=True)
 
 
-# %% Train and evaluate
+if __name__ == "__main__":
+    model = build_model(cfg)
+    print(f"MONAI BasicUNet {cfg.features}: {sum(p.numel() for p in model.parameters()):,} parameters")
+
+# %% Train
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, cfg: Config, epoch: int) -> float:
+def train_one_epoch(model, loader, loss_fn, optimizer, scaler, cfg: Config, epoch: int) -> float:
     """One pass over the training volumes (num_samples crops each); returns the mean loss per crop.
 
     Stops with a clear error naming the epoch and step if the loss is not finite.
@@ -380,9 +357,9 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, cfg: Conf
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=None)
     losses = EpochLoss(epoch, cfg.lr, bar)  # read one step late: the GPU never waits for the CPU to read a loss
     for step, batch in enumerate(bar):
-        img = batch["image"].to(device, non_blocking=True)  # (B * num_samples, 1, X, Y, Z) in 0..1
-        seg = (batch["label"] > 0).to(device, non_blocking=True, dtype=torch.float32)
-        with autocast(device, cfg.amp):
+        img = batch["image"].to(DEVICE, non_blocking=True)  # (B * num_samples, 1, X, Y, Z) in 0..1
+        seg = (batch["label"] > 0).to(DEVICE, non_blocking=True, dtype=torch.float32)
+        with autocast(DEVICE, cfg.amp):
             logits = model(img)
         loss = loss_fn(logits.float(), seg)  # in float32: Dice sums over whole crops
         # Under torchrun, the mean over the processes: all stop at the same step (one stopping alone would leave
@@ -397,7 +374,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, cfg: Conf
 
 
 @torch.no_grad()
-def predict_probability(model, image: torch.Tensor, device, cfg: Config, tta: bool = False) -> torch.Tensor:
+def predict_probability(model, image: torch.Tensor, cfg: Config, tta: bool = False) -> torch.Tensor:
     """Lesion probability (1, X, Y, Z) on the CPU for a preprocessed (1, X, Y, Z) CT, by sliding window.
 
     Windows of roi_size overlap by `overlap` and are blended with Gaussian weights, so that each voxel is mostly
@@ -407,10 +384,10 @@ def predict_probability(model, image: torch.Tensor, device, cfg: Config, tta: bo
     model.eval()
 
     def window_probability(windows: torch.Tensor) -> torch.Tensor:
-        with autocast(device, cfg.amp):
+        with autocast(DEVICE, cfg.amp):
             return torch.sigmoid(model(windows).float())
 
-    volume = (image.as_tensor() if isinstance(image, MetaTensor) else image)[None].to(device)  # (1, 1, X, Y, Z)
+    volume = (image.as_tensor() if isinstance(image, MetaTensor) else image)[None].to(DEVICE)  # (1, 1, X, Y, Z)
     flips = [(), (2,), (3,)] if tta else [()]  # (B, C, X, Y, Z): dims 2 and 3 are x and y
     prob = torch.zeros_like(volume)
     for dims in flips:
@@ -431,68 +408,115 @@ def to_scan_grid(prob: torch.Tensor, image: MetaTensor, transforms: Compose) -> 
     return invert({"pred": MetaTensor(prob), "image": image})["pred"].as_tensor()
 
 
-def evaluate(
-    model, val_ds, transforms: Compose, device, cfg: Config, tta: bool = False
-) -> tuple[DiceAccumulator, list]:
-    """Dice of every case of `val_ds` on the scan's own grid, and the binary predictions (1, X, Y, Z) there. Under
-    torchrun `val_ds` holds this process's share of the cases during training (the caller gathers the scores)."""
+def score_cases(model, val_ds, transforms: Compose, cfg: Config, tta: bool = False, keep: int = 0):
+    """(DiceAccumulator, predictions): the Dice of every case of `val_ds` on the scan's own grid, and the binary
+    predictions (1, X, Y, Z) there of its first `keep` cases (for a figure: a whole scan's mask is large)."""
     dice = DiceAccumulator(empty="one")  # a case without lesions scores 1 only if nothing is predicted
     predictions = []
     for i in tqdm(range(len(val_ds)), desc="validation", leave=False, disable=None):
         item = val_ds[i]
-        prob = predict_probability(model, item["image"], device, cfg, tta)
+        prob = predict_probability(model, item["image"], cfg, tta)
         pred = to_scan_grid(prob, item["image"], transforms) > cfg.threshold
         seg = item["label"].as_tensor() > 0  # (1, X, Y, Z), as stored
         if pred.shape != seg.shape:  # cannot happen if the inversion is right: fail loudly rather than mis-score
             raise RuntimeError(f"Prediction {tuple(pred.shape)} and mask {tuple(seg.shape)} differ: {item['case']}")
         dice.update(pred[None], seg[None])
-        predictions.append(pred)
+        if i < keep:
+            predictions.append(pred)
     return dice, predictions
 
 
-def write_mask(mask: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
-    """Write a 0/1 uint8 mask with the reference scan's header: same shape, affine, sform and qform.
-
-    Written to a temporary file first and renamed, so that a crash never leaves half a mask in the submission.
-    """
-    if mask.shape != reference.shape:
-        raise ValueError(f"Mask {mask.shape} does not match its scan {reference.shape}: {path.name}")
-    out = nib.Nifti1Image(mask.astype(np.uint8), reference.affine, reference.header)
-    out.set_data_dtype(np.uint8)
-    out.header.set_slope_inter(1, 0)  # the CT's rescaling (if any) must not apply to a mask
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Compressed here, not by nib.save: nibabel picks the format from the file name, and the temporary one that
-    # save_atomically writes ends in .partial.
-    save_atomically(path, lambda partial: partial.write_bytes(gzip.compress(out.to_bytes(), compresslevel=6)))
+def evaluate(model, val_ds, transforms: Compose, cfg: Config) -> dict:
+    """The validation row: Dice per case on each scan's own grid, averaged over the cases (the challenge's metric),
+    and the global Dice of all their voxels. Under torchrun each process segments its share of the cases
+    (`val_ds`), and the scores cover all of them, the same in every process."""
+    dice, _ = score_cases(model, val_ds, transforms, cfg)
+    dice = distributed.gather_dice(dice)  # every process's cases (unchanged in one process)
+    return {"val_dice": dice.mean(), "val_global_dice": dice.global_dice()}
 
 
-def predict_folder(model, folder: Path, transforms: Compose, device, cfg: Config, out_dir: Path) -> list[Path]:
-    """Segment every usable scan of an unlabelled folder and write `out_dir/NNN.nii.gz`; returns the masks written."""
-    skipped = Skipped("file")
-    cases = find_cases(folder, skipped, labelled=False)
-    if cfg.max_infer_cases is not None and len(cases) > cfg.max_infer_cases:
-        cases = cases[: cfg.max_infer_cases]
-        print(f"Segmenting the first {len(cases)} scans of {folder} only (max_infer_cases): not a complete submission")
-    written = []
-    for case in tqdm(cases, desc="segmenting", leave=False, disable=None):
-        try:
-            item = transforms({"image": case["image"]})
-        except RuntimeError as err:  # a scan damaged inside: named, skipped and counted, the others segmented
-            unusable = unusable_cause(err)
-            if unusable is None:
-                raise
-            skipped.skip(case["image"], unusable.problem, unusable.detail.removeprefix(f"{case['image']} "))
-            continue
-        prob = predict_probability(model, item["image"], device, cfg, tta=cfg.tta_flips)
-        mask = (to_scan_grid(prob, item["image"], transforms) > cfg.threshold)[0].numpy()
-        path = out_dir / submission_name(case["case"])
-        write_mask(mask, nib.load(case["image"]), path)
-        written.append(path)
-    print(skipped.summary(f"{folder} ({len(written)} masks written to {out_dir})"))
-    return written
+def build_loaders(cfg: Config, data: Data) -> tuple[DataLoader, Dataset, Compose]:
+    """(training loader, validation cases, validation transforms), preprocessed once and kept in memory.
+
+    Under torchrun each process caches and trains on its own fixed share of the training cases (shuffled within it
+    every epoch; the shares have equal length, so all take the same steps), and validates its share of the
+    validation cases: the memory is not multiplied by the number of processes. All of them in one process."""
+    train_transforms, val_transforms = build_transforms(cfg, "train"), build_transforms(cfg, "val")
+    train_transforms.set_random_state(seed=cfg.seed + distributed.rank())  # each process crops its own way
+    bar = sys.stderr.isatty() and distributed.is_main()  # MONAI's caching bar, on a terminal only (minutes for 199)
+    train_ds = cache_dataset(distributed.train_shard(data.train), train_transforms, cache_rate=cfg.cache_rate,
+                             progress=bar)  # fmt: skip
+    val_ds = cache_dataset(distributed.shard(data.val), val_transforms, progress=bar)  # CT resampled, mask as stored
+    train_loader = DataLoader(
+        train_ds,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,  # do not restart the workers every epoch
+        pin_memory=DEVICE.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    return train_loader, val_ds, val_transforms
 
 
-# %% Peek at the predictions
+def fit(cfg: Config, data: Data, model: torch.nn.Module) -> History:
+    """Train `model` on the training cases, validate every val_interval epochs and at the last, keep the best epoch
+    by validation Dice (output_dir/best_model.pt). Returns the history, one row per epoch (history.csv)."""
+    torch.backends.cudnn.benchmark = DEVICE.type == "cuda"  # fixed window size: let cuDNN pick its fastest kernels
+    train_loader, val_ds, val_transforms = build_loaders(cfg, data)
+    model.to(DEVICE)
+    train_model = distributed.wrap(model)  # DDP under torchrun (gradients averaged); `model` is what is saved
+    loss_fn = build_loss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scaler = grad_scaler(DEVICE, cfg.amp)  # float16 only: none with bfloat16 or on the CPU (precision.py)
+    print(f"Training on {DEVICE.type}: {len(data.train)} cases at {cfg.pixdim} mm, {len(train_loader)} steps per epoch")
+    title = "COVID-19-20 lesions: validation Dice (mean over cases) per epoch"
+    with TrainingRun(cfg, "val_dice", title=title, model=model, optimizer=optimizer, scaler=scaler) as run:
+        for epoch in run.epochs(train_loader):
+            train_loss = train_one_epoch(train_model, train_loader, loss_fn, optimizer, scaler, cfg, epoch)
+            validate = epoch % cfg.val_interval == 0 or epoch == cfg.max_epochs  # a sliding window over every scan
+            run.end_epoch(train_loss=train_loss, **(evaluate(model, val_ds, val_transforms, cfg) if validate else {}))
+    return run.history
+
+
+if __name__ == "__main__":
+    history = fit(cfg, data, model)
+    show(cfg.output_dir / "dice_per_epoch.png")
+    end_if_stopped(history)  # Ctrl-C or a loss that was not finite: said why; the cells below do not run
+
+# %% Evaluate
+
+
+def as_trained(cfg: Config, checkpoint: dict) -> Config:
+    """`cfg` with the voxel size, HU window and window size the checkpoint's network was trained with: it has only
+    learnt to read scans prepared that way, whatever `cfg` says now (a Predict cell run in a fresh kernel, say)."""
+    saved = checkpoint["config"]
+    return replace(cfg, **{name: tuple(saved[name]) for name in ("pixdim", "hu_window", "roi_size")})
+
+
+def evaluate_best(cfg: Config, data: Data) -> pd.DataFrame | None:
+    """The best epoch's weights, read back from best_model.pt, on every validation case on its scan's own grid:
+    Dice per case (val_per_case.csv; with tta_flips also with flip test-time augmentation) and the outlines
+    (val_predictions.png). Process 0 only (None in the others)."""
+    if not distributed.is_main():
+        return None
+    model, checkpoint = load_best(cfg, build_model, DEVICE)
+    cfg = as_trained(cfg, checkpoint)
+    transforms = build_transforms(cfg, "val")
+    val_ds = cache_dataset(data.val, transforms, progress=False)  # every validation case, read once for both passes
+    dice, predictions = score_cases(model, val_ds, transforms, cfg, keep=cfg.examples)
+    per_case = pd.DataFrame({"case": [c["case"] for c in data.val], "dice": dice.per_image().numpy()})
+    scores = f"validation Dice {dice.mean():.4f} (mean over {len(per_case)} cases on each scan's grid; global "
+    scores += f"{dice.global_dice():.4f})"
+    if cfg.tta_flips:
+        dice, predictions = score_cases(model, val_ds, transforms, cfg, tta=True, keep=cfg.examples)
+        per_case["dice_tta"] = dice.per_image().numpy()
+        scores += f"; with flip test-time augmentation {dice.mean():.4f} (global {dice.global_dice():.4f})"
+    save_atomically(cfg.output_dir / "val_per_case.csv", lambda path: per_case.to_csv(path, index=False))
+    figure = draw_predictions(data.val, predictions, dice.per_image(), cfg)
+    save_figure(figure, cfg.output_dir / "val_predictions.png")
+    print(f"Best epoch {checkpoint['epoch']}: {scores}")
+    return per_case
 
 
 def axial_view(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -503,10 +527,10 @@ def axial_view(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.n
     return nib.orientations.apply_orientation(volume, ornt), view_affine
 
 
-def draw_predictions(cases: list[dict], predictions: list, dice: torch.Tensor, path: Path, cfg: Config) -> None:
+def draw_predictions(cases: list[dict], predictions: list, dice: torch.Tensor, cfg: Config) -> Figure:
     """One axial slice per validation case (the one with the most lesion), with the true lesion outlined in green
     and the predicted one in red, both on the scan's own grid."""
-    n = min(cfg.examples, len(cases))
+    n = min(cfg.examples, len(predictions))
     fig = Figure(figsize=(3.3 * n, 3.8), dpi=100)
     for i in range(n):
         ct = nib.load(cases[i]["image"])
@@ -525,174 +549,102 @@ def draw_predictions(cases: list[dict], predictions: list, dice: torch.Tensor, p
                 ax.contour(view[key][:, :, k].T, levels=[0.5], colors=color, linewidths=1)
         ax.set_title(f"A-{cases[i]['case']} at z = {z_mm:.0f} mm\nDice of the case {dice[i]:.3f}", fontsize=9)
         ax.axis("off")
+    handles = [Line2D([], [], color="lime", label="true lesion"), Line2D([], [], color="red", label="predicted")]
+    fig.legend(handles=handles, loc="lower center", ncol=2)
     fig.suptitle("Validation: true lesions (green), predicted (red)", fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_atomically(path, lambda partial: fig.savefig(partial, format="png", bbox_inches="tight"))
+    return fig
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # CPU and every GPU
-
-
-def main(cfg: Config) -> list[dict]:
-    """Train, keep the best epoch by validation Dice, then segment Validation/ for a submission.
-
-    Returns the history: one dict per epoch (also written to history.csv)."""
-    start_time = time.time()
-    seed_everything(cfg.seed)  # the same initial weights in every process
-    # Under `torchrun --nproc_per_node=N`: join the other processes, take this process's GPU, print only in process
-    # 0 (README, "Several GPUs"). With `python` or in a notebook: one process on DEVICE.
-    device = distributed.setup()
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed window size: let cuDNN pick its fastest kernels
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with distributed.main_first():  # process 0 writes the synthetic sample if missing, the others then read it
-        root, synthetic = find_dataset("COVID-19-20_v2", Path(cfg.data_dir))  # says real or synthetic
-
-    skipped = Skipped("file")
-    train_dir = root / "Train"
-    if not train_dir.is_dir():
-        raise DatasetError(f"{train_dir} not found: expected Train/ and Validation/ in {root} (README.md)")
-    cases = find_cases(train_dir, skipped)
-    print(skipped.summary(f"{train_dir}: {len(cases)} usable labelled cases"))
-    if cfg.max_cases is not None and len(cases) > cfg.max_cases:
-        print(f"Using the first {cfg.max_cases} of {len(cases)} labelled cases (max_cases)")
-        cases = cases[: cfg.max_cases]
-    if len(cases) < 2:
-        raise DatasetError(
-            f"{len(cases)} usable labelled case(s) in {train_dir}: need 2 at least, as "
-            "volume-covid19-A-XXXX_ct.nii.gz with its volume-covid19-A-XXXX_seg.nii.gz (3D, on the same grid)"
-        )
-    train_files, val_files = split_by_case(cases, cfg.val_fraction, cfg.seed)
-    print(f"Split by case (seed {cfg.seed}): {len(train_files)} train, {len(val_files)} validation "
-          f"({', '.join(c['case'] for c in val_files)}) at {cfg.pixdim} mm on {device.type}"
-          + (" (QUICK run)" if cfg.quick else ""))  # fmt: skip
-
-    train_transforms = build_transforms(cfg, "train")
-    val_transforms = build_transforms(cfg, "val")
-    train_transforms.set_random_state(seed=cfg.seed + distributed.rank())  # each process crops its own way
-    bar = sys.stderr.isatty() and distributed.is_main()  # MONAI's caching bar, on a terminal only (minutes for 199)
-    # Under torchrun each process caches and trains on its own fixed share of the training cases (shuffled within it
-    # every epoch; the shares have equal length, so all take the same steps), and validates its share of the
-    # validation cases: the memory is not multiplied by the number of processes. All of them in one process.
-    train_ds = cache_dataset(distributed.train_shard(train_files), train_transforms, cache_rate=cfg.cache_rate,
-                             progress=bar)  # fmt: skip
-    val_ds = cache_dataset(distributed.shard(val_files), val_transforms, progress=bar)  # CT resampled, mask as stored
-    train_loader = DataLoader(
-        train_ds,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,  # do not restart the workers every epoch
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    batch = next(iter(train_loader))  # peek at one batch
-    with_lesion = int(batch["label"].flatten(1).any(1).sum())
-    print(f"One training batch: image {tuple(batch['image'].shape)} {batch['image'].dtype}, label "
-          f"{tuple(batch['label'].shape)}, lesion in {with_lesion} of {len(batch['label'])} crops "
-          f"({batch['label'].mean().item():.1%} of the voxels); {len(train_loader)} steps per epoch")  # fmt: skip
-
-    model = build_model(cfg).to(device)
-    train_model = distributed.wrap(model)  # DDP under torchrun (gradients averaged); `model` is what is saved
-    loss_fn = build_loss()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scaler = grad_scaler(device, cfg.amp)  # float16 only: none with bfloat16 or on the CPU
-    checkpoint_path = output_dir / "best_model.pt"
-    parts = {"model": model, "optimizer": optimizer, "scaler": scaler}  # what last_checkpoint.pt holds
-    history, first_epoch = [], 1
-    if cfg.resume:
-        first_epoch, history = resume(output_dir, device, **parts)
-    best_dice, best_epoch = best_so_far(checkpoint_path) if cfg.resume else (-math.inf, 0)
-    writer = tensorboard_writer(cfg.tensorboard and distributed.is_main(), output_dir / "tensorboard")
-    try:
-        for epoch in range(first_epoch, cfg.max_epochs + 1):
-            epoch_start = time.time()
-            train_loss = train_one_epoch(train_model, train_loader, loss_fn, optimizer, scaler, device, cfg, epoch)
-            row = {"epoch": epoch, "train_loss": train_loss, "val_dice": np.nan, "val_global_dice": np.nan}
-            validate = epoch % cfg.val_interval == 0 or epoch == cfg.max_epochs
-            is_best = False
-            if validate:
-                dice, _ = evaluate(model, val_ds, val_transforms, device, cfg)
-                dice = distributed.gather_dice(dice)  # every process's cases: the same scores in every process
-                row |= {"val_dice": dice.mean(), "val_global_dice": dice.global_dice()}
-                is_best = row["val_dice"] > best_dice
-                if is_best:
-                    best_dice, best_epoch = row["val_dice"], epoch
-            history.append(row | {"seconds": time.time() - epoch_start})
-            if distributed.is_main():  # one process writes; the others hold the same weights and history
-                if is_best:
-                    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-                    state |= {"config": config_dict(cfg), "epoch": epoch, "metric": best_dice}
-                    state |= {"metric_name": "validation Dice (mean over cases, on each scan's grid)"}
-                    save_checkpoint(state, checkpoint_path)
-                save_history(history, output_dir / "history.csv")
-                # Epochs without validation have no val_* values: left out, not drawn as NaN.
-                log_epoch(writer, {key: value for key, value in history[-1].items() if not pd.isna(value)}, epoch)
-                if validate:
-                    title = "COVID-19-20 lesions: validation Dice (mean over cases) per epoch"
-                    plot_dice_history([h["val_dice"] for h in history], output_dir / "dice_per_epoch.png", title=title)
-                save_last(output_dir, epoch, history, cfg, **parts)
-            scores = ""
-            if validate:
-                scores = f"  val Dice {row['val_dice']:.4f} (global {row['val_global_dice']:.4f})"
-            print(f"epoch {epoch:3d}/{cfg.max_epochs}  train loss {train_loss:.4f}{scores}  "
-                  f"{history[-1]['seconds']:.1f} s" + ("  *best*" if best_epoch == epoch else ""))  # fmt: skip
-    # Ctrl-C (or Interrupt in a notebook) drops the epoch under way; a loss that is not finite stops training.
-    except (KeyboardInterrupt, FloatingPointError) as err:
-        print(stop_message(err, output_dir, history, checkpoint_path))
-        return history
-    finally:
-        if writer is not None:
-            writer.close()
-    if not distributed.is_main():
-        return history  # process 0 alone validates the best epoch and segments Validation/; the others are done
-    if distributed.world_size() > 1:  # process 0 held its share of the validation cases only: now all of them
-        val_ds = cache_dataset(val_files, val_transforms, progress=bar)
-
-    # The best epoch's weights, read back from the checkpoint, for the final validation, the figure and the masks.
-    checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
-    model.load_state_dict(checkpoint["model"])
-    dice, predictions = evaluate(model, val_ds, val_transforms, device, cfg)
-    per_case = pd.DataFrame({"case": [c["case"] for c in val_files], "dice": dice.per_image().numpy()})
-    best = f"validation Dice {dice.mean():.4f} (mean over cases on each scan's grid; global {dice.global_dice():.4f})"
-    if cfg.tta_flips:
-        dice, predictions = evaluate(model, val_ds, val_transforms, device, cfg, tta=True)
-        per_case["dice_tta"] = dice.per_image().numpy()
-        best += f"; with flip test-time augmentation {dice.mean():.4f} (global {dice.global_dice():.4f})"
-    save_atomically(output_dir / "val_dice_per_case.csv", lambda path: per_case.to_csv(path, index=False))
-    draw_predictions(val_files, predictions, dice.per_image(), output_dir / "val_predictions.png", cfg)
-    pictures = []
-    if synthetic:  # the README's picture; pictures of real patients never land in a folder of the repository
-        Path(cfg.images_dir).mkdir(parents=True, exist_ok=True)
-        pictures.append(Path(cfg.images_dir) / "covid_ct_segmentation_predictions.png")
-        shutil.copyfile(output_dir / "val_predictions.png", pictures[-1])
-
-    infer_dir, written = root / "Validation", []
-    if infer_dir.is_dir():
-        infer_transforms = build_transforms(cfg, "infer")
-        written = predict_folder(model, infer_dir, infer_transforms, device, cfg, output_dir / "submission")
-    else:
-        print(f"{infer_dir} not found: no masks to submit")
-    print(f"\nSummary ({time.time() - start_time:.0f} s{', QUICK run' if cfg.quick else ''})\n"
-          f"  data:    {'SYNTHETIC sample' if synthetic else 'real dataset'} {root}: {len(cases)} labelled cases "
-          f"used ({len(train_files)} train, {len(val_files)} validation), {sum(skipped.counts.values())} files "
-          f"skipped\n"
-          f"  best:    epoch {best_epoch} of {len(history)}, {best}\n"
-          f"  outputs: {output_dir}/ {checkpoint_path.name}, last_checkpoint.pt, history.csv, dice_per_epoch.png, "
-          f"val_dice_per_case.csv, val_predictions.png, submission/ ({len(written)} masks NNN.nii.gz)"
-          + "".join(f"\n  picture: {p}" for p in pictures))  # fmt: skip
-    return history
-
-
-# %% Run
 if __name__ == "__main__":
-    try:
-        history = main(cfg)
-    except DatasetError as err:  # a data folder unlike the README's: one line saying what was expected where
-        raise SystemExit(f"Data problem: {err}") from None
-    finally:
-        distributed.shutdown()  # under torchrun: leave the process group (nothing to do in one process)
+    per_case = evaluate_best(cfg, data)
+    show(per_case)
+    show(cfg.output_dir / "val_predictions.png")
+
+# %% Predict
+
+
+def submission_name(case_id: str) -> str:
+    """`NNN.nii.gz` for case `volume-covid19-A-0NNN`: the challenge's submission name.
+
+    The baseline cut the first 18 characters, `volume-covid19-A-0`, so case A-0011 became `011.nii.gz`. Formatting
+    the number with at least three digits gives the same names for every challenge id (all below 1000) and stays
+    unique if an id ever reaches 1000, where cutting a fixed prefix would not.
+    """
+    return f"{int(case_id):03d}.nii.gz"
+
+
+def write_mask(mask: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
+    """Write a 0/1 uint8 mask with the reference scan's header: same shape, affine, sform and qform.
+
+    Written to a temporary file first and renamed, so that a crash never leaves half a mask in the submission.
+    """
+    if mask.shape != reference.shape:
+        raise ValueError(f"Mask {mask.shape} does not match its scan {reference.shape}: {path.name}")
+    out = nib.Nifti1Image(mask.astype(np.uint8), reference.affine, reference.header)
+    out.set_data_dtype(np.uint8)
+    out.header.set_slope_inter(1, 0)  # the CT's rescaling (if any) must not apply to a mask
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Compressed here, not by nib.save: nibabel picks the format from the file name, and the temporary one that
+    # save_atomically writes ends in .partial.
+    save_atomically(path, lambda partial: partial.write_bytes(gzip.compress(out.to_bytes(), compresslevel=6)))
+
+
+def predict_folder(model, folder: Path, cfg: Config, out_dir: Path) -> list[Path]:
+    """Segment every usable scan of an unlabelled folder and write `out_dir/NNN.nii.gz` on the scan's own grid;
+    returns the masks written. A scan that cannot be used is named, skipped and counted; the others are segmented."""
+    transforms = build_transforms(cfg, "infer")
+    skipped = Skipped("file")
+    cases = find_covid_cases(folder, skipped, labelled=False)
+    if cfg.max_infer_cases is not None and len(cases) > cfg.max_infer_cases:
+        cases = cases[: cfg.max_infer_cases]
+        print(f"Segmenting the first {len(cases)} scans of {folder} only (max_infer_cases): not a complete submission")
+    written = []
+    for case in tqdm(cases, desc="segmenting", leave=False, disable=None):
+        item = transformed_or_skipped(transforms, {"image": case["image"]}, skipped)  # None: damaged inside
+        if item is None:
+            continue
+        prob = predict_probability(model, item["image"], cfg, tta=cfg.tta_flips)
+        mask = (to_scan_grid(prob, item["image"], transforms) > cfg.threshold)[0].numpy()
+        path = out_dir / submission_name(case["case"])
+        write_mask(mask, nib.load(case["image"]), path)
+        written.append(path)
+    print(skipped.summary(f"{folder} ({len(written)} masks written to {out_dir})"))
+    return written
+
+
+def predict(cfg: Config, folder: Path) -> list[Path] | None:
+    """The challenge submission for the scans of `folder` (output_dir/submission/NNN.nii.gz), with the best epoch's
+    weights read back from best_model.pt; returns the masks written. Process 0 only (None in the others)."""
+    if not distributed.is_main():
+        return None
+    folder = Path(folder)
+    if not folder.is_dir():
+        print(f"{folder} not found: no masks to submit")
+        return []
+    model, checkpoint = load_best(cfg, build_model, DEVICE)
+    return predict_folder(model, folder, as_trained(cfg, checkpoint), cfg.output_dir / "submission")
+
+
+if __name__ == "__main__":
+    submission = predict(cfg, data.root / "Validation")
+
+# %% Summary
+
+
+def best_scores(history: History, per_case: pd.DataFrame | None) -> str:
+    """The best epoch's validation scores, and with flip test-time augmentation where the Evaluate cell had it."""
+    best = history.best()
+    text = f"validation Dice {best['val_dice']:.4f} (mean over cases on each scan's grid; global "
+    text += f"{best['val_global_dice']:.4f})"
+    if per_case is not None and "dice_tta" in per_case:
+        text += f"; with flip test-time augmentation {per_case['dice_tta'].mean():.4f}"
+    return text
+
+
+if __name__ == "__main__":
+    pictures = readme_pictures(cfg, data, {"val_predictions.png": "covid_ct_segmentation_predictions.png"})
+    print(run_summary(cfg, data, history, best_scores(history, per_case),
+                      ["best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "batch.png",
+                       "val_per_case.csv", "val_predictions.png",
+                       f"submission/ ({len(submission or [])} masks NNN.nii.gz)"],
+                      pictures))  # fmt: skip

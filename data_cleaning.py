@@ -6,14 +6,19 @@ when the prepared output is missing, and can also be run by hand.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import re
 import shutil
 import sys
+import zlib
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 from PIL import Image
@@ -428,3 +433,162 @@ def prepare_lung_segmentation(
     os.replace(partial, out_dir)
     print(skipped.summary(f"Prepared {len(rows)} cases in {out_dir} ({counts['train']} train, {counts['test']} test)"))
     return out_dir
+
+
+# %% COVID-19-20 (MICCAI 2020): NIfTI volumes checked before they are decoded
+# Train/volume-covid19-A-XXXX_ct.nii.gz with its _seg.nii.gz, and Validation/ CTs without masks, read as downloaded.
+# The headers are checked when the cases are found, which decompresses no voxel: a CT without its mask, a mask on
+# another grid, a 2D or 4D file and an interrupted download each cost their case, named, before anything trains. A
+# .gz damaged inside gets past those checks and fails only when MONAI decodes it: undecodable_named names it then.
+
+COVID_CASE_NAME = re.compile(r"volume-covid19-A-(\d{4})_(ct|seg)\.nii\.gz")  # the challenge's file names
+AFFINE_TOLERANCE_MM = 1e-3  # image and mask affines may differ by float rounding, not by a micrometre
+DAMAGED_CASE_ADVICE = "replace it, or move its case (_ct and _seg) out of Train/"
+
+
+def gzip_is_complete(path: Path, expected_bytes: int) -> bool:
+    """Whether the .gz file holds all `expected_bytes` of its NIfTI, decompressing it only when in doubt.
+
+    A gzip file ends with the size of its uncompressed data (modulo 2**32): when it matches, the file was written
+    to the end, at the cost of reading 4 bytes. Only on a mismatch is the whole file decompressed, since a file made
+    of several gzip members (bgzip) keeps in its tail the size of the last member only.
+    """
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        if int.from_bytes(f.read(4), "little") == expected_bytes % 2**32:
+            return True
+    try:
+        with gzip.open(path, "rb") as f:
+            size = 0
+            while chunk := f.read(1 << 24):
+                size += len(chunk)
+    except (EOFError, OSError, zlib.error):
+        return False
+    return size >= expected_bytes
+
+
+def check_volume(path: Path) -> nib.Nifti1Image:
+    """The NIfTI image (header read, voxels not) of a usable 3D volume; raises Unusable otherwise."""
+    try:
+        img = nib.load(path)
+    except Exception as err:  # nibabel, gzip and zlib raise several kinds on a damaged or non-NIfTI file
+        raise Unusable("unreadable", f"not a readable NIfTI file: {err}") from err
+    if len(img.shape) != 3:
+        raise Unusable("not 3D", f"shape {img.shape}: expected a 3D volume")
+    expected = img.dataobj.offset + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
+    if Path(path).name.endswith(".gz") and not gzip_is_complete(path, expected):
+        raise Unusable("truncated", "the gzip data ends before the volume does")
+    return img
+
+
+def check_mask_on_ct_grid(seg: nib.Nifti1Image, ct: nib.Nifti1Image) -> None:
+    """Raise Unusable unless the mask has its CT's shape and affine: a mask on another grid marks other voxels."""
+    if seg.shape != ct.shape:
+        raise Unusable("mask shape differs", f"mask {seg.shape}, CT {ct.shape}")
+    if not np.allclose(seg.affine, ct.affine, rtol=0, atol=AFFINE_TOLERANCE_MM):
+        gap = np.abs(seg.affine - ct.affine).max()
+        raise Unusable("mask affine differs", f"from the CT's by up to {gap:.3g} mm")
+
+
+def find_covid_cases(folder: Path, skipped: Skipped, labelled: bool = True) -> list[dict]:
+    """The usable cases of a challenge folder, sorted by case id: {"case", "image"} and, if labelled, "label".
+
+    Pairs `volume-covid19-A-XXXX_ct.nii.gz` with `..._seg.nii.gz` by case id and checks the headers only (cheap):
+    both 3D and complete, the mask on the CT's grid (same shape, same affine). A case failing a check is named (by
+    the file at fault), skipped and counted in `skipped`.
+    """
+    files: dict[str, dict[str, Path]] = {}
+    for path in sorted(Path(folder).iterdir()):
+        match = COVID_CASE_NAME.fullmatch(path.name)
+        if match is None or (match[2] == "seg" and not labelled):
+            expected = "volume-covid19-A-XXXX_ct.nii.gz" + (" or _seg.nii.gz" if labelled else "")
+            skipped.skip(path, "unexpected name", f"expected {expected}")
+            continue
+        files.setdefault(match[1], {})["image" if match[2] == "ct" else "label"] = path
+    cases = []
+    for case_id, paths in sorted(files.items()):
+        if "image" not in paths:
+            skipped.skip(paths["label"], "mask without CT", f"no volume-covid19-A-{case_id}_ct.nii.gz")
+            continue
+        if labelled and "label" not in paths:
+            skipped.skip(paths["image"], "CT without mask", f"no volume-covid19-A-{case_id}_seg.nii.gz")
+            continue
+        try:
+            path = paths["image"]
+            ct = check_volume(path)
+            if labelled:
+                path = paths["label"]
+                check_mask_on_ct_grid(check_volume(path), ct)
+        except Unusable as err:
+            skipped.skip(path, err)
+            continue
+        cases.append({"case": case_id, **{key: str(p) for key, p in paths.items()}})
+    return cases
+
+
+def decodes(path: str) -> bool:
+    """Whether all the voxels of a NIfTI file can be read."""
+    try:
+        np.asanyarray(nib.load(path).dataobj)
+    except Exception:
+        return False
+    return True
+
+
+def unusable_cause(err: BaseException) -> Unusable | None:
+    """The Unusable behind `err`: MONAI wraps an error raised in a transform in a RuntimeError (or two)."""
+    while err is not None and not isinstance(err, Unusable):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+@contextmanager
+def undecodable_named(item: dict, keys):
+    """Reading the files `item[key]` of `keys` inside this block (MONAI's LoadImaged in covid_ct_segmentation.py's
+    LoadVolumesd): an error there becomes Unusable naming the file that cannot be decoded, the CT or its mask.
+    find_covid_cases checks each file's header and the length its gzip trailer gives (cheap); a .gz damaged inside
+    (a bad sector, a copy patched up) gets past both and fails only when its voxels are decompressed, deep inside
+    nibabel and zlib, with a message that names no file."""
+    try:
+        yield
+    except Exception as err:
+        files = [str(item[key]) for key in keys if key in item]
+        bad = [path for path in files if not decodes(path)] or files
+        detail = f"{', '.join(bad)} cannot be decompressed or decoded ({type(err).__name__}: {err})"
+        raise Unusable("unreadable", detail) from err
+
+
+@contextmanager
+def damaged_file_stops_the_run():
+    """Loading volumes (a CacheDataset built, a batch drawn) inside this block: a file that cannot be decoded ends
+    the run with one line naming it (a DatasetError, `Data problem: ...`), not a traceback from three libraries
+    down. Any other error goes through."""
+    try:
+        yield
+    except RuntimeError as err:
+        unusable = unusable_cause(err)
+        if unusable is None:
+            raise
+        raise DatasetError(f"{unusable.detail}: {DAMAGED_CASE_ADVICE}") from None
+
+
+def cache_dataset(files: list[dict], transforms, **kwargs):
+    """MONAI's CacheDataset of `files` (loaded and preprocessed now, up to the first random transform); a file
+    that cannot be decoded stops the run with one line naming it."""
+    from monai.data import CacheDataset
+
+    with damaged_file_stops_the_run():
+        return CacheDataset(files, transforms, **kwargs)
+
+
+def transformed_or_skipped(transforms, item: dict, skipped: Skipped) -> dict | None:
+    """`transforms(item)`, or None when its "image" cannot be decoded: that scan is then named, skipped and counted
+    in `skipped`, and the caller goes on with the others (a folder to segment is not stopped by one bad scan)."""
+    try:
+        return transforms(item)
+    except RuntimeError as err:
+        unusable = unusable_cause(err)
+        if unusable is None:
+            raise
+        skipped.skip(item["image"], unusable.problem, unusable.detail.removeprefix(f"{item['image']} "))
+        return None

@@ -10,14 +10,15 @@ Challenge and metric: https://www.kaggle.com/c/rsna-pneumonia-detection-challeng
 Data: `data/rsna-pneumonia-detection-challenge/` as unzipped from Kaggle (`stage_2_train_labels.csv`,
 `stage_2_detailed_class_info.csv`, `stage_2_train_images/<patientId>.dcm`, `stage_2_test_images/<patientId>.dcm`).
 Without it the synthetic stand-in under `data/sample/` is used (written when missing), and the script says so.
-Outputs: `output/pneumonia_detection/`: `Pneumonia_detection.pt` (best epoch), `history.csv` and
-`rsna_metric_per_epoch.png` (rewritten every epoch), `examples.png` (training radiographs with their boxes),
-`val_predictions.png` (true and predicted boxes), `submission.csv`; the two figures are also copied to `Images/`
-for the README.
+Outputs: `output/pneumonia_detection/`: `best_model.pt`, `last_checkpoint.pt`, `history.csv`,
+`rsna_metric_per_epoch.png`, `batch.png`, `val_per_case.csv`, `val_predictions.png` (true and predicted boxes;
+copied to `Images/` for the README when the synthetic sample was used), `submission.csv`.
 
-Run: `python pneumonia_detection.py` (`QUICK=1` for a short first try), or cell by cell in VS Code or Jupyter;
-edit the configuration inline, e.g. `cfg = Config(max_epochs=10)`; after Ctrl-C, `Config(resume=True)` goes on.
-On several GPUs: `torchrun --nproc_per_node=4 pneumonia_detection.py` (README: several GPUs and machines).
+Run: `python pneumonia_detection.py` (`QUICK=1` for a short first try), or cell by cell in VS Code or Jupyter,
+each cell leaving its result to look at: `cfg`, `data`, `batch`, `model`, `history`, `per_case`. Edit the
+configuration inline (`cfg = Config(max_epochs=10)`) and run the cells below again; after Ctrl-C,
+`Config(resume=True)` goes on. On several GPUs: `torchrun --nproc_per_node=4 pneumonia_detection.py` (README:
+several GPUs and machines).
 """
 
 # %% Imports
@@ -25,12 +26,10 @@ import contextlib
 import io
 import math
 import os
-import random
-import shutil
-import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -57,56 +56,54 @@ from tqdm import tqdm
 
 import distributed
 from checkpoints import (
+    BaseConfig,
     EpochLoss,
-    best_so_far,
-    config_dict,
-    resume,
+    History,
+    TrainingRun,
+    end_if_stopped,
+    load_best,
+    readme_pictures,
+    run_summary,
     save_atomically,
-    save_checkpoint,
-    save_history,
-    save_last,
-    stop_message,
+    seed_everything,
 )
-from data_cleaning import DatasetError, Skipped, Unusable
-from dice import log_epoch, plot_dice_history, tensorboard_writer
+from data_cleaning import Data, DatasetError, Skipped, Unusable, one_line_data_problems
+from dice import save_figure, show
 from precision import autocast, grad_scaler
 from sample_data import find_dataset
 
 # %% Configuration
 # The repository root, whether run as a file (from any directory) or in a notebook kernel (no __file__).
 ROOT = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
-QUICK = os.environ.get("QUICK", "0") == "1"  # the collection's quick-run switch (README): fewer epochs, cases, pixels
+QUICK = os.environ.get("QUICK", "0") == "1"  # the collection's quick-run switch (README): read here, once
 DEVICE = distributed.device()  # picked once: the GPU if any (under torchrun, this process's own), else the CPU
 
 
 @dataclass
-class Config:
+class Config(BaseConfig):
     data_dir: Path = ROOT / "data"  # holds rsna-pneumonia-detection-challenge/ as unzipped; else data/sample/ is used
     output_dir: Path = ROOT / "output" / "pneumonia_detection"  # weights, history, plots, submission
-    images_dir: Path = ROOT / "Images"  # the README's pictures: the two figures are copied here, from the synthetic
-    # sample only (pictures of real patients never land in a folder of the repository)
+    images_dir: Path = ROOT / "Images"  # the README's picture: val_predictions.png is copied there, from runs on
+    # the synthetic sample only (pictures of real patients never land in a folder of the repository)
     seed: int = 0  # one seed for the sampling, the split, the initial weights and the flips
-    quick: bool = QUICK  # recorded in the checkpoint: a quick model is not a result
-    patients_per_class: int | None = 12 if QUICK else 500  # per class of the detailed class CSV, drawn by patient
-    # (the original drew 500 label rows, so a patient's boxes could land on both sides of the split); None: all
+    patients_per_class: int | None = 500  # per class of the detailed class CSV, drawn by patient (the original
+    # drew 500 label rows, so a patient's boxes could land on both sides of the split); None: all
     val_fraction: float = 0.2  # of each class's patients: a patient is one radiograph, so a split by patient
-    image_size: int = 128 if QUICK else 512  # side the 1024-px radiographs are resized to; opacities are large
-    # (150-350 px), 128 px still shows them, 512 px is what most challenge solutions trained at
+    image_size: int = 512  # side the 1024-px radiographs are resized to; the opacities are large (150-350 px),
+    # and 512 px is what most challenge solutions trained at
     model: str = "fasterrcnn_resnet50_fpn"  # or "fasterrcnn_resnet50_fpn_v2" (Li et al. 2021: better, slower)
     pretrained: str = "auto"  # "auto": COCO weights if in the torch cache (never downloaded); "none": from scratch
     trainable_backbone_layers: int = 3  # with COCO weights: ResNet stages trained, from the top (torchvision's 3)
     train_predictor_only: bool = False  # with COCO weights: train the new box predictor only, as the original did
-    rpn_proposals_train: int = 300 if QUICK else 2000  # RPN proposals kept per image in training (torchvision 2000)
-    rpn_proposals_test: int = 300 if QUICK else 1000  # ... at inference (1000); the box head runs on every one
-    box_batch_size_per_image: int = 64 if QUICK else 512  # proposals sampled per image for the box head's loss
-    # (torchvision 512): at 128 px on a CPU the box head on 512 of them costs twice the backbone
+    rpn_proposals_train: int = 2000  # RPN proposals kept per image in training (torchvision's 2000)
+    rpn_proposals_test: int = 1000  # ... at inference (torchvision's 1000); the box head runs on every one
+    box_batch_size_per_image: int = 512  # proposals sampled per image for the box head's loss (torchvision's)
     lr: float = 0.005  # SGD, as torchvision's detection fine-tuning tutorial and the original
     momentum: float = 0.9  # ditto
     weight_decay: float = 5e-4  # ditto
-    step_size: int = 10 if QUICK else 3  # epochs between learning-rate drops (StepLR); the quick run's epochs
-    # are 7 steps each, too few to gain from a drop: it has none
+    step_size: int = 3  # epochs between learning-rate drops (StepLR)
     gamma: float = 0.1  # learning-rate factor at each drop
-    max_epochs: int = 10 if QUICK else 5  # quick: 70 steps; from scratch, the sample's opacities appear after ~30
+    max_epochs: int = 5
     batch_size: int = 4  # radiographs per step (torchvision's tutorial uses 2-4 at 800 px)
     max_steps_per_epoch: int | None = None  # cap on training steps per epoch (tests); None: the whole training set
     hflip: float = 0.5  # probability of a horizontal flip (boxes flipped too): opacities occur in either lung
@@ -117,12 +114,29 @@ class Config:
     # validation (0: never); see recompute_batch_norm
     num_workers: int = 0  # radiographs are decoded once and cached as tensors: workers would only add start-up
     amp: bool = True  # mixed precision on CUDA (bfloat16 where supported, else float16); ignored on the CPU
-    examples: int = 4  # radiographs drawn in examples.png and val_predictions.png
+    examples: int = 4  # validation radiographs drawn in val_predictions.png (positives first)
     tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
     resume: bool = False  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs
+    quick: bool = QUICK  # the quick run below; recorded in the checkpoint: a quick model is not a result
+
+    # The quick run (QUICK=1, or Config(quick=True)): a first try in a few minutes on a CPU, from scratch. These
+    # replace the defaults above; a setting given explicitly, as in Config(quick=True, max_epochs=5), wins.
+    QUICK_RUN: ClassVar[dict] = dict(
+        patients_per_class=12,  # the sample's 36 patients (12 per class): 30 training radiographs, 6 validation
+        image_size=128,  # 128 px still shows the opacities, with 16x fewer pixels than 512
+        rpn_proposals_train=300,  # the box head runs on every proposal: a few hundred cover a 128-px image
+        rpn_proposals_test=300,
+        box_batch_size_per_image=64,  # at 128 px on a CPU the box head on 512 proposals costs twice the backbone
+        step_size=10,  # epochs of 7 steps are too few to gain from a learning-rate drop: none in the quick run
+        max_epochs=10,  # 70 steps; from scratch, the sample's opacities appear after about 30
+    )
 
 
 cfg = Config()
+if __name__ == "__main__":
+    distributed.setup()  # under torchrun: join the other processes (README: several GPUs); else nothing
+    one_line_data_problems()  # from the command line, a data folder unlike the README's is one line
+    print(cfg.describe())
 
 # %% Data
 LABELS_CSV = "stage_2_train_labels.csv"  # patientId,x,y,width,height,Target: one row per box, or one NaN row
@@ -265,50 +279,41 @@ def to_original(boxes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.asarray(boxes, dtype=np.float64).reshape(-1, 4) / scale
 
 
-# %% Peek at the data
-# `draw_boxes` is called by main(): once on training radiographs (examples.png, and the README's picture), once on
-# validation radiographs with the best epoch's predictions (val_predictions.png).
+def load_data(cfg: Config) -> Data:
+    """The labelled radiographs of the download (or of the sample): grouped by patient, `patients_per_class`
+    drawn from each class, decoded once and kept in memory at `image_size`, split by patient."""
+    with distributed.main_first():  # process 0 writes the synthetic sample if missing, the others then read it
+        root, synthetic = find_dataset("rsna-pneumonia-detection-challenge", cfg.data_dir)
+    patients = read_patients(root)
+    per_class = Counter(p["class"] for p in patients)
+    print(f"{len(patients)} labelled patients ({', '.join(f'{n} {name}' for name, n in sorted(per_class.items()))})")
+    skipped = Skipped("patient")
+    sampled = sample_patients(patients, cfg.patients_per_class, cfg.seed)
+    # Every process decodes the same sample (uint8 at image_size: 0.26 MB a radiograph at 512 px), so all find the
+    # same usable patients and the same split; each then trains on its own shard of it (build_train_loader).
+    items = load_patients(sampled, cfg.image_size, skipped)
+    print(skipped.summary(f"{root / TRAIN_IMAGES} ({len(sampled)} sampled patients)"))
+    train, val = split_by_patient(items, cfg.val_fraction, cfg.seed)
+    if not train or not val:
+        raise DatasetError(
+            f"{len(items)} usable patients of {len(sampled)} sampled: need 2 at least, with their DICOMs in "
+            f"{root / TRAIN_IMAGES}/<patientId>.dcm and their boxes in {root / LABELS_CSV}"
+        )
+    n_pos = sum(len(item["target_boxes"]) > 0 for item in val)
+    print(f"Split by patient (seed {cfg.seed}), stratified by class: {n_pos} of the {len(val)} validation "
+          f"radiographs with opacities; all at {cfg.image_size} px")  # fmt: skip
+    return Data(root, synthetic, train, val, unit="radiographs", skipped=skipped)
 
 
-def draw_boxes(items: list[dict], path: Path, predictions: list[dict] | None = None, title: str = "") -> None:
-    """Radiographs with their true boxes (green) and, if given, predicted boxes with their scores (red).
-
-    `predictions[i]` holds "boxes" (n, 4) in the DICOM's pixels and "scores" (n,), for `items[i]`.
-    """
-    fig = Figure(figsize=(3.2 * len(items), 3.7), dpi=100)
-    for i, item in enumerate(items):
-        ax = fig.add_subplot(1, len(items), i + 1)
-        ax.imshow(item["image"][0].numpy(), cmap="gray", vmin=0, vmax=255)
-        shown = [(box, "lime", "") for box in item["target_boxes"].numpy()]
-        if predictions is not None:
-            boxes = predictions[i]["boxes"] * item["scale"]
-            shown += [(box, "red", f"{score:.2f}") for box, score in zip(boxes, predictions[i]["scores"])]
-        for (x1, y1, x2, y2), color, text in shown:
-            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=1.5))
-            if text:
-                ax.text(x1, y1, text, color=color, fontsize=7, va="bottom")
-        n_boxes = len(item["target_boxes"])
-        ax.set_title(f"{item['patient_id'][:8]}\n{item['class']}, {n_boxes} box{'es' * (n_boxes != 1)}", fontsize=8)
-        ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-
-
-def pick_examples(items: list[dict], n: int) -> list[dict]:
-    """Up to `n` radiographs, positives first (with two boxes if any), then one of each kind of negative."""
-    positives = sorted((i for i in items if len(i["target_boxes"])), key=lambda i: -len(i["target_boxes"]))
-    negatives = {}
-    for item in items:
-        if not len(item["target_boxes"]):
-            negatives.setdefault(item["class"], item)  # the first of each kind of negative
-    n_pos = max(n - len(negatives), min(2, n))
-    return (positives[:n_pos] + list(negatives.values()))[:n]
-
+if __name__ == "__main__":
+    data = load_data(cfg)
+    print(data)
 
 # %% Transforms
-# torchvision.transforms.v2 moves the boxes with the image; negatives carry an empty (0, 4) box tensor.
+# The radiographs are cached as uint8 tensors at training size, so the transforms are cheap: a left-right flip,
+# and floats in 0..1 on three channels as the COCO-trained backbone takes them. torchvision.transforms.v2 moves the
+# boxes with the image; negatives carry an empty (0, 4) box tensor. Left-right is a fair flip for a chest
+# radiograph's opacities (they occur in either lung); up-down is not.
 
 
 def build_transforms(cfg: Config, train: bool) -> v2.Compose:
@@ -341,13 +346,66 @@ def collate(batch: list[tuple]) -> tuple[tuple, tuple]:
     return tuple(zip(*batch))
 
 
+def build_train_loader(cfg: Config, data: Data) -> DataLoader:
+    """The training radiographs, shuffled and flipped, in batches of (images, targets).
+
+    Under torchrun each process trains on its own shard of the radiographs, reshuffled every epoch, with batch_size
+    radiographs per process and step; in one process there is no sampler and the loader shuffles them all. The
+    validation radiographs need no loader: evaluate() predicts them in batches, each process its share."""
+    train_ds = DetectionDataset(data.train, build_transforms(cfg, train=True))
+    sampler = distributed.train_sampler(train_ds, cfg.seed)
+    shard_size = len(sampler) if sampler is not None else len(train_ds)
+    return DataLoader(
+        train_ds,
+        batch_size=cfg.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=shard_size > cfg.batch_size,  # no tiny last batch, unless there is only one batch
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+    )
+
+
+def outline(ax, boxes, color: str, scores=None) -> None:
+    """Draw boxes (n, 4) x1, y1, x2, y2 in the picture's pixels on `ax`, with their scores if given."""
+    for i, (x1, y1, x2, y2) in enumerate(np.asarray(boxes).reshape(-1, 4)):
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=1.5))
+        if scores is not None:
+            ax.text(x1, y1, f"{scores[i]:.2f}", color=color, fontsize=7, va="bottom")
+
+
+def draw_batch(batch: tuple, n: int = 6) -> Figure:
+    """The first radiographs of a training batch as the network gets them (flipped, at training size), with their
+    boxes in green."""
+    images, targets = batch
+    n = min(n, len(images))
+    fig = Figure(figsize=(3.2 * n, 3.5), dpi=100)
+    for i in range(n):
+        ax = fig.add_subplot(1, n, i + 1)
+        ax.imshow(images[i][0].numpy(), cmap="gray", vmin=0, vmax=1)
+        outline(ax, targets[i]["boxes"], "lime")
+        n_boxes = len(targets[i]["boxes"])
+        ax.set_title(f"{n_boxes} box{'es' * (n_boxes != 1)}" if n_boxes else "no opacity", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"A training batch: {len(images)} images {tuple(images[0].shape)} {images[0].dtype}", fontsize=10)
+    return fig
+
+
+if __name__ == "__main__":
+    train_loader = build_train_loader(cfg, data)
+    batch = next(iter(train_loader))  # (images: (3, S, S) float each, targets: {"boxes" (k, 4), "labels"} each)
+    show(save_figure(draw_batch(batch), cfg.output_dir / "batch.png"))
+
 # %% Model and loss
 # Faster R-CNN: Ren, He, Girshick, Sun, "Faster R-CNN: Towards Real-Time Object Detection with Region Proposal
 # Networks", NeurIPS 2015, https://arxiv.org/abs/1506.01497; with a feature pyramid (Lin et al. 2017,
 # https://arxiv.org/abs/1612.03144). A region proposal network scores anchor boxes as object or not and refines
 # them; a box head classifies each proposal and refines it again. The loss is the sum of the four terms the model
-# returns in training: RPN objectness and box regression, box-head classification and box regression.
-# v2: Li et al. 2021, "Benchmarking Detection Transfer Learning with Vision Transformers", arXiv:2111.11429.
+# returns in training (train_one_epoch): RPN objectness and box regression, box-head classification and box
+# regression. v2: Li et al. 2021, "Benchmarking Detection Transfer Learning with Vision Transformers",
+# arXiv:2111.11429.
 MODELS = {
     "fasterrcnn_resnet50_fpn": (fasterrcnn_resnet50_fpn, FasterRCNN_ResNet50_FPN_Weights.COCO_V1),
     "fasterrcnn_resnet50_fpn_v2": (fasterrcnn_resnet50_fpn_v2, FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1),
@@ -359,19 +417,23 @@ def cached_weights_path(model_name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / MODELS[model_name][1].url.rsplit("/", 1)[-1]
 
 
-def build_model(cfg: Config) -> tuple[torch.nn.Module, bool]:
-    """(Faster R-CNN with a 2-class box predictor, whether it starts from COCO weights).
-
-    COCO weights are used only when already in the torch cache: nothing is ever downloaded (the machine may be
-    offline). Without them every layer trains from scratch, batch norm included.
-    """
+def coco_weights(cfg: Config) -> Path | None:
+    """The cached COCO weights that build_model starts from, or None when it trains from scratch: used only when
+    already in the torch cache, never downloaded (the machine may be offline), and not with pretrained="none"."""
     if cfg.model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, not {cfg.model!r}")
     if cfg.pretrained not in ("auto", "none"):
         raise ValueError(f"pretrained must be 'auto' or 'none', not {cfg.pretrained!r}")
-    builder, weights = MODELS[cfg.model]
     path = cached_weights_path(cfg.model)
-    pretrained = cfg.pretrained == "auto" and path.is_file()
+    return path if cfg.pretrained == "auto" and path.is_file() else None
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    """Faster R-CNN with a 2-class box predictor (background, opacity), from the cached COCO weights if any
+    (`coco_weights`), else every layer from scratch, batch norm included."""
+    seed_everything(cfg.seed)  # the same initial weights for the same seed, in every process
+    builder, weights = MODELS[cfg.model]
+    pretrained = coco_weights(cfg) is not None
     kwargs = {
         "min_size": cfg.image_size,  # the model's own resize: to our size, i.e. none (it would upsample to 800)
         "max_size": cfg.image_size,
@@ -385,20 +447,34 @@ def build_model(cfg: Config) -> tuple[torch.nn.Module, bool]:
     if pretrained:
         # The file exists, so torchvision loads it from the cache; v1 freezes its batch norm, as torchvision does.
         model = builder(weights=weights, trainable_backbone_layers=cfg.trainable_backbone_layers, **kwargs)
-        print(f"Starting from the COCO weights in {path}")
     else:
-        if cfg.pretrained == "auto":
-            print(f"COCO weights not found in {path}: training from scratch, all layers trainable")
         model = builder(weights=None, weights_backbone=None, **kwargs)  # trainable_backbone_layers defaults to 5
     # A new predictor for 2 classes (background, opacity) in place of COCO's 91.
     model.roi_heads.box_predictor = FastRCNNPredictor(model.roi_heads.box_predictor.cls_score.in_features, 2)
     if pretrained and cfg.train_predictor_only:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(name.startswith("roi_heads.box_predictor."))
-    return model, pretrained
+    return model
 
 
-# %% Train and evaluate
+def describe_model(cfg: Config, model: torch.nn.Module) -> str:
+    """One line: the network, how many of its parameters train, and whether it starts from COCO weights."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    start = coco_weights(cfg)
+    if start is not None:
+        origin = f"from the COCO weights in {start}"
+    elif cfg.pretrained == "auto":
+        origin = f"from scratch, all layers trainable: COCO weights not found in {cached_weights_path(cfg.model)}"
+    else:
+        origin = "from scratch, all layers trainable (pretrained='none')"
+    return f"{cfg.model}: {trained:,} of {sum(p.numel() for p in model.parameters()):,} parameters trained, {origin}"
+
+
+if __name__ == "__main__":
+    model = build_model(cfg)
+    print(describe_model(cfg, model))
+
+# %% Train
 
 
 # The challenge's IoU thresholds, 0.40, 0.45, ..., 0.75, rounded so that 0.6 is exactly the float 0.6.
@@ -499,7 +575,7 @@ def coco_map(predictions: list[dict], truths: list[np.ndarray]) -> tuple[float, 
 
 
 @torch.no_grad()
-def recompute_batch_norm(model, loader, device, cfg: Config) -> None:
+def recompute_batch_norm(model, loader, cfg: Config) -> None:
     """Precise BN: set the running statistics of every batch-norm layer to their average over training batches,
     computed with the current weights (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", arXiv:2105.07576;
     Detectron2's PreciseBN hook).
@@ -521,14 +597,14 @@ def recompute_batch_norm(model, loader, device, cfg: Config) -> None:
     for step, (images, targets) in enumerate(loader):
         if step >= cfg.precise_bn_batches:
             break
-        with autocast(device, cfg.amp):
-            model([img.to(device) for img in images], [{k: v.to(device) for k, v in t.items()} for t in targets])
+        with autocast(DEVICE, cfg.amp):
+            model([img.to(DEVICE) for img in images], [{k: v.to(DEVICE) for k, v in t.items()} for t in targets])
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     distributed.average_buffers(model)  # nothing in one process
 
 
-def train_one_epoch(model, loader, optimizer, scaler, device, cfg: Config, epoch: int) -> dict[str, float]:
+def train_one_epoch(model, loader, optimizer, scaler, cfg: Config, epoch: int) -> dict[str, float]:
     """One pass over the training radiographs; returns the mean loss and the mean of each of its four terms.
 
     Stops with a clear error naming the epoch and batch if the loss is not finite. Under torchrun `model` is the
@@ -541,9 +617,9 @@ def train_one_epoch(model, loader, optimizer, scaler, device, cfg: Config, epoch
     for step, (images, targets) in enumerate(bar):
         if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
             break
-        images = [img.to(device, non_blocking=True) for img in images]
-        targets = [{key: value.to(device) for key, value in t.items()} for t in targets]
-        with autocast(device, cfg.amp):
+        images = [img.to(DEVICE, non_blocking=True) for img in images]
+        targets = [{key: value.to(DEVICE) for key, value in t.items()} for t in targets]
+        with autocast(DEVICE, cfg.amp):
             losses = model(images, targets)
             loss = sum(losses.values())
         # The loss and its four terms, averaged over the processes (all stop at the same step at a loss that is not
@@ -551,42 +627,180 @@ def train_one_epoch(model, loader, optimizer, scaler, device, cfg: Config, epoch
         values = torch.stack([loss.detach().float(), *(value.detach().float() for value in losses.values())])
         epoch_losses.add(step, distributed.average(values), 1, names=("train_loss", *losses))
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(loss).backward()  # under torchrun, DDP averages the gradients of all processes here
         scaler.step(optimizer)
         scaler.update()
     return epoch_losses.means()
 
 
 @torch.no_grad()
-def predict(model, images: list[torch.Tensor], scales: list[np.ndarray], device, cfg: Config) -> list[dict]:
+def detect(model, images: list[torch.Tensor], scales: list[np.ndarray], cfg: Config) -> list[dict]:
     """Predicted boxes (in the DICOM's pixels) and scores of a list of (3, S, S) images, as numpy, best first."""
     model.eval()
-    with autocast(device, cfg.amp):
-        outputs = model([img.to(device) for img in images])
+    with autocast(DEVICE, cfg.amp):
+        outputs = model([img.to(DEVICE) for img in images])
     return [
         {"boxes": to_original(out["boxes"].float().cpu().numpy(), scale), "scores": out["scores"].float().cpu().numpy()}
         for out, scale in zip(outputs, scales)
     ]
 
 
-def evaluate(model, items: list[dict], device, cfg: Config) -> list[dict]:
-    """Predictions for the validation radiographs (in the DICOM's pixels), in the order of `items`.
-
-    Under torchrun each process predicts its share of `items` and the shares are gathered, so every process holds
-    all the predictions and computes the same metrics (the same best epoch and score threshold)."""
-    share = distributed.shard(items)  # all of them in one process
-    return distributed.gather_shards(predict_items(model, share, device, cfg), len(items))
-
-
-def predict_items(model, items: list[dict], device, cfg: Config) -> list[dict]:
-    """Predictions for cached radiographs (in the DICOM's pixels), in the order of `items`, by batches."""
+def predict_items(model, items: list[dict], cfg: Config) -> list[dict]:
+    """Predictions for cached radiographs (in the DICOM's pixels), in the order of `items`, by batches, in this
+    process."""
     dataset = DetectionDataset(items, build_transforms(cfg, train=False))
     predictions = []
     for start in tqdm(range(0, len(items), cfg.batch_size), desc="validation", leave=False, disable=None):
         batch = range(start, min(start + cfg.batch_size, len(items)))
-        images = [dataset[i][0] for i in batch]
-        predictions += predict(model, images, [items[i]["scale"] for i in batch], device, cfg)
+        predictions += detect(model, [dataset[i][0] for i in batch], [items[i]["scale"] for i in batch], cfg)
     return predictions
+
+
+def predict_gathered(model, items: list[dict], cfg: Config) -> list[dict]:
+    """Predictions for every radiograph of `items`, in their order, on every process: under torchrun each process
+    predicts its share and the shares are gathered (predict_items itself in one process)."""
+    share = distributed.shard(items)  # all of them in one process
+    return distributed.gather_shards(predict_items(model, share, cfg), len(items))
+
+
+NO_BOX = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0)}  # predicting nothing: the baseline
+
+
+def evaluate(model, items: list[dict], cfg: Config) -> dict:
+    """The validation row: the RSNA metric at the score threshold that scores best here (chosen on validation, used
+    for the submission), COCO mAP, and what predicting nothing scores on the same radiographs.
+
+    Under torchrun each process predicts its share of `items` and the shares are gathered, so every process holds
+    all the predictions and computes the same metrics (the same best epoch and score threshold)."""
+    predictions = predict_gathered(model, items, cfg)
+    truths = [item["boxes"] for item in items]  # the CSV's boxes, in the DICOM's pixels
+    threshold, val_rsna = choose_score_threshold(predictions, truths, cfg.score_thresholds)
+    val_map, val_map50 = coco_map(predictions, truths)
+    return {
+        "val_rsna": val_rsna,  # the challenge metric at the best score threshold of this epoch
+        "score_threshold": threshold,
+        "val_map": val_map,  # COCO mAP@[.5:.95] of all predictions (no threshold: COCO ranks by score)
+        "val_map50": val_map50,
+        "val_rsna_predict_nothing": rsna_metric([NO_BOX] * len(items), truths),  # the baseline
+    }
+
+
+def fit(cfg: Config, data: Data, model: torch.nn.Module) -> History:
+    """Train `model` on the training radiographs, validate every epoch, keep the best epoch by the validation RSNA
+    metric (output_dir/best_model.pt, with its score threshold). Returns the history, one row per epoch
+    (history.csv)."""
+    torch.backends.cudnn.benchmark = DEVICE.type == "cuda"  # every image has the same size: cuDNN's fastest kernels
+    # Saved with the weights: a model trained from scratch is rebuilt from scratch (its batch norm trainable), even
+    # where COCO weights have reached the cache since.
+    cfg = replace(cfg, pretrained="auto" if coco_weights(cfg) is not None else "none")
+    train_loader = build_train_loader(cfg, data)
+    model.to(DEVICE)
+    train_model = distributed.wrap(model)  # DDP under torchrun (gradients averaged); `model` is what is saved
+    if distributed.world_size() > 1:  # the flips draw from torch's generator: each process its own way
+        torch.manual_seed(cfg.seed + distributed.rank())
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    scaler = grad_scaler(DEVICE, cfg.amp)  # float16 only: none with bfloat16 or on the CPU (precision.py)
+    steps = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
+    print(f"Training on {DEVICE.type}: {len(data.train)} radiographs, {steps} steps per epoch")
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    title = "Pneumonia detection: validation RSNA metric per epoch"
+    with TrainingRun(cfg, "val_rsna", plot="rsna_metric_per_epoch.png", title=title, ylabel="RSNA metric",
+                     **parts) as run:  # fmt: skip
+        for epoch in run.epochs(train_loader):
+            losses = train_one_epoch(train_model, train_loader, optimizer, scaler, cfg, epoch)
+            scheduler.step()
+            recompute_batch_norm(model, train_loader, cfg)  # precise BN before validating
+            run.end_epoch(**losses, **evaluate(model, data.val, cfg))
+    return run.history
+
+
+if __name__ == "__main__":
+    history = fit(cfg, data, model)
+    show(cfg.output_dir / "rsna_metric_per_epoch.png")
+    end_if_stopped(history)  # Ctrl-C or a loss that was not finite: said why; the cells below do not run
+
+# %% Evaluate
+
+
+def boxes_above(pred: dict, min_score: float) -> dict:
+    """The predicted boxes and scores of one radiograph that score at least `min_score`."""
+    keep = np.asarray(pred["scores"]) >= min_score
+    return {"boxes": np.asarray(pred["boxes"]).reshape(-1, 4)[keep], "scores": np.asarray(pred["scores"])[keep]}
+
+
+def pick_examples(items: list[dict], n: int) -> list[dict]:
+    """Up to `n` radiographs, positives first (with two boxes if any), then one of each kind of negative."""
+    positives = sorted((i for i in items if len(i["target_boxes"])), key=lambda i: -len(i["target_boxes"]))
+    negatives = {}
+    for item in items:
+        if not len(item["target_boxes"]):
+            negatives.setdefault(item["class"], item)  # the first of each kind of negative
+    n_pos = max(n - len(negatives), min(2, n))
+    return (positives[:n_pos] + list(negatives.values()))[:n]
+
+
+def draw_predictions(items: list[dict], predictions: list[dict], threshold: float) -> Figure:
+    """Radiographs at training size with their true boxes (green) and predicted boxes with their scores (red).
+
+    `predictions[i]` holds "boxes" (n, 4) in the DICOM's pixels and "scores" (n,), for `items[i]`.
+    """
+    fig = Figure(figsize=(3.2 * len(items), 3.7), dpi=100)
+    for i, (item, pred) in enumerate(zip(items, predictions)):
+        ax = fig.add_subplot(1, len(items), i + 1)
+        ax.imshow(item["image"][0].numpy(), cmap="gray", vmin=0, vmax=255)
+        outline(ax, item["target_boxes"], "lime")
+        outline(ax, pred["boxes"] * item["scale"], "red", pred["scores"])
+        n_boxes = len(item["target_boxes"])
+        ax.set_title(f"{item['patient_id'][:8]}\n{item['class']}, {n_boxes} box{'es' * (n_boxes != 1)}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"Validation: true (green), predicted with score >= {threshold:.2f} (red)", fontsize=10)
+    return fig
+
+
+def evaluate_best(cfg: Config, data: Data) -> pd.DataFrame | None:
+    """The best epoch's weights, read back from best_model.pt, on every validation radiograph with the score
+    threshold chosen with them: the RSNA precision per radiograph (val_per_case.csv; NaN where a radiograph does
+    not count: no opacity, no box predicted), and the boxes (val_predictions.png). Process 0 only (None in the
+    others)."""
+    if not distributed.is_main():
+        return None
+    model, checkpoint = load_best(cfg, build_model, DEVICE)
+    threshold = checkpoint["metrics"]["score_threshold"]
+    predictions = [boxes_above(pred, threshold) for pred in predict_items(model, data.val, cfg)]
+    rows = []
+    for item, pred in zip(data.val, predictions):
+        precision = rsna_image_precision(pred["boxes"], pred["scores"], item["boxes"])
+        rows.append(
+            {
+                "patient_id": item["patient_id"],
+                "class": item["class"],
+                "true_boxes": len(item["boxes"]),
+                "predicted_boxes": len(pred["boxes"]),
+                "rsna_precision": math.nan if precision is None else precision,  # NaN: does not count
+            }
+        )
+    per_case = pd.DataFrame(rows)
+    save_atomically(cfg.output_dir / "val_per_case.csv", lambda path: per_case.to_csv(path, index=False))
+    shown = pick_examples(data.val, cfg.examples)
+    by_patient = {item["patient_id"]: pred for item, pred in zip(data.val, predictions)}
+    figure = draw_predictions(shown, [by_patient[item["patient_id"]] for item in shown], threshold)
+    save_figure(figure, cfg.output_dir / "val_predictions.png")
+    counted, best = per_case["rsna_precision"].dropna(), checkpoint["metrics"]
+    print(f"Best epoch {checkpoint['epoch']}: validation RSNA metric {counted.mean():.4f} with score >= "
+          f"{threshold:.2f} (mean over the {len(counted)} of {len(per_case)} radiographs that count; predicting "
+          f"nothing scores {best['val_rsna_predict_nothing']:.4f}; mAP {best['val_map']:.4f}, mAP@.5 "
+          f"{best['val_map50']:.4f})")  # fmt: skip
+    return per_case
+
+
+if __name__ == "__main__":
+    per_case = evaluate_best(cfg, data)
+    show(per_case)
+    show(cfg.output_dir / "val_predictions.png")
+
+# %% Predict
 
 
 def prediction_string(pred: dict, min_score: float) -> str:
@@ -598,7 +812,7 @@ def prediction_string(pred: dict, min_score: float) -> str:
     return " ".join(parts)
 
 
-def predict_test(model, test_dir: Path, device, cfg: Config, min_score: float) -> pd.DataFrame:
+def predict_test(model, test_dir: Path, cfg: Config, min_score: float) -> pd.DataFrame:
     """One submission row (patientId, PredictionString) per DICOM in `test_dir`, sorted by patientId.
 
     A radiograph that cannot be used is named, counted and predicted empty, so that every patient has a row.
@@ -613,188 +827,37 @@ def predict_test(model, test_dir: Path, device, cfg: Config, min_score: float) -
         if not items:
             continue
         images = [transforms(tv_tensors.Image(item["image"])) for item in items]
-        for item, pred in zip(items, predict(model, images, [item["scale"] for item in items], device, cfg)):
+        for item, pred in zip(items, detect(model, images, [item["scale"] for item in items], cfg)):
             rows[item["patient_id"]] = prediction_string(pred, min_score)
     print(skipped.summary(f"Test folder {test_dir} ({len(patients)} radiographs)"))
     return pd.DataFrame(sorted(rows.items()), columns=["patientId", "PredictionString"])
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # CPU and every GPU
-
-
-def main(cfg: Config) -> list[dict]:
-    """Train, keep the best epoch by the validation RSNA metric, choose the score threshold, write the submission.
-
-    Returns the history: one dict per epoch (also written to history.csv)."""
-    start_time = time.time()
-    seed_everything(cfg.seed)  # the same sample, split and initial weights in every process
-    # Under `torchrun --nproc_per_node=N`: join the other processes, take this process's GPU, print only in process
-    # 0 (README, "Several GPUs"). With `python` or in a notebook: one process on DEVICE.
-    device = distributed.setup()
-    torch.backends.cudnn.benchmark = True  # every image has the same size: let cuDNN pick its fastest kernels
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with distributed.main_first():  # process 0 writes the synthetic sample if missing, the others then read it
-        root, synthetic = find_dataset("rsna-pneumonia-detection-challenge", Path(cfg.data_dir))  # says real or synthetic
-    patients = read_patients(root)
-    per_class = Counter(p["class"] for p in patients)
-    print(f"{len(patients)} labelled patients ({', '.join(f'{n} {name}' for name, n in sorted(per_class.items()))})")
-
-    skipped = Skipped("patient")
-    sampled = sample_patients(patients, cfg.patients_per_class, cfg.seed)
-    # Every process decodes the same sample (uint8 at image_size: 0.26 MB a radiograph at 512 px), so all find the
-    # same usable patients and the same split; each then trains on its own shard of it (train_sampler below).
-    items = load_patients(sampled, cfg.image_size, skipped)
-    print(skipped.summary(f"{root / TRAIN_IMAGES} ({len(sampled)} sampled patients)"))
-    train_items, val_items = split_by_patient(items, cfg.val_fraction, cfg.seed)
-    if not train_items or not val_items:
-        raise DatasetError(
-            f"{len(items)} usable patients of {len(sampled)} sampled: need 2 at least, with their DICOMs in "
-            f"{root / TRAIN_IMAGES}/<patientId>.dcm and their boxes in {root / LABELS_CSV}"
-        )
-    n_pos = sum(len(i["target_boxes"]) > 0 for i in val_items)
-    print(f"{len(train_items)} train, {len(val_items)} validation radiographs ({n_pos} with opacities) at "
-          f"{cfg.image_size} px on {device.type}{' (QUICK run)' if cfg.quick else ''}")  # fmt: skip
-
-    if distributed.is_main():
-        examples = output_dir / "examples.png"
-        draw_boxes(pick_examples(train_items, cfg.examples), examples, title="Training radiographs and their boxes")
-
-    train_ds = DetectionDataset(train_items, build_transforms(cfg, train=True))
-    # Under torchrun each process trains on its own shard of the radiographs, reshuffled every epoch (set_epoch
-    # below), with batch_size radiographs per process and step; in one process the loader shuffles them all.
-    sampler = distributed.train_sampler(train_ds, cfg.seed)
-    shard_size = len(sampler) if sampler is not None else len(train_ds)
-    train_loader = DataLoader(
-        train_ds,
-        batch_size=cfg.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=shard_size > cfg.batch_size,  # no tiny last batch, unless there is only one batch
-        collate_fn=collate,
-        generator=torch.Generator().manual_seed(cfg.seed),
-        num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
-    )
-    images, targets = next(iter(train_loader))  # peek at one batch
-    print(f"One training batch: {len(images)} images {tuple(images[0].shape)} {images[0].dtype}, boxes per image "
-          f"{[len(t['boxes']) for t in targets]}; {len(train_loader)} steps per epoch")  # fmt: skip
-
-    model, pretrained = build_model(cfg)
-    model.to(device)
-    train_model = distributed.wrap(model)  # DDP under torchrun (gradients averaged); `model` is what is saved
-    if distributed.world_size() > 1:  # the flips draw from torch's generator: each process its own way
-        torch.manual_seed(cfg.seed + distributed.rank())
-    params = [p for p in model.parameters() if p.requires_grad]
-    print(f"{cfg.model}: {sum(p.numel() for p in params):,} of {sum(p.numel() for p in model.parameters()):,} "
-          f"parameters trained ({'COCO weights' if pretrained else 'from scratch'})")  # fmt: skip
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-    scaler = grad_scaler(device, cfg.amp)
-
-    truths = [item["boxes"] for item in val_items]  # the CSV's boxes, in the DICOM's pixels
-    nothing = rsna_metric([{"boxes": np.zeros((0, 4)), "scores": np.zeros(0)}] * len(val_items), truths)
-    checkpoint_path = output_dir / "Pneumonia_detection.pt"
-    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}  # what "last" holds
-    history, first_epoch = [], 1
-    if cfg.resume:
-        first_epoch, history = resume(output_dir, device, **parts)
-    best_metric, best_epoch = best_so_far(checkpoint_path) if cfg.resume else (-math.inf, 0)
-    writer = tensorboard_writer(cfg.tensorboard and distributed.is_main(), output_dir / "tensorboard")
-    try:
-        for epoch in range(first_epoch, cfg.max_epochs + 1):
-            epoch_start = time.time()
-            lr = optimizer.param_groups[0]["lr"]
-            distributed.set_epoch(train_loader, epoch)  # under torchrun: new shards for this epoch
-            losses = train_one_epoch(train_model, train_loader, optimizer, scaler, device, cfg, epoch)
-            scheduler.step()
-            recompute_batch_norm(model, train_loader, device, cfg)
-            predictions = evaluate(model, val_items, device, cfg)
-            threshold, val_rsna = choose_score_threshold(predictions, truths, cfg.score_thresholds)
-            val_map, val_map50 = coco_map(predictions, truths)
-            history.append(
-                {
-                    "epoch": epoch,
-                    **losses,
-                    "val_rsna": val_rsna,  # the challenge metric at the best score threshold of this epoch
-                    "score_threshold": threshold,
-                    "val_map": val_map,  # COCO mAP@[.5:.95] of all predictions (no threshold: COCO ranks by score)
-                    "val_map50": val_map50,
-                    "val_rsna_predict_nothing": nothing,  # the baseline on the same radiographs
-                    "lr": lr,
-                    "seconds": time.time() - epoch_start,
-                }
-            )
-            row = history[-1]
-            # The same in every process: the predictions cover all validation radiographs.
-            is_best = best_epoch == 0 or val_rsna > best_metric  # the first epoch always, so a checkpoint exists
-            if is_best:
-                best_metric, best_epoch = val_rsna, epoch
-            if distributed.is_main():  # one process writes; the others hold the same weights and history
-                if is_best:
-                    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-                    state |= {"scheduler": scheduler.state_dict(), "epoch": epoch, "metric": val_rsna}
-                    state |= {"metric_name": "validation RSNA metric", "score_threshold": threshold}
-                    save_checkpoint(state | {"config": config_dict(cfg)}, checkpoint_path)
-                save_history(history, output_dir / "history.csv")
-                log_epoch(writer, row, epoch)
-                plot_dice_history([h["val_rsna"] for h in history], output_dir / "rsna_metric_per_epoch.png",
-                                  title="Pneumonia detection: validation RSNA metric per epoch",
-                                  label="validation RSNA metric", ylabel="RSNA metric")  # fmt: skip
-                save_last(output_dir, epoch, history, cfg, **parts)
-            print(f"epoch {epoch:2d}/{cfg.max_epochs}  loss {row['train_loss']:.3f} (rpn {row['loss_objectness']:.3f}"
-                  f" + {row['loss_rpn_box_reg']:.3f}, head {row['loss_classifier']:.3f} + {row['loss_box_reg']:.3f})"
-                  f"  val RSNA {val_rsna:.4f} at score >= {threshold:.2f}  mAP {val_map:.4f}  mAP@.5 {val_map50:.4f}"
-                  f"  {row['seconds']:.1f} s" + ("  *best*" if best_epoch == epoch else ""))  # fmt: skip
-    # Ctrl-C (or Interrupt in a notebook) drops the epoch under way; a loss that is not finite stops training.
-    except (KeyboardInterrupt, FloatingPointError) as err:
-        print(stop_message(err, output_dir, history, checkpoint_path))
-        return history
-    finally:
-        if writer is not None:
-            writer.close()
+def predict(cfg: Config, test_dir: Path) -> pd.DataFrame | None:
+    """The Kaggle submission for the DICOMs of `test_dir` (output_dir/submission.csv), with the best epoch's
+    weights and score threshold read back from best_model.pt; returns its rows. Process 0 only (None in the
+    others)."""
     if not distributed.is_main():
-        return history  # process 0 alone draws, predicts the test radiographs and writes; the others are done
-
-    # The best epoch's weights and score threshold, read back from the checkpoint, for the figure and submission.
-    checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
-    model.load_state_dict(checkpoint["model"])
-    threshold = checkpoint["score_threshold"]
-    print(f"Best epoch {best_epoch}: validation RSNA metric {best_metric:.4f} with score >= {threshold:.2f} "
-          f"(predicting nothing scores {nothing:.4f} on the same {len(val_items)} radiographs; mAP "
-          f"{history[best_epoch - 1]['val_map']:.4f}, mAP@.5 {history[best_epoch - 1]['val_map50']:.4f})")  # fmt: skip
-    shown = pick_examples(val_items, cfg.examples)
-    kept = [{k: v[p["scores"] >= threshold] for k, v in p.items()} for p in predict_items(model, shown, device, cfg)]
-    draw_boxes(shown, output_dir / "val_predictions.png", kept, f"Validation: true (green), predicted >= {threshold}")
-    pictures = []
-    if synthetic:  # the README's pictures
-        Path(cfg.images_dir).mkdir(parents=True, exist_ok=True)
-        for name, picture in (("examples.png", "examples"), ("val_predictions.png", "predictions")):
-            pictures.append(Path(cfg.images_dir) / f"pneumonia_detection_{picture}.png")
-            shutil.copyfile(output_dir / name, pictures[-1])
-
-    submission = predict_test(model, root / TEST_IMAGES, device, cfg, threshold)
-    save_atomically(output_dir / "submission.csv", lambda path: submission.to_csv(path, index=False))
-    n_boxes = (submission["PredictionString"] != "").sum()
-    print(f"\nSummary ({time.time() - start_time:.0f} s{', QUICK run' if cfg.quick else ''})\n"
-          f"  data:    {'SYNTHETIC sample' if synthetic else 'real dataset'} {root}: {len(items)} radiographs used "
-          f"({len(train_items)} train, {len(val_items)} validation), {len(submission)} test\n"
-          f"  best:    epoch {best_epoch} of {len(history)}, validation RSNA metric {best_metric:.4f} at score >= "
-          f"{threshold:.2f} (predicting nothing: {nothing:.4f})\n"
-          f"  outputs: {output_dir}/ {checkpoint_path.name}, history.csv, rsna_metric_per_epoch.png, examples.png, "
-          f"val_predictions.png, submission.csv ({n_boxes} of {len(submission)} test radiographs with boxes)"
-          + "".join(f"\n  picture: {p}" for p in pictures))  # fmt: skip
-    return history
+        return None
+    model, checkpoint = load_best(cfg, build_model, DEVICE)
+    rows = predict_test(model, Path(test_dir), cfg, checkpoint["metrics"]["score_threshold"])
+    path = cfg.output_dir / "submission.csv"
+    save_atomically(path, lambda partial: rows.to_csv(partial, index=False))
+    print(f"Submission {path}: {(rows['PredictionString'] != '').sum()} of {len(rows)} test radiographs with boxes")
+    return rows
 
 
-# %% Run
 if __name__ == "__main__":
-    try:
-        history = main(cfg)
-    except DatasetError as err:  # a data folder unlike the README's: one line saying what was expected where
-        raise SystemExit(f"Data problem: {err}") from None
-    finally:
-        distributed.shutdown()  # under torchrun: leave the process group (nothing to do in one process)
+    submission = predict(cfg, data.root / TEST_IMAGES)
+
+# %% Summary
+if __name__ == "__main__":
+    pictures = readme_pictures(cfg, data, {"val_predictions.png": "pneumonia_detection_predictions.png"})
+    best = history.best()
+    print(run_summary(cfg, data, history,
+                      f"validation RSNA metric {best['val_rsna']:.4f} at score >= {best['score_threshold']:.2f} "
+                      f"(predicting nothing: {best['val_rsna_predict_nothing']:.4f}; mAP {best['val_map']:.4f}, "
+                      f"mAP@.5 {best['val_map50']:.4f})",
+                      ["best_model.pt", "last_checkpoint.pt", "history.csv", "rsna_metric_per_epoch.png", "batch.png",
+                       "val_per_case.csv", "val_predictions.png", "submission.csv"],
+                      pictures))  # fmt: skip

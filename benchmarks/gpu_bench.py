@@ -4,9 +4,9 @@ For each of the five scripts, in one run (issue 9):
   (a) ceiling: the model's own training step (forward, loss, backward, optimizer step) in bfloat16 autocast on
       tensors already on the device, with the script's batch and input shape: what the network alone allows;
   (b) real:    the script's own training loop, data loading and augmentation included: its `train_one_epoch`
-      timed inside its own `main()` on a synthetic sample with 8 times the usual cases (written to a temporary
-      folder; `--data-dir data` for the real datasets), over several epochs, the first left out (cuDNN
-      autotuning, worker start-up, caching);
+      timed inside its own stages (`load_data`, `build_model`, `fit`, as its cells run them) on a synthetic
+      sample with 8 times the usual cases (written to a temporary folder; `--data-dir data` for the real
+      datasets), over several epochs, the first left out (cuDNN autotuning, worker start-up, caching);
   (c) plain:   the same model and loss trained the plain way of the original seeds and the MONAI tutorials:
       float32, a Dataset that reads and preprocesses every item from disk each time, a torch DataLoader;
 and inference: images/s of the 2D models on batches, volumes/s of sliding-window inference for the 3D ones.
@@ -271,7 +271,6 @@ def build_training(pipeline: Pipeline, device: torch.device):
     with contextlib.redirect_stdout(io.StringIO()):  # "COCO weights not found ..." once is enough
         model = module.build_model(cfg)
     if pipeline.name == "pneumonia":
-        model = model[0]
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         return model.to(device), None, optimizer
@@ -330,17 +329,28 @@ def measure_inference(pipeline: Pipeline, model, inputs, device: torch.device, s
         if pipeline.name == "covid":  # a 512x512 CT at ~0.7 mm and 5 mm slices, at 1.25 x 1.25 x 5 mm
             shape = (64, 64, 24) if tiny else (288, 288, 64)
             volume = torch.rand(1, *shape)
-            run = functools.partial(module.predict_probability, model, volume, device, cfg)
+            run = functools.partial(module.predict_probability, model, volume, cfg)  # on the script's DEVICE
         else:  # a NSCLC-Radiomics CT (512x512, 3 mm slices) halved in-plane and cropped to the body
             shape = (48, 48, 24) if tiny else (224, 192, 112)
             volume = torch.rand(1, *shape)
-            run = functools.partial(module.predict_logits, model, volume, device, cfg)
+            run = functools.partial(module.predict_logits, model, volume, cfg)  # on the script's DEVICE
         seconds = timed_steps(run, max(2, steps // 10), 1, device)
         return {"volumes_per_s": 1 / seconds, "volume_shape": list(shape)}
 
 
+def train_with_the_stages(pipeline: Pipeline) -> None:
+    """The script's Data, Model and Train stages, as its cells run them (lung's Train cell: its Trainer)."""
+    module, cfg = pipeline.module, pipeline.cfg
+    data = module.load_data(cfg)
+    model = module.build_model(cfg)
+    if pipeline.name == "lung":
+        module.Trainer(cfg, data, model).fit()
+    else:
+        module.fit(cfg, data, model)
+
+
 def measure_real(pipeline: Pipeline, device: torch.device) -> dict:
-    """(b): the script's main() for cfg.max_epochs epochs, its train_one_epoch timed; the first epoch left out."""
+    """(b): the script's stages for cfg.max_epochs epochs, its train_one_epoch timed; the first epoch left out."""
     module, times = pipeline.module, EpochTimes()
     if pipeline.name == "lung":
         time_trainer_epochs(module, device, times)
@@ -348,7 +358,7 @@ def measure_real(pipeline: Pipeline, device: torch.device) -> dict:
         time_function_epochs(module, device, times)
     reset_peak_memory(device)
     with contextlib.redirect_stdout(io.StringIO()):
-        module.main(pipeline.cfg)
+        train_with_the_stages(pipeline)
     steady = slice(1, None) if len(times.seconds) > 1 else slice(None)
     samples, seconds = sum(times.samples[steady]), sum(times.seconds[steady])
     return {
@@ -384,7 +394,7 @@ def plain_loader(pipeline: Pipeline, workers: int) -> torch.utils.data.DataLoade
     collate = None
     if pipeline.name == "lung":
         with contextlib.redirect_stdout(io.StringIO()):
-            train, _, _ = module.split_cases(module.prepare_data(cfg), cfg)
+            train = module.load_data(cfg).train  # each case names its prepared PNGs, read again below
 
         def load(case):
             return module.read_prepared(case["image"], cfg.image_size), module.read_prepared(
@@ -395,7 +405,7 @@ def plain_loader(pipeline: Pipeline, workers: int) -> torch.utils.data.DataLoade
     elif pipeline.name == "nerve":
         from PIL import Image
 
-        train_dir = find(module, cfg, "ultrasound-nerve-segmentation") / "train"
+        train_dir = find(module, cfg, "ultrasound-nerve-segmentation") / "train"  # the TIFFs, decoded every time
         items = [(p.with_name(p.name.replace("_mask", "")), p) for p in sorted(train_dir.glob("*_mask.tif"))]
 
         def load(pair):
@@ -419,7 +429,7 @@ def plain_loader(pipeline: Pipeline, workers: int) -> torch.utils.data.DataLoade
 
         root = find(module, cfg, "COVID-19-20_v2")
         with contextlib.redirect_stdout(io.StringIO()):
-            items = module.find_cases(root / "Train", new_skipped("file"))[: cfg.max_cases]
+            items = module.find_covid_cases(root / "Train", new_skipped("file"))[: cfg.max_cases]
         dataset = monai.data.Dataset(items, module.build_transforms(cfg, "train"))  # MONAI's uncached Dataset
         return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=workers,
                                            collate_fn=list_data_collate)  # fmt: skip
@@ -427,7 +437,7 @@ def plain_loader(pipeline: Pipeline, workers: int) -> torch.utils.data.DataLoade
         root = find(module, cfg, "pleural_effusion")
         with contextlib.redirect_stdout(io.StringIO()):
             items = module.find_cases(root, cfg.reviewer, new_skipped("case"))[: cfg.max_cases]
-        transforms = module.build_train_transforms(cfg)
+        transforms = module.build_transforms(cfg)
 
         def load(case):
             hu, _, mask = module.read_case(case)  # the DICOM series and the mask, read again every time
@@ -441,7 +451,7 @@ def plain_loader(pipeline: Pipeline, workers: int) -> torch.utils.data.DataLoade
 
 def find(module, cfg, name: str) -> Path:
     with contextlib.redirect_stdout(io.StringIO()):
-        return module.find_dataset(name, Path(cfg.data_dir))
+        return module.find_dataset(name, Path(cfg.data_dir)).root
 
 
 def new_skipped(noun: str):
@@ -551,7 +561,7 @@ def measure_pipeline(name: str, tiny: bool, steps: int, warmup: int, epochs: int
     pipeline = Pipeline(name, module, cfg, 3 if name in ("covid", "pleural") else 2)
     print(f"{name}: ceiling ...", file=sys.stderr)
     ceiling = measure_ceiling(pipeline, device, steps, warmup)
-    print(f"{name}: real loop ({epochs} epochs of {SCRIPTS[name]}.main) ...", file=sys.stderr)
+    print(f"{name}: real loop ({epochs} epochs of {SCRIPTS[name]}'s stages) ...", file=sys.stderr)
     real = measure_real(pipeline, device)
     print(f"{name}: plain reference ...", file=sys.stderr)
     plain = measure_plain(pipeline, device, max(2, steps // 2), min(warmup, 2), workers)

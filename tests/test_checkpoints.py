@@ -227,5 +227,9 @@ def test_training_run_resumes_and_stops_on_ctrl_c_or_a_nan_with_one_line(tmp_pat
     nan, _ = train(replace(cfg, max_epochs=5, resume=True), metrics, 4, FloatingPointError("Loss is nan"))
     assert nan.stopped == f"Loss is nan. Kept: {tmp_path / BEST_MODEL} (epoch 3)" and nan.exit_status == 1
     end_if_stopped(first)  # a run that finished goes on to the next cell
+    unscored, _ = train(replace(cfg, output_dir=tmp_path / "nan"), [{"val_dice": float("nan")}] * 2)
+    with pytest.raises(SystemExit) as ended:  # no best epoch: nothing to evaluate
+        end_if_stopped(unscored)
+    assert ended.value.code == 1 and "No epoch of 2 gave a finite val_dice" in capsys.readouterr().out
     with pytest.raises(ValueError, match="another error"):  # any other error is not a stop: it goes through
         train(replace(cfg, output_dir=tmp_path / "other"), metrics, 1, ValueError("another error"))

@@ -1,17 +1,16 @@
-"""covid_ct_segmentation.py: pairing and header checks of the challenge files (bad inputs named, skipped and
-counted), the split by case, the submission names, predictions mapped back onto each scan's exact grid (flipped
-axes included), Dice per case against MONAI's DiceMetric, the loss against dice.py, and runs of the script: a tiny
-one in-process and the real quick run as a subprocess, which must reach validation Dice 0.5 (the notebook run is
-in test_notebooks.py).
+"""covid_ct_segmentation.py and its input checks in data_cleaning.py: pairing and header checks of the challenge
+files (bad inputs named, skipped and counted), a .gz damaged inside named in one line, the split by case, the
+submission names, predictions mapped back onto each scan's exact grid (flipped axes included), Dice per case against
+MONAI's DiceMetric, the loss against dice.py, and the stages: a quick run of all the cells on the synthetic sample,
+started from another directory, must reach validation Dice 0.5 and write a submission with each scan's geometry;
+fit resumes and stops on Ctrl-C or a NaN loss; evaluate_best and predict read the best weights back (the notebook
+run is in test_notebooks.py, torchrun in test_distributed.py).
 
 The script is loaded as a module with the quick-run switch on; the sample is written once per session (conftest).
 """
 
 import gzip
-import re
 import shutil
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,21 +24,22 @@ from monai.metrics import DiceMetric
 from monai.transforms import Compose, Orientationd, Spacingd
 from PIL import Image
 
-from data_cleaning import DatasetError, Skipped
+from data_cleaning import DatasetError, Skipped, check_volume, find_covid_cases
 from dice import soft_dice_loss
 
 # MONAI's LoadImage warns on every set-up that its GPU DICOM decoder is missing (the script silences it; pytest
 # resets warning filters per test).
 pytestmark = [pytest.mark.filterwarnings("ignore:NvImgCodecPydicomReader"), pytest.mark.usefixtures("one_torch_thread")]
 COVID = "COVID-19-20_v2"
-TRAIN_IDS = ["0017", "0075", "0175", "0268", "0306", "0507", "0631", "0649"]  # the sample's labelled cases (seed 0)
+TRAIN_IDS = ["0017", "0075", "0175", "0268", "0306", "0507", "0631", "0649"]  # the sample's labelled cases
+VAL_IDS = ["0175", "0306"]  # the validation cases of the split with seed 0
 FLIPPED = {"0175": ("L", "P", "I"), "0306": ("L", "A", "S")}  # slices feet to head, rows flipped
 INFER_IDS = ["0041", "0812", "0842"]  # Validation/: the first two are stored LAS
 
 
 @pytest.fixture(scope="module")
 def covid(load_script):
-    """The script as a module, loaded with QUICK=1 as CI runs it: its `__main__` cell does not run."""
+    """The script as a module, loaded with QUICK=1 as CI runs it: its `__main__` cells do not run."""
     return load_script("covid_ct_segmentation")
 
 
@@ -64,11 +64,19 @@ def tiny_config(covid, tmp_path, data_dir, **changes):
         tta_flips=True,
         examples=2,
     )
-    return replace(covid.Config(), **(small | changes))
+    return replace(covid.cfg, **(small | changes))
 
 
 def ct_path(root: Path, case_id: str, split: str = "Train", kind: str = "ct") -> Path:
     return root / split / f"volume-covid19-A-{case_id}_{kind}.nii.gz"
+
+
+def assert_on_the_scans_grid(mask_path: Path, ct_file: Path) -> None:
+    """A submitted mask: the scan's shape and affine exactly, uint8 0/1 (read back with nibabel)."""
+    ct, mask = nib.load(ct_file), nib.load(mask_path)
+    assert mask.shape == ct.shape and mask.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(mask.affine, ct.affine)
+    assert set(np.unique(np.asanyarray(mask.dataobj))) <= {0, 1}
 
 
 # Data: pairing, names, split
@@ -76,12 +84,12 @@ def ct_path(root: Path, case_id: str, split: str = "Train", kind: str = "ct") ->
 
 def test_cases_are_paired_by_id_and_named_as_the_challenge_expects(covid, sample_root, capsys):
     skipped = Skipped("file")
-    cases = covid.find_cases(sample_root / COVID / "Train", skipped)
+    cases = find_covid_cases(sample_root / COVID / "Train", skipped)
     assert [c["case"] for c in cases] == TRAIN_IDS and not skipped.counts
     for case in cases:
         assert Path(case["image"]) == ct_path(sample_root / COVID, case["case"])
         assert Path(case["label"]) == ct_path(sample_root / COVID, case["case"], kind="seg")
-    unlabelled = covid.find_cases(sample_root / COVID / "Validation", skipped, labelled=False)
+    unlabelled = find_covid_cases(sample_root / COVID / "Validation", skipped, labelled=False)
     assert [c["case"] for c in unlabelled] == INFER_IDS and all("label" not in c for c in unlabelled)
     assert capsys.readouterr().out == ""  # nothing to report on clean data
     # The baseline cut "volume-covid19-A-0" from its file names: A-0041 -> 041.nii.gz; the same names here.
@@ -132,7 +140,7 @@ def test_bad_inputs_are_named_skipped_and_counted(covid, covid_copy, tmp_path, c
     ct_path(covid_copy, "0649").write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
 
     skipped = Skipped("file")
-    cases = covid.find_cases(train, skipped)
+    cases = find_covid_cases(train, skipped)
     out = capsys.readouterr().out
     expected = [
         (train / "notes.txt", "unexpected name"),
@@ -156,12 +164,14 @@ def test_bad_inputs_are_named_skipped_and_counted(covid, covid_copy, tmp_path, c
     }  # fmt: skip
     assert skipped.summary("Train").startswith("Train: skipped 9 files (2 not 3D, ")
 
-    # One usable case is too few to split: a single clear error (one line from the Run cell), before any training.
+    # The Data stage on that folder: the same skips, counted in `data`; one usable case is too few to split, a
+    # single clear error (one line from the command line) before anything trains.
     with pytest.raises(DatasetError, match=r"1 usable labelled case\(s\) in .*Train: need 2 at least"):
-        covid.main(tiny_config(covid, tmp_path, covid_copy.parent))
+        covid.load_data(tiny_config(covid, tmp_path, covid_copy.parent))
+    assert f"{train}: 1 usable labelled cases: skipped 9 files (2 not 3D, " in capsys.readouterr().out
     shutil.rmtree(train)
     with pytest.raises(DatasetError, match=r"Train not found: expected Train/ and Validation/ in"):
-        covid.main(tiny_config(covid, tmp_path, covid_copy.parent))
+        covid.load_data(tiny_config(covid, tmp_path, covid_copy.parent))
 
 
 # Geometry: predictions go back onto each scan's exact grid
@@ -170,7 +180,7 @@ def test_bad_inputs_are_named_skipped_and_counted(covid, covid_copy, tmp_path, c
 def test_predictions_return_to_the_scans_own_grid_for_flipped_cases(covid, sample_root, tmp_path):
     """The true mask, resampled as the network sees its CT and mapped back with to_scan_grid, is the stored mask
     voxel for voxel; written with write_mask, it has the CT's shape, affine and header codes (nibabel)."""
-    cfg = replace(covid.Config(), pixdim=(1.5, 1.5, 2.5))  # finer than the scans: nearest neighbour loses nothing
+    cfg = replace(covid.cfg, pixdim=(1.5, 1.5, 2.5))  # finer than the scans: nearest neighbour loses nothing
     transforms = covid.build_transforms(cfg, "val")
     forward = Compose(
         [Orientationd("label", axcodes="RAS", labels=None), Spacingd("label", cfg.pixdim, mode="nearest")]
@@ -215,24 +225,31 @@ class IntensityWindow(torch.nn.Module):
 
 
 def test_dice_per_case_matches_monai_on_the_scans_grid(covid, sample_root):
-    cfg = replace(covid.Config(), roi_size=(48, 48, 16))
+    cfg = replace(covid.cfg, roi_size=(48, 48, 16))
     transforms = covid.build_transforms(cfg, "val")
-    cases = covid.find_cases(sample_root / COVID / "Train", Skipped("file"))[:4]
+    cases = find_covid_cases(sample_root / COVID / "Train", Skipped("file"))[:4]
     val_ds = [transforms(dict(case)) for case in cases]
-    dice, predictions = covid.evaluate(IntensityWindow(), val_ds, transforms, torch.device("cpu"), cfg)
+    dice, predictions = covid.score_cases(IntensityWindow(), val_ds, transforms, cfg, keep=4)
     metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
-    intersection = total = 0
-    for case, pred in zip(cases, predictions):
+    intersection, total = [], []  # per case, for the global Dice
+    for case, pred in zip(cases, predictions, strict=True):
         seg = torch.from_numpy(np.asanyarray(nib.load(case["label"]).dataobj) > 0)[None, None]  # read independently
         assert pred.shape == seg.shape[1:] and pred.dtype == torch.bool
         metric(pred[None].float(), seg.float())
-        intersection += (pred[None] & seg).sum().item()
-        total += pred.sum().item() + seg.sum().item()
+        intersection.append((pred[None] & seg).sum().item())
+        total.append(pred.sum().item() + seg.sum().item())
     expected = metric.aggregate().flatten().double()
     np.testing.assert_allclose(dice.per_image().numpy(), expected.numpy(), rtol=1e-6)  # MONAI sums in float32
     assert 0.01 < expected.min() and expected.max() < 0.9  # neither nothing found nor a perfect overlap
     assert dice.mean() == pytest.approx(expected.mean().item())
-    assert dice.global_dice() == pytest.approx(2 * intersection / total)
+    assert dice.global_dice() == pytest.approx(2 * sum(intersection) / sum(total))
+    # The Train stage's row holds those two scores (here of the first two cases); the predictions of the first
+    # `keep` cases only are kept.
+    row = covid.evaluate(IntensityWindow(), val_ds[:2], transforms, cfg)
+    assert row == pytest.approx(
+        {"val_dice": expected[:2].mean().item(), "val_global_dice": 2 * sum(intersection[:2]) / sum(total[:2])}
+    )
+    assert len(covid.score_cases(IntensityWindow(), val_ds[:2], transforms, cfg, keep=1)[1]) == 1
 
 
 # Transforms, model and loss
@@ -241,10 +258,10 @@ def test_dice_per_case_matches_monai_on_the_scans_grid(covid, sample_root):
 def test_training_crops_keep_image_and_mask_together(covid, sample_root):
     """Crops centred on lesions only (neg=0), every augmentation applied: each crop has lesion voxels, and they lie on
     ground glass in the image, so the mask moved with the CT through reorientation, resampling, affine and flips."""
-    cfg = replace(covid.Config(), pos_neg=(1.0, 0.0), affine_prob=1.0, flip_prob=1.0, num_samples=4)
+    cfg = replace(covid.cfg, pos_neg=(1.0, 0.0), affine_prob=1.0, flip_prob=1.0, num_samples=4)
     transforms = covid.build_transforms(cfg, "train")
     transforms.set_random_state(seed=0)
-    for case in covid.find_cases(sample_root / COVID / "Train", Skipped("file"))[:3]:
+    for case in find_covid_cases(sample_root / COVID / "Train", Skipped("file"))[:3]:
         crops = transforms(dict(case))
         assert len(crops) == 4
         for crop in crops:
@@ -260,7 +277,7 @@ def test_training_crops_keep_image_and_mask_together(covid, sample_root):
 
 
 def test_model_starts_near_the_lesion_prior_and_the_loss_is_dice_plus_bce(covid):
-    cfg = covid.Config()
+    cfg = covid.cfg
     model = covid.build_model(cfg).eval()
     with torch.no_grad():
         logits = model(torch.rand(2, 1, *cfg.roi_size))
@@ -273,128 +290,172 @@ def test_model_starts_near_the_lesion_prior_and_the_loss_is_dice_plus_bce(covid)
     assert covid.build_loss()(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-# Runs of the script
+# The stages
 
 
-def test_tiny_run_resumes_and_writes_every_output_with_the_scans_geometry(covid, covid_copy, tmp_path, capsys):
-    """One epoch, then `resume=True` up to two: every output, and one mask per Validation/ scan with its geometry."""
-    whole = ct_path(covid_copy, INFER_IDS[2], "Validation").read_bytes()
-    ct_path(covid_copy, INFER_IDS[2], "Validation").write_bytes(whole[:-5000])  # a truncated scan to segment
-    cfg = tiny_config(covid, tmp_path, covid_copy.parent, max_epochs=1)
-    first = covid.main(replace(cfg, tta_flips=False, max_infer_cases=0))  # the first run's end kept short
-    capsys.readouterr()
-    history = covid.main(replace(cfg, max_epochs=2, resume=True))
-    out = capsys.readouterr().out
-    assert f"Using the real dataset in {covid_copy}" in out and "Resuming from" in out
-    assert [row["epoch"] for row in history] == [1, 2] and history[0] == first[0]
+@pytest.mark.slow
+def test_quick_run_of_the_cells_from_another_directory_reaches_the_dice_bar(
+    sample_root, tmp_path, run_cells, monkeypatch, capfd
+):
+    """All the cells as `QUICK=1 python covid_ct_segmentation.py` runs them, started from another directory: the
+    paths resolve against the script's folder (data/, output/, Images/ there), validation Dice reaches 0.5, and the
+    submission has one mask per Validation/ scan with that scan's geometry."""
+    root = tmp_path / "cells"  # run_cells runs the script from there: its ROOT
+    (root / "data" / "sample").mkdir(parents=True)
+    (root / "data" / "sample" / COVID).symlink_to(sample_root / COVID)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cells = run_cells("covid_ct_segmentation", quick=True)
+    cfg, data, batch, history, per_case = (cells[name] for name in ("cfg", "data", "batch", "history", "per_case"))
+    out, err = capfd.readouterr()
+    assert cfg.quick and cfg.max_epochs == 14 and cfg.pixdim == (4.0, 4.0, 5.0)  # the quick run's settings
+    assert "nvImageCodec" not in out + err  # MONAI's DICOM-decoder noise is silenced
+    assert "Configuration: QUICK run, with " in out and str(data) in out
+    assert f"using the SYNTHETIC sample in {root / 'data' / 'sample' / COVID}" in out
+    assert data.synthetic and [c["case"] for c in data.val] == VAL_IDS and len(data.train) == 6
+    assert batch["image"].shape == (cfg.batch_size * cfg.num_samples, 1, *cfg.roi_size)
+    assert batch["image"].dtype == torch.float32 and set(batch["label"].unique().tolist()) <= {0, 1}
+    assert batch["label"].flatten(1).any(1).any()  # lesion-centred crops: some lesion in the batch
+    assert isinstance(cells["model"], torch.nn.Module)
+
+    assert len(history) == cfg.max_epochs
+    table = pd.read_csv(root / "output" / "covid_ct_segmentation" / "history.csv")
+    assert set(table.columns) == {"epoch", "train_loss", "val_dice", "val_global_dice", "lr", "seconds"}
+    assert table.dropna()["epoch"].tolist() == [4, 8, 12, 14]  # every val_interval epochs, and the last
+    best = history.best()
+    assert best["val_dice"] == table["val_dice"].max() >= 0.5
+    output = root / "output" / "covid_ct_segmentation"
+    checkpoint = torch.load(output / "best_model.pt", weights_only=True)
+    assert checkpoint["epoch"] == best["epoch"] and checkpoint["metric"] == pytest.approx(best["val_dice"])
+    assert checkpoint["config"]["pixdim"] == (4.0, 4.0, 5.0) and checkpoint["config"]["quick"]
+    cells["build_model"](cfg).load_state_dict(checkpoint["model"])  # strict: every weight is there
+
+    # Evaluate: the best weights read back score every validation case as the best epoch did.
+    assert list(per_case.columns) == ["case", "dice"]  # no test-time augmentation in a quick run
+    assert per_case["case"].tolist() == VAL_IDS and per_case["dice"].mean() == pytest.approx(best["val_dice"])
+    pd.testing.assert_frame_equal(pd.read_csv(output / "val_per_case.csv", dtype={"case": str}), per_case)
+    assert {p.name for p in output.iterdir()} == {
+        "best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "batch.png", "val_per_case.csv",
+        "val_predictions.png", "submission",
+    }  # fmt: skip
+    for name in ("dice_per_epoch.png", "batch.png", "val_predictions.png"):
+        with Image.open(output / name) as figure:
+            assert figure.format == "PNG" and figure.width > 200, name
+    picture = root / "Images" / "covid_ct_segmentation_predictions.png"  # the sample was used: README picture
+    assert picture.read_bytes() == (output / "val_predictions.png").read_bytes()
     summary = out[out.index("\nSummary (") :]
-    assert "QUICK run" in summary and "data:    real dataset" in summary and "best:    epoch" in summary
-    table = pd.read_csv(cfg.output_dir / "history.csv")
-    assert list(table.columns) == ["epoch", "train_loss", "val_dice", "val_global_dice", "seconds"]
-    np.testing.assert_allclose(table["val_dice"], [row["val_dice"] for row in history])
+    assert "QUICK run" in summary and f"data:    SYNTHETIC sample {root / 'data' / 'sample' / COVID}" in summary
+    assert f"best:    epoch {best['epoch']} of 14, validation Dice {best['val_dice']:.4f}" in summary
+    assert f"outputs: {output}/" in summary and "submission/ (3 masks NNN.nii.gz)" in summary
+    assert f"picture: {picture}" in summary
 
-    checkpoint = torch.load(cfg.output_dir / "best_model.pt", weights_only=True)
-    assert {"model", "optimizer", "epoch", "config", "metric", "metric_name"} <= set(checkpoint)
-    best = max(history, key=lambda row: row["val_dice"])
+    assert [p.name for p in cells["submission"]] == ["041.nii.gz", "812.nii.gz", "842.nii.gz"]
+    assert sorted(p.name for p in (output / "submission").iterdir()) == ["041.nii.gz", "812.nii.gz", "842.nii.gz"]
+    for case_id in INFER_IDS:
+        assert_on_the_scans_grid(output / "submission" / f"{case_id[1:]}.nii.gz",
+                                 ct_path(sample_root / COVID, case_id, "Validation"))  # fmt: skip
+    assert not any(elsewhere.iterdir())  # nothing written to the working directory
+
+
+def test_fit_resumes_stops_on_ctrl_c_or_nan_and_the_best_weights_segment_on_the_scans_grid(
+    covid, covid_copy, tmp_path, monkeypatch, capsys
+):
+    """One epoch, then `resume=True` up to two; Ctrl-C and a NaN loss stop with one line; evaluate_best and predict
+    read best_model.pt back: scores as the best epoch, flip TTA, one mask per usable Validation/ scan (a truncated
+    one named and skipped) with the scan's geometry, whatever voxel size `cfg` says now."""
+    truncated = ct_path(covid_copy, INFER_IDS[2], "Validation")
+    truncated.write_bytes(truncated.read_bytes()[:-5000])  # a scan to segment, interrupted while downloaded
+    cfg = tiny_config(covid, tmp_path, covid_copy.parent, max_epochs=1)
+    data = covid.load_data(cfg)
+    assert f"Using the real dataset in {covid_copy}" in capsys.readouterr().out and not data.synthetic
+    first = covid.fit(cfg, data, covid.build_model(cfg))
+    cfg = replace(cfg, max_epochs=2, resume=True)
+    history = covid.fit(cfg, data, covid.build_model(cfg))
+    assert "1 epoch(s) done" in capsys.readouterr().out
+    assert [row["epoch"] for row in history] == [1, 2] and history[0] == first[0]
+    table = pd.read_csv(cfg.output_dir / "history.csv")
+    assert list(table.columns) == ["epoch", "train_loss", "val_dice", "val_global_dice", "lr", "seconds"]
+    np.testing.assert_allclose(table["val_dice"], [row["val_dice"] for row in history])
+    best_path, last = cfg.output_dir / "best_model.pt", cfg.output_dir / "last_checkpoint.pt"
+    checkpoint = torch.load(best_path, weights_only=True)
+    assert {"model", "config", "epoch", "metric", "metric_name", "metrics"} <= set(checkpoint)
+    best = history.best()
+    assert best == max(history, key=lambda row: row["val_dice"])
     assert checkpoint["epoch"] == best["epoch"] and checkpoint["metric"] == best["val_dice"]
     assert checkpoint["config"]["pixdim"] == (6.0, 6.0, 6.0) and checkpoint["config"]["quick"]
-    assert torch.load(cfg.output_dir / "last_checkpoint.pt", weights_only=True)["epoch"] == 2
-    per_case = pd.read_csv(cfg.output_dir / "val_dice_per_case.csv", dtype={"case": str})
-    assert list(per_case.columns) == ["case", "dice", "dice_tta"] and len(per_case) == 2
-    assert per_case["dice"].mean() == pytest.approx(best["val_dice"])  # the checkpoint scores as it did
-    for name in ("dice_per_epoch.png", "val_predictions.png"):
-        with Image.open(cfg.output_dir / name) as img:
-            assert img.format == "PNG" and img.width > 200
-    assert not cfg.images_dir.exists()  # pictures of real patients never go to the README's folder
-
-    # One mask per usable Validation/ scan, NNN.nii.gz, with the scan's shape and affine (two are stored LAS).
-    truncated = ct_path(covid_copy, INFER_IDS[2], "Validation")
-    assert f"Skipped {truncated}: truncated" in out and "skipped 1 file (1 truncated)" in out
-    written = sorted(p.name for p in (cfg.output_dir / "submission").iterdir())
-    assert written == ["041.nii.gz", "812.nii.gz"]
-    for case_id in INFER_IDS[:2]:
-        ct = nib.load(ct_path(covid_copy, case_id, "Validation"))
-        mask = nib.load(cfg.output_dir / "submission" / covid.submission_name(case_id))
-        assert mask.shape == ct.shape and nib.aff2axcodes(ct.affine) == ("L", "A", "S")
-        np.testing.assert_array_equal(mask.affine, ct.affine)
-        assert mask.get_data_dtype() == np.uint8 and set(np.unique(np.asanyarray(mask.dataobj))) <= {0, 1}
-
-
-def test_a_loss_that_is_not_finite_stops_training_with_one_line(covid, covid_copy, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(covid, "build_loss", lambda: lambda logits, seg: (logits * float("nan")).mean())
-    history = covid.main(tiny_config(covid, tmp_path, covid_copy.parent))
-    out = capsys.readouterr().out
-    assert history == []
-    assert "Loss is nan at epoch 1, batch 0: stopping (try a lower lr than 0.01, or amp=False). " in out
-    assert out.rstrip().endswith("Kept: no checkpoint yet") and "Summary" not in out
-
-
-def test_ctrl_c_stops_with_one_line_and_the_last_epoch_on_disk(covid, covid_copy, tmp_path, monkeypatch, capsys):
-    cfg = tiny_config(covid, tmp_path, covid_copy.parent, max_epochs=1, tta_flips=False, max_infer_cases=0)
-    covid.main(cfg)
-    best = (cfg.output_dir / "best_model.pt").read_bytes()
+    assert {"model", "optimizer", "epoch", "history"} <= set(torch.load(last, weights_only=True))
+    kept = best_path.read_bytes()
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(covid, "train_one_epoch", interrupted)
-    capsys.readouterr()
-    assert len(covid.main(replace(cfg, max_epochs=3, resume=True))) == 1
-    last = cfg.output_dir / "last_checkpoint.pt"
+    stopped = covid.fit(replace(cfg, max_epochs=3), data, covid.build_model(cfg))
+    assert stopped == history
+    message = f"Interrupted during epoch 3: {last} holds epoch 2; run again with resume=True"
+    assert message in capsys.readouterr().out and stopped.stopped.startswith(message)
+    assert best_path.read_bytes() == kept and torch.load(last, weights_only=True)["epoch"] == 2
+    with pytest.raises(SystemExit) as ended:  # the Train cell ends the run there: no evaluation, no submission
+        covid.end_if_stopped(stopped)
+    assert ended.value.code == 130
+    monkeypatch.undo()
+    monkeypatch.setattr(covid, "build_loss", lambda: lambda logits, seg: (logits * float("nan")).mean())
+    fresh = replace(cfg, output_dir=tmp_path / "nan", resume=False)
+    stopped = covid.fit(fresh, data, covid.build_model(cfg))
     out = capsys.readouterr().out
-    assert f"Interrupted during epoch 2: {last} holds epoch 1; run again with resume=True" in out
-    assert "Summary" not in out and (cfg.output_dir / "best_model.pt").read_bytes() == best
-    assert torch.load(last, weights_only=True)["epoch"] == 1
+    assert stopped == []
+    assert "Loss is nan at epoch 1, batch 0: stopping (try a lower lr than 0.01, or amp=False). " in out
+    assert out.rstrip().endswith("Kept: no checkpoint yet")
+    with pytest.raises(SystemExit) as ended:
+        covid.end_if_stopped(stopped)
+    assert ended.value.code == 1
+
+    per_case = covid.evaluate_best(cfg, data)
+    assert list(per_case.columns) == ["case", "dice", "dice_tta"] and per_case["case"].tolist() == VAL_IDS
+    assert per_case["dice"].mean() == pytest.approx(best["val_dice"])  # the checkpoint scores as it did
+    assert f"Best epoch {best['epoch']}: validation Dice {best['val_dice']:.4f}" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(pd.read_csv(cfg.output_dir / "val_per_case.csv", dtype={"case": str}), per_case)
+    with Image.open(cfg.output_dir / "val_predictions.png") as figure:
+        assert figure.format == "PNG" and figure.width > 2 * 200  # two cases side by side
+    assert covid.readme_pictures(cfg, data, {"val_predictions.png": "x.png"}) == [] and not cfg.images_dir.exists()
+
+    # One mask per usable Validation/ scan, NNN.nii.gz, with the scan's shape and affine (two are stored LAS).
+    written = covid.predict(cfg, data.root / "Validation")
+    out = capsys.readouterr().out
+    assert f"Skipped {truncated}: truncated" in out and "skipped 1 file (1 truncated)" in out
+    assert [p.name for p in written] == ["041.nii.gz", "812.nii.gz"]
+    assert sorted(p.name for p in (cfg.output_dir / "submission").iterdir()) == ["041.nii.gz", "812.nii.gz"]
+    masks = []
+    for case_id, path in zip(INFER_IDS, written):
+        assert nib.aff2axcodes(nib.load(ct_path(covid_copy, case_id, "Validation")).affine) == ("L", "A", "S")
+        assert_on_the_scans_grid(path, ct_path(covid_copy, case_id, "Validation"))
+        masks.append(np.asanyarray(nib.load(path).dataobj))
+    # The network reads scans prepared as it was trained (from its checkpoint), whatever the configuration now.
+    other = replace(cfg, pixdim=(1.25, 1.25, 5.0), hu_window=(-500.0, 500.0), output_dir=tmp_path / "other")
+    (tmp_path / "other").mkdir()
+    shutil.copy(best_path, other.output_dir / "best_model.pt")
+    for path, mask in zip(covid.predict(other, data.root / "Validation"), masks, strict=True):
+        np.testing.assert_array_equal(np.asanyarray(nib.load(path).dataobj), mask)
 
 
-def test_same_seed_same_split_and_same_first_epoch_on_the_cpu(covid, sample_root, tmp_path, capsys):
+def test_same_seed_same_split_and_same_first_epoch_on_the_cpu(covid, sample_root, tmp_path):
     runs = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         cfg = tiny_config(covid, tmp_path / name, sample_root, max_epochs=1, seed=seed, tta_flips=False)
-        cfg = replace(cfg, max_infer_cases=0)
-        history = covid.main(cfg)
-        split = re.search(r"Split by case \(seed \d\): (.*) at", capsys.readouterr().out).group(1)
-        runs.append((split, history[0]))
-    (split_a, first_a), (split_b, first_b), (_, other) = runs
-    assert split_a == split_b and first_a["train_loss"] == first_b["train_loss"]  # bitwise
+        data = covid.load_data(cfg)
+        history = covid.fit(cfg, data, covid.build_model(cfg))
+        runs.append(([c["case"] for c in data.val], history[0]))
+    (split_a, first_a), (split_b, first_b), (split_c, other) = runs
+    assert split_a == split_b == VAL_IDS and split_c != split_a
+    assert first_a["train_loss"] == first_b["train_loss"]  # bitwise
     assert first_a["val_dice"] == first_b["val_dice"] and other["train_loss"] != first_a["train_loss"]
-
-
-@pytest.mark.slow
-def test_quick_run_from_another_directory_reaches_the_dice_bar(sample_root, tmp_path, monkeypatch, repo_copy):
-    """`QUICK=1 python path/to/covid_ct_segmentation.py` as it is (about a minute on one CPU thread), started from
-    another directory: paths resolve against the script's folder, and validation Dice reaches 0.5."""
-    repo = repo_copy("covid_ct_segmentation.py", {f"sample/{COVID}": sample_root / COVID})
-    monkeypatch.setenv("QUICK", "1")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    result = subprocess.run(
-        [sys.executable, str(repo / "covid_ct_segmentation.py")], cwd=tmp_path, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"using the SYNTHETIC sample in {repo / 'data' / 'sample' / COVID}" in result.stdout
-    assert "nvImageCodec" not in result.stdout + result.stderr  # MONAI's DICOM-decoder noise is silenced
-    output = repo / "output" / "covid_ct_segmentation"
-    assert {p.name for p in output.iterdir()} == {
-        "best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "val_dice_per_case.csv",
-        "val_predictions.png", "submission",
-    }  # fmt: skip
-    assert sorted(p.name for p in (output / "submission").iterdir()) == ["041.nii.gz", "812.nii.gz", "842.nii.gz"]
-    summary = result.stdout[result.stdout.index("\nSummary (") :]
-    assert "QUICK run" in summary and "data:    SYNTHETIC sample" in summary and f"outputs: {output}/" in summary
-    picture = repo / "Images" / "covid_ct_segmentation_predictions.png"
-    assert f"picture: {picture}" in summary and picture.read_bytes() == (output / "val_predictions.png").read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # nothing written to the working directory
-    history = pd.read_csv(output / "history.csv")
-    assert history["val_dice"].max() >= 0.5
-    per_case = pd.read_csv(output / "val_dice_per_case.csv")
-    assert list(per_case.columns) == ["case", "dice"]  # no test-time augmentation in a quick run
-    assert per_case["dice"].mean() == pytest.approx(history["val_dice"].max())
 
 
 def damage_inside(path: Path) -> None:
     """0xFF bytes over the second half of the deflate stream (all ones: codes and block types deflate has not): the
     NIfTI header (at the start) and the gzip trailer (CRC and length, the last 8 bytes) stay intact, so the file
-    passes find_cases' cheap checks."""
+    passes find_covid_cases' cheap checks."""
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
     data[middle:-8] = b"\xff" * (len(data) - 8 - middle)
@@ -406,26 +467,28 @@ def test_a_gz_damaged_inside_stops_training_in_one_line_and_is_skipped_when_segm
 ):
     damaged = ct_path(covid_copy, TRAIN_IDS[0])
     damage_inside(damaged)
-    covid.check_volume(damaged)  # header and length pass: only decompressing the voxels finds it
+    check_volume(damaged)  # header and length pass: only decompressing the voxels finds it
     with pytest.raises(Exception):  # noqa: B017 - the raw failure, deep in zlib or gzip, whatever its kind
         np.asanyarray(nib.load(damaged).dataobj)
     cfg = tiny_config(covid, tmp_path, covid_copy.parent, max_epochs=1)
-    with pytest.raises(DatasetError) as caught:
-        covid.main(cfg)
-    message = str(caught.value)
-    assert message.startswith(f"{damaged} cannot be decompressed or decoded (")  # the CT alone: its mask is fine
-    assert message.endswith("replace it, or move its case (_ct and _seg) out of Train/") and "\n" not in message
+    data = covid.load_data(cfg)
+    assert data.train[0]["case"] == TRAIN_IDS[0]  # passed the header checks, in the first training batch
+    # The Transforms cell's batch reads it first, then fit's cache: the same one line from both.
+    for stage in (lambda: covid.preview_batch(cfg, data), lambda: covid.fit(cfg, data, covid.build_model(cfg))):
+        with pytest.raises(DatasetError) as caught:
+            stage()
+        message = str(caught.value)
+        assert message.startswith(f"{damaged} cannot be decompressed or decoded (")  # the CT alone: its mask is fine
+        assert message.endswith("replace it, or move its case (_ct and _seg) out of Train/") and "\n" not in message
 
     # Segmenting a folder: the damaged scan is named, skipped and counted; the others are segmented.
     damage_inside(ct_path(covid_copy, INFER_IDS[1], "Validation"))
-    model = covid.build_model(cfg)
-    out_dir = tmp_path / "masks"
-    out_dir.mkdir()
     capsys.readouterr()
-    written = covid.predict_folder(model, covid_copy / "Validation", covid.build_transforms(cfg, "infer"),
-                                   torch.device("cpu"), replace(cfg, tta_flips=False), out_dir)  # fmt: skip
+    out_dir = tmp_path / "masks"
+    written = covid.predict_folder(covid.build_model(cfg), covid_copy / "Validation", replace(cfg, tta_flips=False),
+                                   out_dir)  # fmt: skip
     out = capsys.readouterr().out
-    assert sorted(p.name for p in written) == ["041.nii.gz", "842.nii.gz"]
+    assert sorted(p.name for p in written) == sorted(p.name for p in out_dir.iterdir()) == ["041.nii.gz", "842.nii.gz"]
     damaged_scan = ct_path(covid_copy, INFER_IDS[1], "Validation")
     assert f"Skipped {damaged_scan}: unreadable (cannot be decompressed or decoded (" in out
     assert "skipped 1 file (1 unreadable)" in out

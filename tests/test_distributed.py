@@ -371,16 +371,19 @@ def test_pleural_under_torchrun_writes_once_agrees_and_is_close_to_one_process(
     edit = config_edit(small | {"batch_size": 1, "tensorboard": True})
     stdout, first, second = run_script(repo, f"{PLEURAL}.py", edit, tmp_path / "probe", tmp_path)
     output = repo / "output" / PLEURAL
-    names = {"best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "val_cases.csv"}
-    names |= {"val_predictions.png", "skipped_cases.csv", "predictions", "tensorboard"}
+    names = {"best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "val_per_case.csv"}
+    names |= {"val_predictions.png", "skipped_cases.csv", "predictions", "tensorboard", "batch.png"}
     assert_written_once(stdout, output, names, repo / "Images" / f"{PLEURAL}_predictions.png")
     assert_both_processes_agree(first, second, output / "history.csv")
-    assert "3 steps per epoch" in stdout
-    assert len(list((output / "predictions").iterdir())) == 2 and len(pd.read_csv(output / "val_cases.csv")) == 2
+    assert "Training on cpu: 6 cases, 3 steps per epoch" in stdout  # each process its own 3 cases, 1 per step
+    # Process 0 alone predicted every validation case at full resolution.
+    assert len(list((output / "predictions").iterdir())) == 2 and len(pd.read_csv(output / "val_per_case.csv")) == 2
     checkpoint = torch.load(output / "best_model.pt", weights_only=True)
     pleural.build_model(replace(pleural.cfg, **small)).load_state_dict(checkpoint["model"])  # loads in one process
+    assert checkpoint["epoch"] == max(first, key=lambda row: np.nan_to_num(row["val_dice"], nan=-1))["epoch"]
 
-    one = pleural.main(replace(pleural.cfg, data_dir=sample_root, output_dir=tmp_path / "one", **small))
+    cfg = replace(pleural.cfg, data_dir=sample_root, output_dir=tmp_path / "one", **small)
+    one = pleural.fit(cfg, pleural.load_data(cfg), pleural.build_model(cfg))
     # As for the nerve: the same weights, split and crops per step, other crops (one crop stream per process) and
     # a soft Dice over each process's crops. 4 tiny epochs learn little (Dice about 0.05, measured 0.047 and
     # 0.063): the losses are what can be compared: to 5% at the first epoch (2.4% measured), 15% later (7% at
@@ -412,14 +415,15 @@ def test_lung_under_torchrun_writes_once_and_both_processes_agree(lung, repo_cop
         repo, f"{LUNG}.py", config_edit(small | {"batch_size": 1, "tensorboard": True}), tmp_path / "probe", tmp_path
     )
     output = repo / "output" / LUNG
-    names = {"best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "tensorboard"}
-    names |= {"predicted_masks", "test_dice.csv", "test_predictions.png"}
+    names = {"best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "tensorboard", "batch.png"}
+    names |= {"predicted_masks", "test_per_case.csv", "test_predictions.png"}
     images = repo / "Images"
     assert_written_once(
         stdout, output, names, images / f"{LUNG}_test_predictions.png", images / f"{LUNG}_dice_per_epoch.png"
     )
     assert_both_processes_agree(first, second, output / "history.csv")
-    assert "6 train, 1 validation, 3 test films" in stdout and len(pd.read_csv(output / "test_dice.csv")) == 3
+    assert "6 train, 1 validation, 3 test films" in stdout and len(pd.read_csv(output / "test_per_case.csv")) == 3
+    assert "6 films, 3 steps per epoch" in stdout  # 6 training films in 2 shards of 3, 1 per step: each its own
     assert len(list((output / "predicted_masks").iterdir())) == 3
     checkpoint = torch.load(output / "best_model.pt", weights_only=True)
     lung.build_model(replace(lung.cfg, **small)).load_state_dict(checkpoint["model"])  # saved unwrapped
@@ -437,12 +441,12 @@ def test_covid_under_torchrun_caches_its_share_writes_once_and_both_processes_ag
         repo, f"{COVID}.py", config_edit(small | {"batch_size": 1, "tensorboard": True}), tmp_path / "probe", tmp_path
     )
     output = repo / "output" / COVID
-    names = {"best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "tensorboard"}
-    names |= {"val_dice_per_case.csv", "val_predictions.png", "submission"}
+    names = {"best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "tensorboard", "batch.png"}
+    names |= {"val_per_case.csv", "val_predictions.png", "submission"}
     assert_written_once(stdout, output, names, repo / "Images" / f"{COVID}_predictions.png")
     assert_both_processes_agree(first, second, output / "history.csv", keys=("train_loss", "val_dice"))
     assert "5 train, 1 validation" in stdout and "3 steps per epoch" in stdout  # each process its 3 cases
-    assert len(pd.read_csv(output / "val_dice_per_case.csv")) == 1  # process 0 validated the best epoch on all
+    assert len(pd.read_csv(output / "val_per_case.csv")) == 1  # process 0 validated the best epoch on all
     assert [path.name for path in (output / "submission").iterdir()] == ["041.nii.gz"]
     checkpoint = torch.load(output / "best_model.pt", weights_only=True)
     covid.build_model(replace(covid.cfg, **small)).load_state_dict(checkpoint["model"])  # saved unwrapped
@@ -464,37 +468,36 @@ def test_pneumonia_under_torchrun_writes_once_agrees_and_gathers_the_predictions
     edit = config_edit(small | {"batch_size": 2, "tensorboard": True})
     stdout, first, second = run_script(repo, f"{PNEUMONIA}.py", edit, tmp_path / "probe", tmp_path)
     output = repo / "output" / PNEUMONIA
-    names = {"Pneumonia_detection.pt", "last_checkpoint.pt", "history.csv", "rsna_metric_per_epoch.png"}
-    names |= {"examples.png", "val_predictions.png", "submission.csv", "tensorboard"}
-    images = repo / "Images"
-    assert_written_once(
-        stdout, output, names, images / f"{PNEUMONIA}_examples.png", images / f"{PNEUMONIA}_predictions.png",
-        epoch_line="\nepoch  1/",
-    )  # fmt: skip
+    names = {"best_model.pt", "last_checkpoint.pt", "history.csv", "rsna_metric_per_epoch.png", "batch.png"}
+    names |= {"val_per_case.csv", "val_predictions.png", "submission.csv", "tensorboard"}
+    assert_written_once(stdout, output, names, repo / "Images" / f"{PNEUMONIA}_predictions.png")
     assert_both_processes_agree(first, second, output / "history.csv", keys=("train_loss", "val_rsna", "val_map"))
     assert "12 train, 3 validation radiographs" in stdout and "3 steps per epoch" in stdout  # each process its 6
     assert len(pd.read_csv(output / "submission.csv")) == 6
+    assert len(pd.read_csv(output / "val_per_case.csv")) == 3  # process 0 evaluated every validation radiograph
 
-    checkpoint = torch.load(output / "Pneumonia_detection.pt", weights_only=True)
+    checkpoint = torch.load(output / "best_model.pt", weights_only=True)
     best = max(first, key=lambda row: row["val_rsna"])
-    assert checkpoint["epoch"] == best["epoch"] and checkpoint["score_threshold"] == best["score_threshold"]
+    assert checkpoint["epoch"] == best["epoch"]
+    assert checkpoint["metrics"]["score_threshold"] == best["score_threshold"]
 
-    # The saved model (unwrapped: it loads in one process) predicts the validation radiographs with evaluate() under
-    # torchrun, each process its share, then recomputes batch-norm statistics on each process's training shard.
+    # The saved model (unwrapped: it loads in one process) predicts the validation radiographs with
+    # predict_gathered() under torchrun, each process its share, then recomputes batch-norm statistics on each
+    # process's training shard.
     # The gathered predictions must be one process's, in the radiographs' order (continuous scores: any other order
     # shows), and the averaged statistics the same in both processes.
     (repo / "evaluate_worker.py").write_text(PNEUMONIA_WORKER)
     (repo / f"{PNEUMONIA}.py").write_text((REPO_ROOT / f"{PNEUMONIA}.py").read_text())  # imported: without the probe
     # Every box kept (score >= 0): two epochs from scratch score below the script's lowest threshold, 0.01.
     settings = small | {"batch_size": 2, "score_thresholds": [0.0]}
-    worker = ["evaluate_worker.py", str(output / "Pneumonia_detection.pt"), json.dumps(settings), str(tmp_path)]
+    worker = ["evaluate_worker.py", str(output / "best_model.pt"), json.dumps(settings), str(tmp_path)]
     torchrun(worker, repo, tmp_path)
     gathered, other = (json.loads((tmp_path / f"evaluated_{rank}.json").read_text()) for rank in (0, 1))
     cfg = replace(pneumonia.cfg, data_dir=repo / "data", **settings)
-    model, _ = pneumonia.build_model(cfg)
+    model = pneumonia.build_model(cfg)
     model.load_state_dict(checkpoint["model"])
     _, val_items = pneumonia_split(pneumonia, cfg)
-    alone = pneumonia.evaluate(model, val_items, torch.device("cpu"), cfg)  # one process: all of them
+    alone = pneumonia.predict_items(model, val_items, cfg)  # one process: all of them
     assert gathered["predictions"] == other["predictions"]
     assert len(alone) == len(gathered["predictions"]) == 3 and sum(len(p["scores"]) for p in alone) > 0
     # Not bitwise: the CPU's convolutions round otherwise for a batch of 1 (process 1's share) than for 2 or 3.
@@ -505,8 +508,8 @@ def test_pneumonia_under_torchrun_writes_once_agrees_and_gathers_the_predictions
 
 
 def pneumonia_split(pneumonia, cfg) -> tuple[list[dict], list[dict]]:
-    """The training and validation radiographs main() uses, as it finds them."""
-    root = pneumonia.find_dataset(PNEUMONIA_DATA, cfg.data_dir)
+    """The training and validation radiographs of the Data stage (load_data), found again step by step."""
+    root, _ = pneumonia.find_dataset(PNEUMONIA_DATA, cfg.data_dir)
     patients = pneumonia.sample_patients(pneumonia.read_patients(root), cfg.patients_per_class, cfg.seed)
     items = pneumonia.load_patients(patients, cfg.image_size, Skipped("patient"), progress=False)
     return pneumonia.split_by_patient(items, cfg.val_fraction, cfg.seed)
@@ -525,12 +528,12 @@ from data_cleaning import Skipped
 PNEUMONIA_DATA = {PNEUMONIA_DATA!r}
 {inspect.getsource(pneumonia_split)}
 
-device = distributed.setup()
+distributed.setup()
 cfg = replace(det.cfg, data_dir=Path("data"), **json.loads(sys.argv[2]))
-model, _ = det.build_model(cfg)
+model = det.build_model(cfg)
 model.load_state_dict(torch.load(sys.argv[1], weights_only=True)["model"])
 train_items, val_items = pneumonia_split(det, cfg)
-predictions = det.evaluate(model, val_items, device, cfg)
+predictions = det.predict_gathered(model, val_items, cfg)
 
 def batch_norm_sum():
     return sum(m.running_mean.sum().item() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
@@ -538,7 +541,7 @@ def batch_norm_sum():
 before = batch_norm_sum()
 train_ds = det.DetectionDataset(train_items, det.build_transforms(cfg, train=False))
 loader = DataLoader(train_ds, batch_size=2, sampler=distributed.train_sampler(train_ds, 0), collate_fn=det.collate)
-det.recompute_batch_norm(model, loader, device, cfg)
+det.recompute_batch_norm(model, loader, cfg)
 result = {{
     "predictions": [{{key: value.tolist() for key, value in p.items()}} for p in predictions],
     "batch_norm_before": before,

@@ -65,7 +65,7 @@ def test_the_real_loop_counts_the_samples_the_script_trained_on(tiny_run, gpu_be
     tmp, _, report = tiny_run
     lung = gpu_bench.load_script("lung_xray_unet", quick=True)
     cfg = gpu_bench.configure("lung", lung, True, tmp / "data", tmp / "output", epochs=2)
-    train, _, _ = lung.split_cases(lung.prepare_data(cfg), cfg)
+    train = lung.load_data(cfg).train
     assert report["pipelines"]["lung"]["real"]["samples_timed"] == len(train) > 0
     sys.modules.pop("lung_xray_unet", None)
     # COVID: the first max_cases labelled cases, a fifth of them (at least 1) for validation, the rest trained on
