@@ -86,8 +86,8 @@ class Config(BaseConfig):
     images_dir: Path = ROOT / "Images"  # the README's picture: val_predictions.png is copied there, from runs on
     # the synthetic sample only (pictures of real patients never land in a folder of the repository)
     seed: int = 0  # one seed for the sampling, the split, the initial weights and the flips
-    patients_per_class: int | None = 500  # per class of the detailed class CSV, drawn by patient (the original
-    # drew 500 label rows, so a patient's boxes could land on both sides of the split); None: all
+    patients_per_class: int | None = 500  # per class of the detailed class CSV, drawn by patient, never by label row
+    # (a patient's several boxes are several rows: drawn by row, one patient could land on both sides); None: all
     val_fraction: float = 0.2  # of each class's patients: a patient is one radiograph, so a split by patient
     image_size: int = 512  # side the 1024-px radiographs are resized to; the opacities are large (150-350 px),
     # and 512 px is what most challenge solutions trained at
@@ -148,7 +148,7 @@ def read_patients(root: Path) -> list[dict]:
     """The labelled patients of `root`, one dict per patient (= one radiograph), sorted by patientId.
 
     {"patient_id", "class", "path" (the DICOM), "boxes" (k, 4) float64 x1, y1, x2, y2 in the image's pixels}; k is
-    0 for the negatives, which stay negatives (the original turned them into whole-image boxes of class 1).
+    0 for the negatives, which stay negatives: an empty target, never a whole-image box.
     """
     labels_path, classes_path = root / LABELS_CSV, root / CLASSES_CSV
     for path in (labels_path, classes_path):
