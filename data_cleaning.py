@@ -364,6 +364,35 @@ def prepare_lung_segmentation(
         "seed": seed,
         "shenzhen": None if shenzhen_dir is None else Path(shenzhen_dir).name,
     }
+    if _prepared_with(out_dir, settings):
+        return out_dir
+    if shenzhen_dir is not None and not (Path(shenzhen_dir) / SHENZHEN_IMAGE_FOLDER).is_dir():
+        raise DatasetError(f"Shenzhen set asked for, but {Path(shenzhen_dir) / SHENZHEN_IMAGE_FOLDER} is missing")
+
+    skipped = Skipped("case")
+    cases = find_lung_cases(montgomery_dir, None if shenzhen_dir is None else Path(shenzhen_dir), skipped)
+    partial = out_dir.with_name(f".{out_dir.name}.partial")  # renamed into place at the end: never half-written
+    shutil.rmtree(partial, ignore_errors=True)
+    rows = _write_prepared_cases(cases, size, partial, out_dir.parent, skipped)
+    if not rows:
+        shutil.rmtree(partial)
+        raise DatasetError(
+            f"No usable image/mask pair in {montgomery_dir} ({skipped.counts.total()} skipped): expected "
+            f"CXR_png/<name>.png with {LUNG_MASK_FOLDERS[0]}/<name>.png and {LUNG_MASK_FOLDERS[1]}/<name>.png"
+        )
+    counts = _split_prepared_cases(rows, partial, test_fraction, seed)
+    manifest = {**settings, **counts, "skipped": dict(skipped.counts)}  # problem: number of cases
+    (partial / PREPARED_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # only ever a folder with our manifest (checked by _prepared_with)
+    os.replace(partial, out_dir)
+    print(skipped.summary(f"Prepared {len(rows)} cases in {out_dir} ({counts['train']} train, {counts['test']} test)"))
+    return out_dir
+
+
+def _prepared_with(out_dir: Path, settings: dict) -> bool:
+    """Whether `out_dir` is a complete preparation with `settings` (then reused as it is, and said so). A folder
+    without our manifest is someone else's: refused, never overwritten."""
     manifest = out_dir / PREPARED_MANIFEST
     if manifest.exists():
         previous = json.loads(manifest.read_text())
@@ -372,17 +401,16 @@ def prepare_lung_segmentation(
                 f"Reusing the prepared cases in {out_dir} ({previous['train']} train, {previous['test']} test, "
                 f"{sum(previous['skipped'].values())} skipped at preparation)"
             )
-            return out_dir
+            return True
         print(f"{out_dir} was prepared with other settings: preparing it again")
     elif out_dir.exists():
         raise FileExistsError(f"{out_dir} exists but has no {PREPARED_MANIFEST}: it was not written here; move it away")
-    if shenzhen_dir is not None and not (Path(shenzhen_dir) / SHENZHEN_IMAGE_FOLDER).is_dir():
-        raise DatasetError(f"Shenzhen set asked for, but {Path(shenzhen_dir) / SHENZHEN_IMAGE_FOLDER} is missing")
+    return False
 
-    skipped = Skipped("case")
-    cases = find_lung_cases(montgomery_dir, None if shenzhen_dir is None else Path(shenzhen_dir), skipped)
-    partial = out_dir.with_name(f".{out_dir.name}.partial")  # renamed into place at the end: never half-written
-    shutil.rmtree(partial, ignore_errors=True)
+
+def _write_prepared_cases(cases: list[dict], size: int, partial: Path, base: Path, skipped: Skipped) -> list[dict]:
+    """Each usable case's image and mask at `size` into `partial/{image,mask}/<name>.png`: one row per case written
+    (its original size, its source files relative to `base`); the bad ones named, skipped and counted."""
     for folder in ("image", "mask"):
         (partial / folder).mkdir(parents=True)
     rows = []
@@ -394,25 +422,15 @@ def prepare_lung_segmentation(
             continue
         Image.fromarray(image).save(partial / "image" / f"{case['name']}.png")
         Image.fromarray(mask).save(partial / "mask" / f"{case['name']}.png")
-        relative = [os.path.relpath(p.resolve(), out_dir.parent) for p in (case["image"], *case["masks"])]
-        rows.append(
-            {
-                "name": case["name"],
-                "source": case["source"],
-                "height": height,
-                "width": width,
-                "image_file": relative[0],
-                "mask_files": ";".join(relative[1:]),
-            }
-        )
-    if not rows:
-        shutil.rmtree(partial)
-        raise DatasetError(
-            f"No usable image/mask pair in {montgomery_dir} ({skipped.counts.total()} skipped): expected "
-            f"CXR_png/<name>.png with {LUNG_MASK_FOLDERS[0]}/<name>.png and {LUNG_MASK_FOLDERS[1]}/<name>.png"
-        )
+        relative = [os.path.relpath(p.resolve(), base) for p in (case["image"], *case["masks"])]
+        rows.append({"name": case["name"], "source": case["source"], "height": height, "width": width,
+                     "image_file": relative[0], "mask_files": ";".join(relative[1:])})  # fmt: skip
+    return rows
 
-    # Seeded split of the sorted names: the same cases go to test on every machine and every run.
+
+def _split_prepared_cases(rows: list[dict], partial: Path, test_fraction: float, seed: int) -> dict[str, int]:
+    """A seeded split of the sorted names (the same cases go to test on every machine and every run): the files
+    moved to `partial/{train,test}/{image,mask}/`, each row given its split, `cases.csv` written; the counts."""
     names = sorted(row["name"] for row in rows)
     n_test = min(max(1, round(test_fraction * len(names))), len(names) - 1) if len(names) > 1 else 0
     test_names = set(np.random.default_rng(seed).permutation(names)[:n_test])
@@ -425,14 +443,7 @@ def prepare_lung_segmentation(
         (partial / folder).rmdir()
     cases_table = pd.DataFrame(rows).sort_values(["split", "name"])
     cases_table.to_csv(partial / PREPARED_CASES, index=False)
-    counts = {split: int((cases_table["split"] == split).sum()) for split in ("train", "test")}
-    manifest = {**settings, **counts, "skipped": dict(skipped.counts)}  # problem: number of cases
-    (partial / PREPARED_MANIFEST).write_text(json.dumps(manifest, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)  # only ever a folder with our manifest (checked above)
-    os.replace(partial, out_dir)
-    print(skipped.summary(f"Prepared {len(rows)} cases in {out_dir} ({counts['train']} train, {counts['test']} test)"))
-    return out_dir
+    return {split: int((cases_table["split"] == split).sum()) for split in ("train", "test")}
 
 
 # %% COVID-19-20 (MICCAI 2020): NIfTI volumes checked before they are decoded

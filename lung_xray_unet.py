@@ -506,29 +506,31 @@ class Inferencer:
         prob = F.interpolate(prob, size=(case["height"], case["width"]), mode="bilinear", align_corners=False)
         return (prob[0, 0] > self.threshold).cpu().numpy()
 
-    def segment(self, cases: list[dict], masks_dir: Path) -> tuple[pd.DataFrame, DiceAccumulator]:
+    def segment(self, cases: list[dict], masks_dir: Path, keep: int = 0) -> tuple[pd.DataFrame, DiceAccumulator, list]:
         """Every film of `cases` segmented, its mask written to masks_dir/<name>.png (0/255 at the film's size) and
-        scored against the original masks at that size: (one row per film, the scores of all)."""
+        scored against the original masks at that size: (one row per film, the scores of all, the (true, predicted)
+        masks of the first `keep` films, for a figure)."""
         masks_dir.mkdir(parents=True, exist_ok=True)
-        dice, rows = DiceAccumulator(empty="one"), []
+        dice, rows, kept = DiceAccumulator(empty="one"), [], []
         for case in tqdm(cases, desc="test", leave=False, disable=None):
             pred = self.predict(case)
             Image.fromarray(pred.astype(np.uint8) * np.uint8(255)).save(masks_dir / f"{case['name']}.png")
             truth = read_lung_mask(case["mask_files"], pred.shape)  # the original union mask, at the original size
             dice.update(torch.from_numpy(pred)[None], torch.from_numpy(truth)[None])
             rows.append({"name": case["name"], "height": case["height"], "width": case["width"]})
+            if len(kept) < keep:
+                kept.append((truth, pred))
         per_case = pd.DataFrame(rows, columns=["name", "height", "width"])
         per_case["dice"] = dice.per_image().tolist() if rows else []
-        return per_case, dice
+        return per_case, dice, kept
 
 
-def draw_predictions(cases: list[dict], per_case: pd.DataFrame, masks_dir: Path) -> Figure:
-    """Test films at their original size with their true (green) and predicted (red, as written) lung outlines."""
+def draw_predictions(cases: list[dict], per_case: pd.DataFrame, masks: list[tuple]) -> Figure:
+    """Test films at their original size with their true (green) and predicted (red) lung outlines; `masks[i]` is
+    the (true, predicted) pair of `cases[i]`, as scored."""
     fig = Figure(figsize=(3.5 * len(cases), 4.2), dpi=100)
-    for i, (case, score) in enumerate(zip(cases, per_case["dice"])):
+    for i, (case, score, (truth, pred)) in enumerate(zip(cases, per_case["dice"], masks)):
         ax = fig.add_subplot(1, len(cases), i + 1)
-        truth = read_lung_mask(case["mask_files"], (case["height"], case["width"]))
-        pred = read_gray(masks_dir / f"{case['name']}.png") > 0
         step = max(1, max(truth.shape) // 1024)  # a 4892-px film is drawn at a quarter: same outlines, faster
         ax.imshow(to_unit_range(read_gray(case["image_file"])[::step, ::step]), cmap="gray")
         ax.contour(truth[::step, ::step], levels=[0.5], colors="lime", linewidths=1.2)
@@ -548,9 +550,9 @@ def evaluate_best(cfg: Config, data: Data) -> pd.DataFrame | None:
         return None
     inferencer = Inferencer(cfg)
     masks_dir = cfg.output_dir / "predicted_masks"
-    per_case, dice = inferencer.segment(data.test, masks_dir)
+    per_case, dice, shown = inferencer.segment(data.test, masks_dir, keep=cfg.figure_cases)
     save_atomically(cfg.output_dir / "test_per_case.csv", lambda path: per_case.to_csv(path, index=False))
-    figure = draw_predictions(data.test[: cfg.figure_cases], per_case, masks_dir)
+    figure = draw_predictions(data.test[: len(shown)], per_case, shown)
     save_figure(figure, cfg.output_dir / "test_predictions.png")
     print(f"Best epoch {inferencer.epoch}: validation Dice {inferencer.val_dice:.4f}; test Dice "
           f"{dice.global_dice():.4f} (mean per film {dice.mean():.4f}) on {len(per_case)} films at their original "

@@ -576,17 +576,21 @@ def evaluate_best(cfg: Config, data: Data) -> pd.DataFrame | None:
         return None
     model, checkpoint = load_best(cfg, build_model, DEVICE)
     min_area = checkpoint["metrics"]["min_area"]
-    rows = []
+    shown = figure_frames(data.val, cfg.figure_frames)
+    rows, shown_masks = [], {}
     for start in tqdm(range(0, len(data.val), cfg.val_batch_size), desc="evaluating", leave=False, disable=None):
         frames = data.val[start : start + cfg.val_batch_size]
         pred = predict_masks(model, [f["image"] for f in frames], cfg, min_area)
         scores = dice_per_image(pred, torch.stack([f["full_label"] for f in frames]), empty="one")
-        for frame, mask, score in zip(frames, pred, scores.tolist()):
+        for i, (frame, mask, score) in enumerate(zip(frames, pred, scores.tolist())):
             rows.append({"subject": frame["subject"], "img": frame["img"], "has_nerve": frame["has_nerve"],
                          "predicted_area": int(mask.sum()), "dice": score})  # fmt: skip
+            if start + i in shown:
+                shown_masks[start + i] = (mask, score)
     per_case = pd.DataFrame(rows)
     save_atomically(cfg.output_dir / "val_per_case.csv", lambda path: per_case.to_csv(path, index=False))
-    save_figure(draw_predictions(model, data.val, cfg, min_area), cfg.output_dir / "val_predictions.png")
+    figure = draw_predictions([data.val[i] for i in shown], [shown_masks[i] for i in shown])
+    save_figure(figure, cfg.output_dir / "val_predictions.png")
     baseline = per_case["has_nerve"].eq(False).mean()  # all-empty: 1 on the frames without nerve, 0 elsewhere
     print(f"Best epoch {checkpoint['epoch']}: validation Dice {per_case['dice'].mean():.4f} (Kaggle metric, mean "
           f"over {len(per_case)} frames at 420x580) with min area {min_area} px; all-empty baseline on the same "
@@ -594,24 +598,24 @@ def evaluate_best(cfg: Config, data: Data) -> pd.DataFrame | None:
     return per_case
 
 
-def draw_predictions(model, frames: list[dict], cfg: Config, min_area: int) -> Figure:
-    """Validation frames at 420x580 with the true (green) and predicted (red) nerve outlines, and their Dice.
+def figure_frames(frames: list[dict], n: int) -> list[int]:
+    """The indices of up to `n` frames to draw: frames with a nerve first, then one without (where a good model
+    predicts nothing)."""
+    with_nerve = [i for i, f in enumerate(frames) if f["has_nerve"]][: max(n - 1, 1)]
+    return (with_nerve + [i for i, f in enumerate(frames) if not f["has_nerve"]][:1])[:n]
 
-    Frames with a nerve first, then one without (where a good model predicts nothing).
-    """
-    shown = [f for f in frames if f["has_nerve"]][: max(cfg.figure_frames - 1, 1)]
-    shown = (shown + [f for f in frames if not f["has_nerve"]][:1])[: cfg.figure_frames]
-    pred = predict_masks(model, [f["image"] for f in shown], cfg, min_area)
-    truth = torch.stack([f["full_label"] for f in shown])
-    scores = dice_per_image(pred, truth, empty="one")
-    fig = Figure(figsize=(3.4 * len(shown), 2.9), dpi=100)
-    for i, frame in enumerate(shown):
-        ax = fig.add_subplot(1, len(shown), i + 1)
+
+def draw_predictions(frames: list[dict], predictions: list[tuple]) -> Figure:
+    """Validation frames at 420x580 with the true (green) and predicted (red) nerve outlines, and their Dice;
+    `predictions[i]` is the (mask (1, 420, 580), Dice) of `frames[i]`, as scored."""
+    fig = Figure(figsize=(3.4 * len(frames), 2.9), dpi=100)
+    for i, (frame, (pred, score)) in enumerate(zip(frames, predictions)):
+        ax = fig.add_subplot(1, len(frames), i + 1)
         ax.imshow(np.asarray(Image.open(frame["path"])), cmap="gray", vmin=0, vmax=255)
-        for mask, color in ((truth[i, 0], "lime"), (pred[i, 0], "red")):
+        for mask, color in ((frame["full_label"][0], "lime"), (pred[0], "red")):
             if mask.any():
                 ax.contour(mask.numpy(), levels=[0.5], colors=color, linewidths=1.2)
-        ax.set_title(f"{frame['subject']}_{frame['img']}: Dice {scores[i]:.3f}", fontsize=9)
+        ax.set_title(f"{frame['subject']}_{frame['img']}: Dice {score:.3f}", fontsize=9)
         ax.axis("off")
     handles = [Line2D([], [], color="lime", label="true nerve"), Line2D([], [], color="red", label="predicted")]
     fig.legend(handles=handles, loc="lower center", ncol=2)

@@ -648,8 +648,28 @@ def _write_ct_series(
         folder / f"{study_date:%m-%d-%Y}-StudyID-NA-{study_uid[-5:]}" / f"{series_number}.000000-NA-{series_uid[-5:]}"
     )
     series_dir.mkdir(parents=True)
-    (sx, sy, sz), (x0, y0, z0) = spacing, corner
-    common = {
+    common = _ct_series_tags(patient, ct.shape, spacing, (study_uid, series_uid, frame_uid), study_date, series_number)
+    (x0, y0, z0), sz = corner, spacing[2]
+    for number, k in enumerate(range(ct.shape[2] - 1, -1, -1), start=1):  # instance 1 is the top slice
+        ds = Dataset()
+        ds.update(common)
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[token, "image", str(k)])
+        ds.InstanceNumber = number
+        ds.ImagePositionPatient = [x0, y0, round(z0 + k * sz, 3)]
+        ds.SliceLocation = ds.ImagePositionPatient[2]
+        ds.PixelData = (ct[:, :, k].T.astype(np.int32) - DICOM_RESCALE_INTERCEPT).astype("<u2").tobytes()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.save_as(series_dir / f"1-{number:03d}.dcm", enforce_file_format=True)
+
+
+def _ct_series_tags(patient: str, shape: tuple[int, int, int], spacing: tuple[float, float, float], uids: tuple,
+                    study_date: datetime.date, series_number: int) -> dict:  # fmt: skip
+    """The tags every slice of a synthetic CT series shares, as TCIA's NSCLC-Radiomics series carry them."""
+    (sx, sy, sz), (study_uid, series_uid, frame_uid) = spacing, uids
+    return {
         "SOPClassUID": CTImageStorage,
         "StudyInstanceUID": study_uid,
         "SeriesInstanceUID": series_uid,
@@ -669,8 +689,8 @@ def _write_ct_series(
         "SliceThickness": sz,
         "PixelSpacing": [sy, sx],  # DICOM order: row spacing (between rows, along y), then column spacing
         "ImageOrientationPatient": [1, 0, 0, 0, 1, 0],
-        "Rows": ct.shape[1],
-        "Columns": ct.shape[0],
+        "Rows": shape[1],
+        "Columns": shape[0],
         "SamplesPerPixel": 1,
         "PhotometricInterpretation": "MONOCHROME2",
         "BitsAllocated": 16,
@@ -681,19 +701,6 @@ def _write_ct_series(
         "RescaleSlope": 1,
         "RescaleType": "HU",
     }
-    for number, k in enumerate(range(ct.shape[2] - 1, -1, -1), start=1):  # instance 1 is the top slice
-        ds = Dataset()
-        ds.update(common)
-        ds.SOPInstanceUID = generate_uid(entropy_srcs=[token, "image", str(k)])
-        ds.InstanceNumber = number
-        ds.ImagePositionPatient = [x0, y0, round(z0 + k * sz, 3)]
-        ds.SliceLocation = ds.ImagePositionPatient[2]
-        ds.PixelData = (ct[:, :, k].T.astype(np.int32) - DICOM_RESCALE_INTERCEPT).astype("<u2").tobytes()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.save_as(series_dir / f"1-{number:03d}.dcm", enforce_file_format=True)
 
 
 def _dilate_in_plane(mask: np.ndarray) -> np.ndarray:

@@ -103,3 +103,11 @@ def test_segmentation_scripts_threshold_with_cfg_threshold(script, load_script):
     assert 0 < module.cfg.threshold < 1
     source = (REPO_ROOT / f"{script}.py").read_text()
     assert "cfg.threshold" in source
+
+
+@pytest.mark.parametrize("module", sorted(path.stem for path in REPO_ROOT.glob("*.py")))
+def test_no_function_of_the_repository_longer_than_60_lines(module):
+    tree = ast.parse((REPO_ROOT / f"{module}.py").read_text())
+    functions = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    long = {f.name: f.end_lineno - f.lineno + 1 for f in functions if f.end_lineno - f.lineno + 1 > MAX_FUNCTION_LINES}
+    assert not long, (module, long)
