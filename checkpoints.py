@@ -21,7 +21,10 @@ import dataclasses
 import math
 import os
 import random
+import runpy
+import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -36,9 +39,17 @@ from dice import log_epoch, plot_dice_history, tensorboard_writer
 
 BEST_MODEL = "best_model.pt"  # the weights of the best epoch by the validation metric, with their configuration
 LAST_CHECKPOINT = "last_checkpoint.pt"  # everything after the last epoch done, to go on from (resume=True)
+PREDICT = os.environ.get("PREDICT") or None  # PREDICT=<folder or file> python <script>.py: predict, no training
+CHECKPOINT = os.environ.get("CHECKPOINT") or None  # ... with these weights (default: output_dir/best_model.pt)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, unreadable, another script's, or (resuming) another network's.
+    From the command line it ends the run in one line, `Checkpoint problem: <message>` (one_line_data_problems)."""
 
 
 # %% The configuration
+PATH_TYPES = (Path, Path | None, "Path", "Path | None")  # fields whose text values become paths
 
 
 class BaseConfig:
@@ -51,6 +62,7 @@ class BaseConfig:
     """
 
     QUICK_RUN: ClassVar[dict] = {}
+    AS_TRAINED: ClassVar[tuple[str, ...]] = ()  # settings prediction takes from the checkpoint (`as_trained`)
 
     def __new__(cls, *args, **kwargs):
         self = super().__new__(cls)
@@ -68,7 +80,7 @@ class BaseConfig:
                 if name not in getattr(self, "_given", ()):
                     setattr(self, name, value)
         for f in dataclasses.fields(self):
-            if f.type in (Path, "Path") and isinstance(getattr(self, f.name), str):
+            if f.type in PATH_TYPES and isinstance(getattr(self, f.name), str):
                 setattr(self, f.name, Path(getattr(self, f.name)))
 
     @classmethod
@@ -138,21 +150,39 @@ def resume(output_dir: str | Path, device: torch.device, **parts) -> tuple[int, 
     """Load `last_checkpoint.pt` into each part; return (the first epoch still to train, the history so far).
 
     Without the file, says so and returns (1, []). A checkpoint of another network or optimizer than the parts
-    given is one clear error, not PyTorch's list of missing keys.
+    given is one clear error (CheckpointError), not PyTorch's list of missing keys. A `scheduler` part is not
+    loaded but fast-forwarded (`fast_forward`): its saved state would bring back the first run's schedule.
     """
     path = Path(output_dir) / LAST_CHECKPOINT
     if not path.is_file():
         print(f"resume=True but {path} does not exist: starting at epoch 1")
         return 1, []
-    state = torch.load(path, map_location=device, weights_only=True)
     try:
+        state = torch.load(path, map_location=device, weights_only=True)
         for name, part in parts.items():
-            part.load_state_dict(state[name])
-    except (RuntimeError, ValueError, KeyError) as err:
-        detail = str(err).strip().splitlines()[0][:200]
-        raise ValueError(f"{path} was written with another configuration than this one: {detail}") from None
+            if name != "scheduler":
+                part.load_state_dict(state[name])
+    except (RuntimeError, ValueError, KeyError, EOFError, OSError) as err:
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} was written with another configuration than this one: {detail}") from None
+    if "scheduler" in parts:
+        fast_forward(parts["scheduler"], state["epoch"])
     print(f"Resuming from {path}: {state['epoch']} epoch(s) done")
     return state["epoch"] + 1, state["history"]
+
+
+def fast_forward(scheduler, epochs: int) -> None:
+    """Set `scheduler` (built with this run's settings) and its optimizer's learning rates to where they are after
+    `epochs` epochs of this run's schedule, one step per epoch. Resuming with another `max_epochs` (or lr) then
+    follows the schedule a fresh run of that length would: a cosine's saved state would keep the first run's T_max
+    (0.003, 0.0015, 0.0, then back up to 0.0015, measured)."""
+    for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = group["initial_lr"] = base_lr
+    scheduler.last_epoch = 0
+    with warnings.catch_warnings():  # stepping before any optimizer.step() is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(epochs):
+            scheduler.step()
 
 
 def best_so_far(path: str | Path) -> tuple[float, int]:
@@ -383,16 +413,79 @@ def end_if_stopped(history: History) -> None:
         raise SystemExit(1)
 
 
-def load_best(cfg, build_model: Callable, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """(the model of output_dir/best_model.pt in eval mode on `device`, the checkpoint). The network is built with
-    the configuration it was trained with, saved beside its weights, whatever `cfg` says now."""
-    path = Path(cfg.output_dir) / BEST_MODEL
+def read_checkpoint(path: str | Path, cfg, device: torch.device) -> dict:
+    """The best-model checkpoint at `path`, checked to be one of this script's: it holds weights and the
+    configuration they were trained with, and that configuration has this script's settings. Raises
+    CheckpointError with one line saying what is wrong, never a traceback from inside torch.load."""
+    path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: train first (the Train cell), or point output_dir at a run")
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
+        raise CheckpointError(f"{path} not found: train first (the Train cell), or set checkpoint= to a best_model.pt")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # torch raises several kinds on a damaged file, a zip of something else, a pickle
+        problem = f"not a file torch.save wrote, or a damaged one ({type(err).__name__})"
+        raise CheckpointError(f"{path} cannot be read as a checkpoint: {problem}") from None
+    if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
+        raise CheckpointError(f"{path} is not a best_model.pt of these scripts (no weights with their configuration)")
+    names = {f.name for f in dataclasses.fields(type(cfg))}
+    lacking = sorted(name for name in type(cfg).AS_TRAINED if name not in checkpoint["config"])
+    foreign = sorted(set(checkpoint["config"]) - names)
+    if lacking or len(foreign) > len(names) // 4:  # a few settings renamed since: still this script
+        raise CheckpointError(
+            f"{path} was written by another script: it lacks {', '.join(lacking[:4]) or 'none of'} this script's "
+            f"settings and has {', '.join(foreign[:4]) or 'no'} other ones"
+        )
+    return checkpoint
+
+
+def load_best(cfg, build_model: Callable, device: torch.device, path: str | Path | None = None):
+    """(the model of `path` (default: output_dir/best_model.pt) in eval mode on `device`, the checkpoint). The
+    network is built with the configuration it was trained with, saved beside its weights, whatever `cfg` says now."""
+    path = Path(path) if path is not None else Path(cfg.output_dir) / BEST_MODEL
+    checkpoint = read_checkpoint(path, cfg, device)
     model = build_model(type(cfg).from_dict(checkpoint["config"])).to(device)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as err:
+        detail = str(err).strip().splitlines()[0][:160]
+        message = f"{path}: its weights do not fit the network of its own configuration ({detail})"
+        raise CheckpointError(message) from None
     return model.eval(), checkpoint
+
+
+def as_trained(cfg, checkpoint: dict):
+    """`cfg` with the settings the checkpoint's network was trained with for those in `AS_TRAINED` (voxel size,
+    window, image size, threshold...): a network has only learnt to read inputs prepared as in its training, whatever
+    `cfg` says now (a Predict cell run in a fresh kernel, or after an inline edit)."""
+    saved = checkpoint["config"]
+    return dataclasses.replace(cfg, **{name: _as_tuples(saved[name]) for name in cfg.AS_TRAINED})
+
+
+def _as_tuples(value):
+    """Lists (as a configuration may come back from a file) as the tuples the Config fields hold."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def load_trained(cfg, build_model: Callable, device: torch.device):
+    """What a Predict cell needs: (the trained model in eval mode, `cfg` with the settings it was trained with
+    (`as_trained`), the checkpoint). The weights are `cfg.checkpoint` where set, else output_dir/best_model.pt."""
+    path = getattr(cfg, "checkpoint", None) or Path(cfg.output_dir) / BEST_MODEL
+    model, checkpoint = load_best(cfg, build_model, device, path)
+    trained = as_trained(cfg, checkpoint)
+    settings = ", ".join(f"{name}={getattr(trained, name)!r}" for name in cfg.AS_TRAINED)
+    print(f"Predicting with {path} (epoch {checkpoint['epoch']}, {checkpoint['metric_name']} "
+          f"{checkpoint['metric']:.4f}{', a QUICK run' if trained.quick else ''}): {settings}")  # fmt: skip
+    return model, trained, checkpoint
+
+
+def predict_only(script: str | Path) -> None:
+    """`PREDICT=<folder or file> python <script>.py`: the script's Predict cell alone, with the trained model, then
+    exit. The script is run again as a module (`runpy`): that defines every stage and runs no cell's guard, as a
+    fresh kernel running Imports, Configuration and Predict would; its `cfg` reads PREDICT (and CHECKPOINT) from
+    the environment. Exit status 1 when nothing could be predicted."""
+    stages = runpy.run_path(str(script), run_name="predict_only")
+    written = stages["predict"](stages["cfg"], stages["cfg"].predict_inputs)
+    sys.exit(0 if written or not distributed.is_main() else 1)  # under torchrun process 0 alone predicts
 
 
 def run_summary(cfg, data, history: History, best: str, outputs: list[str], pictures=()) -> str:

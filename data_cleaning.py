@@ -21,8 +21,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import pydicom
 from PIL import Image
+from pydicom.pixels import get_decoder
 from tqdm import tqdm
+
+from checkpoints import CheckpointError, save_atomically
 
 
 class DatasetError(FileNotFoundError):
@@ -34,13 +38,16 @@ class DatasetError(FileNotFoundError):
 
 def one_line_data_problems() -> None:
     """From the command line, a DatasetError ends the run with one line, `Data problem: <message>`, and exit status
-    1, instead of a traceback through the script's cells: the message already says what was expected where. Other
-    errors keep their traceback. In a notebook IPython shows errors its own way (it does not use sys.excepthook)."""
+    1, instead of a traceback through the script's cells: the message already says what was expected where (a
+    CheckpointError likewise, `Checkpoint problem: <message>`). Other errors keep their traceback. In a notebook
+    IPython shows errors its own way (it does not use sys.excepthook)."""
     previous = sys.excepthook
 
     def excepthook(kind, value, trace):
         if issubclass(kind, DatasetError):
             sys.stderr.write(f"Data problem: {value}\n")
+        elif issubclass(kind, CheckpointError):
+            sys.stderr.write(f"Checkpoint problem: {value}\n")
         else:
             previous(kind, value, trace)
 
@@ -603,3 +610,226 @@ def transformed_or_skipped(transforms, item: dict, skipped: Skipped) -> dict | N
             raise
         skipped.skip(item["image"], unusable.problem, unusable.detail.removeprefix(f"{item['image']} "))
         return None
+
+
+# %% The user's own files: what the Predict cells read and write
+# A Predict cell runs a trained model on files nobody here has seen: any size, bit depth, orientation, slice order,
+# file naming. Each file (or DICOM series) that cannot be used is named on one line, skipped and counted, and the
+# others are still predicted; the user's files are only ever read.
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+NOT_A_SLICE = ("DICOMDIR",)  # the index file of a DICOM CD: DICOM, but no image
+
+
+def expand_inputs(inputs) -> list[Path]:
+    """The entries of `inputs` (a folder, a file, or a list of either): a folder gives its files and subfolders,
+    sorted by name, hidden ones left out; a file or folder given in a list is kept as it is. Raises DatasetError
+    naming an input that does not exist."""
+    entries = []
+    for item in [inputs] if isinstance(inputs, (str, Path)) else list(inputs):
+        path = Path(item).expanduser()
+        if not path.exists():
+            raise DatasetError(f"{path} not found: nothing to predict there")
+        if path.is_dir() and isinstance(inputs, (str, Path)):
+            entries += sorted(p for p in path.iterdir() if not p.name.startswith("."))
+        else:
+            entries.append(path)
+    return entries
+
+
+def has_dicom_preamble(path: Path) -> bool:
+    """Whether the file says it is DICOM ("DICM" after its 128-byte preamble), whatever its name."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom(path: Path) -> bool:
+    """A DICOM file by its name (.dcm) or by its content: TCIA and PACS exports often have no extension."""
+    return path.is_file() and (path.suffix.lower() in DICOM_SUFFIXES or has_dicom_preamble(path))
+
+
+def read_dicom_image(path: Path) -> pydicom.Dataset:
+    """The DICOM dataset of `path` with its pixels decodable; raises Unusable saying why not (missing, not DICOM,
+    truncated, compressed without an installed decoder), never an error from deep inside pydicom."""
+    if not path.is_file():
+        raise Unusable("missing DICOM", f"{path} not found")
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as err:  # pydicom raises several kinds on a damaged or non-DICOM file
+        raise Unusable("unreadable DICOM", f"{path}: {err}") from err
+    if "PixelData" not in ds:
+        sop_class = ds.get("file_meta", {}).get("MediaStorageSOPClassUID") or ds.get("SOPClassUID")
+        if "Rows" in ds or (sop_class is not None and "Image" in sop_class.name):  # an image's file, cut short
+            raise Unusable("truncated DICOM", f"{path} ends after {path.stat().st_size:,} bytes, before its pixels")
+        raise Unusable("no pixel data", f"{path} holds no image (a DICOM of another kind: {sop_class or 'unknown'})")
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is not None and syntax.is_compressed:
+        decoder = get_decoder(syntax)
+        if not decoder.is_available:
+            needs = "; ".join(decoder.missing_dependencies)
+            raise Unusable("no decoder", f"{path} is compressed as {syntax.name}, install one of: {needs}")
+    return ds
+
+
+def dicom_pixels(ds: pydicom.Dataset) -> np.ndarray:
+    """The stored pixels of a dataset read by `read_dicom_image` as float32, the rescaling applied (HU for CT)."""
+    try:
+        pixels = ds.pixel_array.astype(np.float32)
+    except Exception as err:  # the decoder plugins raise RuntimeError, ValueError, OSError...
+        raise Unusable("undecodable pixel data", f"{ds.filename}: {err}") from err
+    return pixels * np.float32(ds.get("RescaleSlope", 1)) + np.float32(ds.get("RescaleIntercept", 0))
+
+
+def read_radiograph(path: Path) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """(the pixels of a grayscale radiograph as float32 (H, W), bright = dense; the pixel spacing (rows, columns)
+    in mm where a DICOM gives one, else None). DICOM by name or content (RescaleSlope/Intercept applied,
+    MONOCHROME1, where bright means air, inverted), else any image Pillow reads (PNG, JPEG, TIFF; 8 or 16 bits;
+    RGB turned gray). Values as stored: the caller normalises them as its network was trained. Raises Unusable."""
+    if not is_dicom(path):
+        try:
+            return read_gray(path), None
+        except Unusable as err:
+            reason = err.__cause__ or err.detail  # Pillow's own words
+            raise Unusable("unreadable image", f"{path} is neither DICOM nor an image Pillow reads ({reason})") from err
+    ds = read_dicom_image(path)
+    pixels = dicom_pixels(ds)
+    if pixels.ndim != 2:
+        raise Unusable("not a grayscale radiograph", f"{path} has pixel array shape {pixels.shape}")
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        pixels = pixels.max() + pixels.min() - pixels  # same range, reversed
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")  # at the patient, else at the detector
+    return pixels, (float(spacing[0]), float(spacing[1])) if spacing else None
+
+
+def ct_inputs(inputs) -> list[Path]:
+    """The CT volumes among `inputs`: NIfTI files, and folders holding one DICOM series each (any file names).
+    A folder given as `inputs` that itself holds DICOM files is one series; otherwise its NIfTI files and each of
+    its subfolders (searched down to the folders that hold DICOM files) are inputs, and any other file too, so
+    that it is named when it cannot be read."""
+    if isinstance(inputs, (str, Path)) and Path(inputs).is_dir() and any(map(is_dicom, Path(inputs).iterdir())):
+        return [Path(inputs)]
+    found = []
+    for path in expand_inputs(inputs):
+        if path.is_dir():
+            series = sorted({p.parent for p in path.rglob("*") if p.name not in NOT_A_SLICE and is_dicom(p)})
+            found += series or [path]  # a folder without DICOM files: named when it is read
+        else:
+            found.append(path)
+    return found
+
+
+def read_ct(path: Path) -> nib.Nifti1Image:
+    """The CT of `path` as a NIfTI image (voxels in HU, its affine in RAS mm): a NIfTI file as stored (checked
+    with `check_volume`), or the DICOM series of a folder (`read_dicom_series`), then built in memory with the
+    series' geometry. Raises Unusable naming the file at fault."""
+    if path.is_dir():
+        hu, affine = read_dicom_series(path)
+        return nib.Nifti1Image(hu, affine)
+    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+        raise Unusable("not a CT", f"{path} is neither a NIfTI file (.nii, .nii.gz) nor a folder of DICOM files")
+    try:
+        img = check_volume(path)
+        np.asanyarray(img.dataobj)  # decode now: a file damaged inside fails here, named
+    except Unusable as err:
+        raise Unusable(err.problem, f"{path}: {err.detail}") from err
+    except Exception as err:  # nibabel, gzip and zlib raise several kinds on a file damaged inside
+        raise Unusable("unreadable", f"{path} cannot be decoded ({type(err).__name__}: {err})") from err
+    return img
+
+
+def read_dicom_series(series_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(HU volume float32 (X, Y, Z), its NIfTI affine (RAS mm)) of the DICOM series in `series_dir`.
+
+    Every file of the folder that is DICOM by name (.dcm) or by content is a slice, so extension-less exports
+    read too. Axes as NIfTI and MONAI order them: X = DICOM columns, Y = rows, Z = slices sorted by
+    ImagePositionPatient projected on the slice normal, never by file name or InstanceNumber (TCIA numbers series
+    from the head down; exports number them any way). Raises Unusable, naming the slice at fault where there is
+    one, for an unreadable or truncated slice, several series, a missing slice, inconsistent slices.
+    """
+    files = sorted(p for p in series_dir.iterdir() if p.name not in NOT_A_SLICE and is_dicom(p))
+    datasets = [read_dicom_image(path) for path in files]
+    check_slices(datasets, series_dir)
+    row_dir, col_dir = np.array(datasets[0].ImageOrientationPatient, dtype=np.float64).reshape(2, 3)  # DICOM: the
+    # direction of a row (columns increase), of a column (rows increase)
+    datasets, positions = sort_by_position(datasets, np.cross(row_dir, col_dir), series_dir)
+    # Stored values to HU slice by slice (the slope and intercept may differ between slices); (columns, rows) = (X, Y)
+    hu = np.stack([dicom_pixels(ds).T for ds in datasets], axis=-1)
+
+    row_spacing, col_spacing = (float(s) for s in datasets[0].PixelSpacing)  # DICOM order: between rows, columns
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * col_spacing  # one column to the next: along the row direction, by the column spacing
+    lps[:3, 1] = col_dir * row_spacing
+    lps[:3, 2] = (positions[-1] - positions[0]) / (len(datasets) - 1)  # one slice to the next (a tilt included)
+    lps[:3, 3] = positions[0]
+    return hu, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM's patient axes are LPS, NIfTI's RAS: x and y flip
+
+
+def check_slices(datasets: list, series_dir: Path) -> None:
+    """Raise Unusable unless the files of `series_dir` are one series of at least 2 slices, each with its geometry,
+    all of the same orientation, size and pixel spacing."""
+    uids = Counter(str(ds.get("SeriesInstanceUID", "none")) for ds in datasets)
+    if len(uids) > 1:
+        series = ", ".join(f"{n} files of ...{uid[-10:]}" for uid, n in uids.most_common())
+        raise Unusable("mixed series", f"{series_dir} holds {len(uids)} SeriesInstanceUIDs ({series})")
+    if len(datasets) < 2:
+        raise Unusable("too few slices", f"{len(datasets)} DICOM file(s) in {series_dir}")
+    for keyword in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
+        lacking = [ds.filename for ds in datasets if keyword not in ds]
+        if lacking:
+            raise Unusable("no geometry", f"{lacking[0]} (and {len(lacking) - 1} more) lacks {keyword}")
+    orientations = np.array([ds.ImageOrientationPatient for ds in datasets], dtype=np.float64)
+    sizes = {(int(ds.Rows), int(ds.Columns), tuple(float(s) for s in ds.PixelSpacing)) for ds in datasets}
+    if not np.allclose(orientations, orientations[0], atol=1e-4) or len(sizes) > 1:
+        raise Unusable("inconsistent slices", f"orientation, size or pixel spacing differs in {series_dir}")
+
+
+def sort_by_position(datasets: list, normal: np.ndarray, series_dir: Path) -> tuple[list, np.ndarray]:
+    """(the slices sorted along the slice normal, their ImagePositionPatient (n, 3) in LPS mm, in that order).
+
+    Raises Unusable for two slices at one position, a missing slice or uneven spacing: the affine's one step from
+    slice to slice would place the voxels beyond the gap wrongly."""
+    positions = np.array([ds.ImagePositionPatient for ds in datasets], dtype=np.float64)
+    order = np.argsort(positions @ normal, kind="stable")
+    datasets, positions = [datasets[i] for i in order], positions[order]
+    along = positions @ normal  # mm along the normal, increasing
+    gaps = np.diff(along)
+    step = float(np.median(gaps))
+    if gaps.min() < 1e-3:
+        raise Unusable("duplicate slice position", f"two slices at {along[gaps.argmin()]:.2f} mm in {series_dir}")
+    if np.abs(gaps - step).max() > 0.1 * step:  # real series are evenly spaced to well under 1%
+        i = int(np.abs(gaps - step).argmax())
+        where = f"{gaps[i]:.2f} mm between the slices at {along[i]:.2f} and {along[i + 1]:.2f} mm along the normal"
+        problem = "missing slice" if gaps[i] > 1.5 * step else "uneven slice spacing"
+        raise Unusable(problem, f"{where}, {step:.2f} mm elsewhere, in {series_dir}")
+    return datasets, positions
+
+
+def save_mask_nifti(path: Path, mask: np.ndarray, affine: np.ndarray) -> None:
+    """A 0/1 uint8 mask on its CT's voxel grid (the CT's shape; its affine as both sform and qform, scanner
+    coordinates in mm), written atomically: a crash never leaves half a mask."""
+    out = nib.Nifti1Image(mask.astype(np.uint8), affine)
+    out.set_sform(affine, code=1)
+    out.set_qform(affine, code=1)
+    out.header.set_xyzt_units("mm", "sec")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Gzipped by hand: nib.save picks the format by the file's extension, and the temporary file's is ".partial".
+    save_atomically(path, lambda partial: partial.write_bytes(gzip.compress(out.to_bytes(), compresslevel=1)))
+
+
+def volume_ml(mask: np.ndarray, affine: np.ndarray) -> float:
+    """The volume of a mask in mL: its voxels times the voxel's volume (the affine's determinant, mm^3 / 1000)."""
+    return float(mask.sum()) * abs(float(np.linalg.det(affine[:3, :3]))) / 1000
+
+
+def mask_name(path: Path, suffix: str) -> str:
+    """The output name for input `path`: its name without image extensions, plus `suffix` ("_mask.png")."""
+    name = path.name
+    for ext in (*NIFTI_SUFFIXES[::-1], *DICOM_SUFFIXES, ".png", ".jpg", ".jpeg", ".tif", ".tiff"):
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+            break
+    return name + suffix

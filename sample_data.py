@@ -789,18 +789,21 @@ class FoundDataset(NamedTuple):
     synthetic: bool
 
 
-def find_dataset(name: str, data_dir: Path = DATA_DIR) -> FoundDataset:
+def find_dataset(name: str, data_dir: Path = DATA_DIR, say: bool = True) -> FoundDataset:
     """The real dataset `data_dir/name` when it is there, else its synthetic stand-in (written if missing).
 
-    Prints which one it is, so that nobody mistakes a score on synthetic data for a real result.
+    Prints which one it is, so that nobody mistakes a score on synthetic data for a real result (`say=False`: a
+    second look, by a Predict cell, after the Data cell said it).
     """
     real = Path(data_dir) / name
     if real.is_dir() and any(real.iterdir()):
-        print(f"Using the real dataset in {real}")
+        if say:
+            print(f"Using the real dataset in {real}")
         return FoundDataset(real, synthetic=False)
     sample = write_dataset(name, Path(data_dir) / "sample")
     missing = "is empty" if real.is_dir() else "not found"
-    print(f"{real} {missing}: using the SYNTHETIC sample in {sample} (README.md says where the real data goes)")
+    if say:
+        print(f"{real} {missing}: using the SYNTHETIC sample in {sample} (README.md says where the real data goes)")
     return FoundDataset(sample, synthetic=True)
 
 

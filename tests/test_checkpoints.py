@@ -233,3 +233,29 @@ def test_training_run_resumes_and_stops_on_ctrl_c_or_a_nan_with_one_line(tmp_pat
     assert ended.value.code == 1 and "No epoch of 2 gave a finite val_dice" in capsys.readouterr().out
     with pytest.raises(ValueError, match="another error"):  # any other error is not a stop: it goes through
         train(replace(cfg, output_dir=tmp_path / "other"), metrics, 1, ValueError("another error"))
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step", "poly"])
+def test_resuming_with_more_epochs_follows_the_schedule_of_a_fresh_run_that_long(tmp_path, schedule):
+    def learning_rates(cfg) -> list[float]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        scheduler = {
+            "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.max_epochs),
+            "step": lambda: torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.max_epochs // 2, gamma=0.1),
+            "poly": lambda: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: (1 - e / cfg.max_epochs) ** 0.9),
+        }[schedule]()
+        with TrainingRun(cfg, "val_dice", model=model, optimizer=optimizer, scheduler=scheduler) as run:
+            for epoch in run.epochs():
+                model(torch.ones(1, 2)).sum().backward()
+                optimizer.step()
+                scheduler.step()
+                run.end_epoch(val_dice=0.1 * epoch)
+        return [row["lr"] for row in run.history]
+
+    fresh = learning_rates(RecipeConfig(output_dir=tmp_path / "fresh", max_epochs=4, lr=0.003))
+    learning_rates(RecipeConfig(output_dir=tmp_path / "resumed", max_epochs=2, lr=0.003))
+    resumed = learning_rates(RecipeConfig(output_dir=tmp_path / "resumed", max_epochs=4, lr=0.003, resume=True))
+    assert resumed[2:] == pytest.approx(fresh[2:], abs=1e-12)  # epochs 3 and 4 as in a 4-epoch run
+    assert len(set(fresh)) > 1  # the schedule moves: the comparison means something
