@@ -8,7 +8,8 @@ voxels, HU window -1000..500, random lesion/background crops of 192x192x16, affi
 BasicUNet, Dice + cross-entropy, Adam. Every `val_interval` epochs it segments the validation cases with a sliding
 window, maps the predictions back onto each scan's own grid and scores them there (Dice per case, the challenge
 metric, and global Dice); the best epoch by mean Dice is kept. Finally it segments the unlabelled `Validation/`
-scans and writes one `NNN.nii.gz` mask per case with the scan's exact shape and affine, as the challenge expects.
+scans and writes one `NNN.nii.gz` mask per case with the scan's exact shape and affine, as the challenge expects;
+the same Predict cell segments your own CTs (NIfTI files or DICOM series) with the trained model.
 Challenge: https://covid-segmentation.grand-challenge.org/ ; baseline:
 https://github.com/Project-MONAI/tutorials/tree/main/3d_segmentation/challenge_baseline
 
@@ -17,22 +18,24 @@ Data: `data/COVID-19-20_v2/` as unzipped (`Train/volume-covid19-A-XXXX_ct.nii.gz
 (written when missing), and the script says so.
 Outputs: `output/covid_ct_segmentation/`: `best_model.pt`, `last_checkpoint.pt`, `history.csv`, `dice_per_epoch.png`,
 `batch.png`, `val_per_case.csv`, `val_predictions.png` (true and predicted outlines; copied to `Images/` for the
-README when the synthetic sample was used), `submission/NNN.nii.gz` (one mask per `Validation/` scan).
+README when the synthetic sample was used), `predictions/NNN.nii.gz` (one mask per `Validation/` scan: the
+submission) and `predictions/predictions.csv` (lesion volume per scan in mL).
 
 Run: `python covid_ct_segmentation.py` (`QUICK=1` for a short first try), or cell by cell in VS Code or Jupyter,
 each cell leaving its result to look at: `cfg`, `data`, `batch`, `model`, `history`, `per_case`. Edit the
 configuration inline (`cfg = Config(max_epochs=50)`) and run the cells below again; after Ctrl-C,
 `Config(resume=True)` goes on. On several GPUs: `torchrun --nproc_per_node=4 covid_ct_segmentation.py` (README:
-several GPUs and machines).
+several GPUs and machines). Your own CTs with a trained model, no training: `PREDICT=<folder or file> python
+covid_ct_segmentation.py` (`CHECKPOINT=<best_model.pt>` for other weights).
 """
 
 # %% Imports
-import gzip
 import logging
 import os
 import sys
+import tempfile
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -65,27 +68,38 @@ from tqdm import tqdm
 
 import distributed
 from checkpoints import (
+    CHECKPOINT,
+    PREDICT,
     BaseConfig,
     EpochLoss,
     History,
     TrainingRun,
+    as_trained,
     end_if_stopped,
     load_best,
+    load_trained,
+    predict_only,
     readme_pictures,
     run_summary,
     save_atomically,
     seed_everything,
 )
 from data_cleaning import (
+    COVID_CASE_NAME,
     Data,
     DatasetError,
     Skipped,
+    Unusable,
     cache_dataset,
+    ct_inputs,
     damaged_file_stops_the_run,
     find_covid_cases,
+    mask_name,
     one_line_data_problems,
-    transformed_or_skipped,
+    read_ct,
+    save_mask_nifti,
     undecodable_named,
+    volume_ml,
 )
 from dice import DiceAccumulator, save_figure, show
 from precision import autocast, grad_scaler
@@ -106,13 +120,13 @@ DEVICE = distributed.device()  # picked once: the GPU if any (under torchrun, th
 @dataclass
 class Config(BaseConfig):
     data_dir: Path = ROOT / "data"  # holds COVID-19-20_v2/ as unzipped; else data/sample/ is used
-    output_dir: Path = ROOT / "output" / "covid_ct_segmentation"  # weights, history, plots, submission masks
+    output_dir: Path = ROOT / "output" / "covid_ct_segmentation"  # weights, history, plots, predicted masks
     images_dir: Path = ROOT / "Images"  # the README's pictures: val_predictions.png is copied there, from runs on
     # the synthetic sample only (pictures of real patients never land in a folder of the repository)
     seed: int = 0  # one seed for the split, the initial weights and the augmentation
     val_fraction: float = 0.2  # of the labelled cases, drawn by case (the baseline took the last 20% by name)
     max_cases: int | None = None  # labelled cases used, the first by name (None: all 199)
-    max_infer_cases: int | None = None  # Validation/ scans segmented (None: all 50, a submission)
+    max_infer_cases: int | None = None  # Validation/ scans segmented by default (None: all 50, a submission)
     pixdim: tuple[float, float, float] = (1.25, 1.25, 5.0)  # voxel size (mm) the network sees, the baseline's
     hu_window: tuple[float, float] = (-1000.0, 500.0)  # HU mapped to 0..1 and clipped: air to dense tissue
     roi_size: tuple[int, int, int] = (192, 192, 16)  # training crop and sliding window, (x, y, z) voxels;
@@ -144,9 +158,14 @@ class Config(BaseConfig):
     # they would compete with the model for the same cores
     amp: bool = True  # mixed precision on CUDA (bfloat16 where supported, else float16); ignored on the CPU
     examples: int = 3  # validation cases drawn in val_predictions.png
+    predict_inputs: Path | None = PREDICT  # the Predict cell's input: a NIfTI CT, a DICOM series folder, a folder
+    # of these (None: the challenge's Validation/ scans, the submission)
+    checkpoint: Path | None = CHECKPOINT  # the weights the Predict cell uses (None: output_dir/best_model.pt)
     tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
     resume: bool = False  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs
     quick: bool = QUICK  # the quick run below; recorded in the checkpoint: a quick model is not a result
+    AS_TRAINED: ClassVar[tuple[str, ...]] = ("pixdim", "hu_window", "roi_size", "threshold")  # read by prediction
+    # from the checkpoint: the network has only learnt scans at its voxel size and window, in windows of its size
 
     # The quick run (QUICK=1, or Config(quick=True)): a first try in about a minute on a CPU. These replace the
     # defaults above; a setting given explicitly, as in Config(quick=True, max_epochs=5), wins.
@@ -169,6 +188,8 @@ if __name__ == "__main__":
     distributed.setup()  # under torchrun: join the other processes (README: several GPUs); else nothing
     one_line_data_problems()  # from the command line, a data folder unlike the README's is one line
     print(cfg.describe())
+    if PREDICT:  # PREDICT=<folder or file> python covid_ct_segmentation.py: predict, no training (README)
+        predict_only(__file__)
 
 # %% Data
 
@@ -487,13 +508,6 @@ if __name__ == "__main__":
 # %% Evaluate
 
 
-def as_trained(cfg: Config, checkpoint: dict) -> Config:
-    """`cfg` with the voxel size, HU window and window size the checkpoint's network was trained with: it has only
-    learnt to read scans prepared that way, whatever `cfg` says now (a Predict cell run in a fresh kernel, say)."""
-    saved = checkpoint["config"]
-    return replace(cfg, **{name: tuple(saved[name]) for name in ("pixdim", "hu_window", "roi_size")})
-
-
 def evaluate_best(cfg: Config, data: Data) -> pd.DataFrame | None:
     """The best epoch's weights, read back from best_model.pt, on every validation case on its scan's own grid:
     Dice per case (val_per_case.csv; with tta_flips also with flip test-time augmentation) and the outlines
@@ -561,6 +575,15 @@ if __name__ == "__main__":
     show(cfg.output_dir / "val_predictions.png")
 
 # %% Predict
+# The trained network on CTs nobody outlined: NIfTI files (any orientation or voxel size) or folders each holding one
+# DICOM series (any slice order or file names), prepared with the voxel size, HU window and window size saved in
+# best_model.pt. Writes one uint8 mask per CT on that CT's own voxel grid to predictions/ (NNN.nii.gz for the
+# challenge's scans: the submission) and predictions/predictions.csv (lesion volume per CT); the inputs are only read.
+if not {"build_transforms", "build_model", "predict_probability", "to_scan_grid"} <= globals().keys():
+    # A fresh kernel that ran only Imports and Configuration: what prediction shares with training (the Transforms
+    # cell's preparation, the network, the sliding window and the mapping back onto the scan's grid) is imported from
+    # this file, whose guards do not run.
+    from covid_ct_segmentation import build_model, build_transforms, predict_probability, to_scan_grid
 
 
 def submission_name(case_id: str) -> str:
@@ -573,60 +596,91 @@ def submission_name(case_id: str) -> str:
     return f"{int(case_id):03d}.nii.gz"
 
 
-def write_mask(mask: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
-    """Write a 0/1 uint8 mask with the reference scan's header: same shape, affine, sform and qform.
-
-    Written to a temporary file first and renamed, so that a crash never leaves half a mask in the submission.
-    """
-    if mask.shape != reference.shape:
-        raise ValueError(f"Mask {mask.shape} does not match its scan {reference.shape}: {path.name}")
-    out = nib.Nifti1Image(mask.astype(np.uint8), reference.affine, reference.header)
-    out.set_data_dtype(np.uint8)
-    out.header.set_slope_inter(1, 0)  # the CT's rescaling (if any) must not apply to a mask
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Compressed here, not by nib.save: nibabel picks the format from the file name, and the temporary one that
-    # save_atomically writes ends in .partial.
-    save_atomically(path, lambda partial: partial.write_bytes(gzip.compress(out.to_bytes(), compresslevel=6)))
+def output_name(path: Path, used: set[str]) -> str:
+    """The mask's file name: the challenge's `NNN.nii.gz` for its `volume-covid19-A-0NNN_ct.nii.gz` scans (Run All
+    on Validation/ writes the submission), else the input's name (a series: its folder's) + `_lesions.nii.gz`; a
+    name already given in this run gets a number (two folders' `ct.nii.gz`), never overwriting."""
+    match = COVID_CASE_NAME.fullmatch(path.name)
+    name = submission_name(match[1]) if match and match[2] == "ct" else mask_name(path, "_lesions.nii.gz")
+    stem, n = name.removesuffix(".nii.gz"), 1
+    while name in used:
+        n += 1
+        name = f"{stem}_{n}.nii.gz"
+    used.add(name)
+    return name
 
 
-def predict_folder(model, folder: Path, cfg: Config, out_dir: Path) -> list[Path]:
-    """Segment every usable scan of an unlabelled folder and write `out_dir/NNN.nii.gz` on the scan's own grid;
-    returns the masks written. A scan that cannot be used is named, skipped and counted; the others are segmented."""
-    transforms = build_transforms(cfg, "infer")
-    skipped = Skipped("file")
-    cases = find_covid_cases(folder, skipped, labelled=False)
-    if cfg.max_infer_cases is not None and len(cases) > cfg.max_infer_cases:
-        cases = cases[: cfg.max_infer_cases]
-        print(f"Segmenting the first {len(cases)} scans of {folder} only (max_infer_cases): not a complete submission")
-    written = []
-    for case in tqdm(cases, desc="segmenting", leave=False, disable=None):
-        item = transformed_or_skipped(transforms, {"image": case["image"]}, skipped)  # None: damaged inside
-        if item is None:
-            continue
-        prob = predict_probability(model, item["image"], cfg, tta=cfg.tta_flips)
-        mask = (to_scan_grid(prob, item["image"], transforms) > cfg.threshold)[0].numpy()
-        path = out_dir / submission_name(case["case"])
-        write_mask(mask, nib.load(case["image"]), path)
-        written.append(path)
-    print(skipped.summary(f"{folder} ({len(written)} masks written to {out_dir})"))
-    return written
+def default_inputs(cfg: Config) -> list[Path]:
+    """The challenge's unlabelled Validation/ scans (of the sample when the download is missing, as load_data finds
+    them): the submission. The first max_infer_cases only, where set (the quick run's smoke test)."""
+    root, synthetic = find_dataset("COVID-19-20_v2", cfg.data_dir, say=False)  # said below, once
+    scans = ct_inputs(root / "Validation") if (root / "Validation").is_dir() else []  # a stray file: named when read
+    print(f"Segmenting the challenge's test scans, {root / 'Validation'}{' (synthetic)' if synthetic else ''}")
+    if not scans:
+        print(f"No scans in {root / 'Validation'}: no submission (set predict_inputs to predict your own CTs)")
+    if cfg.max_infer_cases is not None and len(scans) > cfg.max_infer_cases:
+        print(f"Segmenting the first {cfg.max_infer_cases} of {len(scans)} Validation/ scans only (max_infer_cases): "
+              "not a complete submission")  # fmt: skip
+        scans = scans[: cfg.max_infer_cases]
+    return scans
 
 
-def predict(cfg: Config, folder: Path) -> list[Path] | None:
-    """The challenge submission for the scans of `folder` (output_dir/submission/NNN.nii.gz), with the best epoch's
-    weights read back from best_model.pt; returns the masks written. Process 0 only (None in the others)."""
+def predict_volume(model, ct: nib.Nifti1Image, path: Path, trained: Config) -> np.ndarray:
+    """The lesion mask (uint8 0/1) of CT `ct` (read from `path`) on its own voxel grid: prepared as the Evaluate
+    cell prepares a validation scan (the Transforms cell's chain, from a NIfTI file), segmented by sliding window,
+    the probabilities mapped back onto the scan's grid (Invertd) and thresholded there."""
+    transforms = build_transforms(trained, "infer")
+    with tempfile.TemporaryDirectory() as tmp:
+        if path.is_dir():  # a DICOM series, read into memory: as a NIfTI file for the same chain (float32 HU)
+            path = Path(tmp) / "series.nii"
+            nib.save(ct, path)
+        image = transforms({"image": str(path)})["image"]  # (1, X, Y, Z) in 0..1, RAS at pixdim
+    if image.min() > 0.25:  # a chest CT has lungs (-850 HU: 0.1 in the default window) and air around the body
+        low, high = trained.hu_window
+        raise Unusable("not a CT in HU", f"{path}: nothing below {low + 0.25 * (high - low):.0f} HU, no lung or air "
+                       "(a mask? a CT stored without its rescaling?)")  # fmt: skip
+    prob = predict_probability(model, image, trained, tta=trained.tta_flips)
+    mask = (to_scan_grid(prob, image, transforms) > trained.threshold)[0].numpy().astype(np.uint8)
+    if mask.shape != ct.shape:  # cannot happen if the inversion is right: fail loudly rather than misplace a mask
+        raise RuntimeError(f"Mask {mask.shape} and CT {ct.shape} differ: {path}")
+    return mask
+
+
+def predict(cfg: Config, inputs=None) -> list[Path]:
+    """The lesion masks of `inputs` (a NIfTI CT, a folder holding one DICOM series, a folder of these, or a list;
+    None: the challenge's Validation/ scans) in output_dir/predictions/, each on its CT's own grid (shape, affine),
+    and predictions.csv: input, mask, lesion_ml, voxels, shape. The weights of cfg.checkpoint (default:
+    output_dir/best_model.pt) with the settings they were trained with (AS_TRAINED). An unusable input is named,
+    skipped and counted. Returns the files written (none if no input could be used). Process 0 only."""
     if not distributed.is_main():
-        return None
-    folder = Path(folder)
-    if not folder.is_dir():
-        print(f"{folder} not found: no masks to submit")
         return []
-    model, checkpoint = load_best(cfg, build_model, DEVICE)
-    return predict_folder(model, folder, as_trained(cfg, checkpoint), cfg.output_dir / "submission")
+    model, trained, _ = load_trained(cfg, build_model, DEVICE)
+    paths = default_inputs(cfg) if inputs is None else ct_inputs(inputs)
+    skipped = Skipped("file", print_limit=10)
+    out_dir = cfg.output_dir / "predictions"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, used = [], set()
+    for path in tqdm(paths, desc="segmenting", leave=False, disable=None):
+        try:
+            ct = read_ct(path)  # checked and decoded here: a damaged file is named, not met inside MONAI
+            mask = predict_volume(model, ct, path, trained)
+        except Unusable as err:
+            skipped.skip(path, err)
+            continue
+        name = output_name(path, used)
+        save_mask_nifti(out_dir / name, mask, ct.affine)
+        rows.append({"input": str(path), "mask": name, "lesion_ml": volume_ml(mask, ct.affine),
+                     "voxels": int(mask.sum()), "shape": "x".join(map(str, mask.shape))})  # fmt: skip
+    table = pd.DataFrame(rows, columns=["input", "mask", "lesion_ml", "voxels", "shape"])
+    save_atomically(out_dir / "predictions.csv", lambda csv: table.to_csv(csv, index=False))
+    print(skipped.summary(f"Segmented {len(rows)} of {len(paths)} CTs into {out_dir} (masks, predictions.csv)"))
+    return [out_dir / row["mask"] for row in rows] + [out_dir / "predictions.csv"] if rows else []
 
 
 if __name__ == "__main__":
-    submission = predict(cfg, data.root / "Validation")
+    predictions = predict(cfg, cfg.predict_inputs)
+    if predictions:  # the lesion volume per CT (the inputs' paths are in the CSV too); process 0 alone predicts
+        show(pd.read_csv(predictions[-1], usecols=["mask", "lesion_ml", "voxels", "shape"]))
 
 # %% Summary
 
@@ -646,5 +700,5 @@ if __name__ == "__main__":
     print(run_summary(cfg, data, history, best_scores(history, per_case),
                       ["best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "batch.png",
                        "val_per_case.csv", "val_predictions.png",
-                       f"submission/ ({len(submission or [])} masks NNN.nii.gz)"],
+                       f"predictions/ ({max(len(predictions) - 1, 0)} masks and predictions.csv)"],
                       pictures))  # fmt: skip

@@ -8,16 +8,18 @@ masks `CHNCXR_####_#_mask.png` anywhere below `data/ChinaSet_AllFiles/`. The fir
 `data/segmentation/` (for the sample: `data/sample/segmentation/`); the download is only read.
 
 Outputs, in `output/lung_xray_unet/`: `best_model.pt`, `last_checkpoint.pt`, `history.csv`, `dice_per_epoch.png`,
-`batch.png`, `predicted_masks/<name>.png` (0/255, each at its film's original size), `test_per_case.csv` (Dice per
-test film) and `test_predictions.png` (true and predicted outlines; copied to `Images/` with `dice_per_epoch.png`
-for the README when the synthetic sample was used).
+`batch.png`, `test_per_case.csv` (Dice per test film at its original size), `test_predictions.png` (true and
+predicted outlines; copied to `Images/` with `dice_per_epoch.png` for the README when the synthetic sample was used)
+and `predictions/`: `<name>_mask.png` (0/255, at the film's own size) and `predictions.csv` (size, lung area) for the
+test films as downloaded, or for your own films.
 
 Run: `python lung_xray_unet.py` from any directory (`QUICK=1` for a short first try: small images, small network,
 fewer epochs), or cell by cell in VS Code or Jupyter, each cell leaving its result to look at: `cfg`, `data`,
-`batch`, `model`, `history`, `per_case`. Edit the configuration inline (`cfg = Config(max_epochs=10)`) and run the
-cells below again. `DATA_DIR`, `OUTPUT_DIR` and `IMAGES_DIR` in the environment move the data, output and picture
-folders (the tests use them). On several GPUs: `torchrun --nproc_per_node=4 lung_xray_unet.py` (README: several
-GPUs and machines).
+`batch`, `model`, `history`, `per_case`, `predictions`. Edit the configuration inline (`cfg = Config(max_epochs=10)`)
+and run the cells below again. `DATA_DIR`, `OUTPUT_DIR` and `IMAGES_DIR` in the environment move the data, output
+and picture folders (the tests use them). On several GPUs: `torchrun --nproc_per_node=4 lung_xray_unet.py` (README:
+several GPUs and machines). Predict on your own films (PNG, JPEG, DICOM) with the trained model, without training:
+`PREDICT=<folder or file> python lung_xray_unet.py` (`CHECKPOINT=<best_model.pt>` for other weights).
 """
 
 # %% Imports
@@ -42,12 +44,16 @@ from tqdm import tqdm
 
 import distributed
 from checkpoints import (
+    CHECKPOINT,
+    PREDICT,
     BaseConfig,
     EpochLoss,
     History,
     TrainingRun,
     end_if_stopped,
     load_best,
+    load_trained,
+    predict_only,
     readme_pictures,
     run_summary,
     save_atomically,
@@ -59,10 +65,14 @@ from data_cleaning import (
     Data,
     DatasetError,
     Skipped,
+    Unusable,
+    expand_inputs,
+    mask_name,
     one_line_data_problems,
     prepare_lung_segmentation,
     read_gray,
     read_lung_mask,
+    read_radiograph,
     to_unit_range,
 )
 from dice import DiceAccumulator, SoftDiceLoss, save_figure, show
@@ -106,9 +116,17 @@ class Config(BaseConfig):
     amp: bool = True  # mixed precision on CUDA (bfloat16 where supported, else float16); ignored on the CPU
     threshold: float = 0.5  # lung probability above which a pixel is lung
     figure_cases: int = 4  # test films shown in test_predictions.png
+    predict_inputs: Path | None = PREDICT  # the Predict cell's input: a folder or a file (None: the test films)
+    checkpoint: Path | None = CHECKPOINT  # the weights the Predict cell uses (None: output_dir/best_model.pt)
     tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
     resume: bool = False  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs
     quick: bool = QUICK  # the quick run below; recorded in the checkpoint: a quick model is not a result
+    # Read by prediction from the checkpoint, whatever the fields above say now: a film is shrunk, normalised and
+    # thresholded as the training films were, and the default inputs are the test films of the split it trained on.
+    AS_TRAINED: ClassVar[tuple[str, ...]] = (
+        *("prepared_size", "image_size", "threshold"),  # the input preparation and the mask
+        *("split_seed", "test_fraction", "include_shenzhen"),  # which films it never saw
+    )
 
     # The quick run (QUICK=1, or Config(quick=True)): a first try in seconds on a CPU. These replace the defaults
     # above; a setting given explicitly, as in Config(quick=True, max_epochs=5), wins.
@@ -128,6 +146,8 @@ if __name__ == "__main__":
     distributed.setup()  # under torchrun: join the other processes (README: several GPUs); else nothing
     one_line_data_problems()  # from the command line, a data folder unlike the README's is one line
     print(cfg.describe())
+    if PREDICT:  # PREDICT=<folder or file> python lung_xray_unet.py: predict, no training (README)
+        predict_only(__file__)
 
 # %% Data
 
@@ -175,8 +195,24 @@ def read_prepared(path: Path, size: int, is_mask: bool = False) -> torch.Tensor:
     pixels = torch.from_numpy(read_gray(path))[None, None]  # (1, 1, H, W)
     if is_mask:  # nearest neighbour keeps the mask binary: a bilinear resize would give soft, wrong labels
         return (F.interpolate(pixels, size=(size, size), mode="nearest-exact") > 0).float()[0]
-    # Prepared images are 16-bit, 0..65535 = 0..1; antialiasing as in the preparation when shrinking further.
+    return to_network_size(pixels, size)
+
+
+def to_network_size(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """A prepared film's 16-bit values (1, 1, H, W), 0..65535 = 0..1, as the network reads them: (1, size, size)."""
+    # Antialiasing as in the preparation when shrinking further.
     return F.interpolate(pixels / 65535, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def film_as_prepared(pixels: np.ndarray, cfg: Config) -> torch.Tensor:
+    """A film as stored (any size and bit depth, (H, W)) made the network's input (1, image_size, image_size)
+    exactly as a training film was (data_cleaning.prepare_lung_segmentation, then read_prepared): shrunk to
+    prepared_size with Lanczos, to 0..1 by its own percentiles (to_unit_range), rounded to the prepared PNG's 16
+    bits, shrunk to image_size. The same film as an 8-bit or a 16-bit file gives the same input."""
+    small = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
+    small = small.resize((cfg.prepared_size, cfg.prepared_size), Image.Resampling.LANCZOS)
+    stored = np.round(to_unit_range(np.asarray(small)) * 65535).astype(np.float32)  # as segmentation/ holds it
+    return to_network_size(torch.from_numpy(stored)[None, None], cfg.image_size)
 
 
 def decode(cases: list[dict], size: int) -> list[dict]:
@@ -483,38 +519,50 @@ if __name__ == "__main__":
 
 
 class Inferencer:
-    """The best epoch's network, read back from output_dir/best_model.pt and built with the configuration it was
-    trained with (whatever `cfg` says now); segments films at its input size, then at each film's own size, with
-    `cfg.threshold`."""
+    """The best epoch's network, read back and built with the configuration it was trained with (whatever `cfg`
+    says now); segments films at its input size, then at each film's own size.
 
-    def __init__(self, cfg: Config):
-        self.model, checkpoint = load_best(cfg, build_model, DEVICE)
-        self.trained = Config.from_dict(checkpoint["config"])  # its input size
-        self.threshold = cfg.threshold
+    For the Evaluate cell (`Inferencer(cfg)`): output_dir/best_model.pt, thresholded at `cfg.threshold`. For the
+    Predict cell (`for_prediction=True`): `cfg.checkpoint` (else best_model.pt), and everything in
+    `Config.AS_TRAINED` as trained, the threshold too (`trained`).
+    """
+
+    def __init__(self, cfg: Config, for_prediction: bool = False):
+        if for_prediction:
+            self.model, self.trained, checkpoint = load_trained(cfg, build_model, DEVICE)
+            self.threshold = self.trained.threshold
+        else:
+            self.model, checkpoint = load_best(cfg, build_model, DEVICE)
+            self.trained, self.threshold = type(cfg).from_dict(checkpoint["config"]), cfg.threshold
         self.epoch, self.val_dice = checkpoint["epoch"], checkpoint["metric"]
 
     @torch.no_grad()
-    def predict(self, case: dict) -> np.ndarray:
-        """The lung mask of one prepared case at its original (height, width), bool.
+    def mask(self, film: torch.Tensor, height: int, width: int) -> np.ndarray:
+        """The lung mask, bool (height, width), of a film prepared at the network's input size (1, S, S).
 
         The probabilities are resized (bilinearly) before thresholding, not the mask: a 512-px mask blown up to a
         4892-px film with nearest neighbour has 10-px stairs along every outline, where interpolated probabilities
         give smooth outlines that fall between the network's pixels.
         """
-        img = read_prepared(case["image"], self.trained.image_size)[None].to(DEVICE)  # (1, 1, S, S)
-        prob = torch.sigmoid(lung_logit(self.model(img)).float())
-        prob = F.interpolate(prob, size=(case["height"], case["width"]), mode="bilinear", align_corners=False)
+        prob = torch.sigmoid(lung_logit(self.model(film[None].to(DEVICE))).float())  # (1, 1, S, S)
+        prob = F.interpolate(prob, size=(height, width), mode="bilinear", align_corners=False)
         return (prob[0, 0] > self.threshold).cpu().numpy()
 
-    def segment(self, cases: list[dict], masks_dir: Path, keep: int = 0) -> tuple[pd.DataFrame, DiceAccumulator, list]:
-        """Every film of `cases` segmented, its mask written to masks_dir/<name>.png (0/255 at the film's size) and
-        scored against the original masks at that size: (one row per film, the scores of all, the (true, predicted)
-        masks of the first `keep` films, for a figure)."""
-        masks_dir.mkdir(parents=True, exist_ok=True)
+    def predict(self, case: dict) -> np.ndarray:
+        """The lung mask of one prepared case at its original (height, width), bool."""
+        return self.mask(read_prepared(case["image"], self.trained.image_size), case["height"], case["width"])
+
+    def predict_film(self, pixels: np.ndarray) -> np.ndarray:
+        """The lung mask of a film as stored (H, W), any size and bit depth, at that size, bool: prepared as the
+        training films were. A test film's original gives the mask `predict` gives for its prepared case."""
+        return self.mask(film_as_prepared(pixels, self.trained), *pixels.shape)
+
+    def segment(self, cases: list[dict], keep: int = 0) -> tuple[pd.DataFrame, DiceAccumulator, list]:
+        """Every film of `cases` segmented and scored against the original masks at the film's own size: (one row
+        per film, the scores of all, the (true, predicted) masks of the first `keep` films, for a figure)."""
         dice, rows, kept = DiceAccumulator(empty="one"), [], []
         for case in tqdm(cases, desc="test", leave=False, disable=None):
             pred = self.predict(case)
-            Image.fromarray(pred.astype(np.uint8) * np.uint8(255)).save(masks_dir / f"{case['name']}.png")
             truth = read_lung_mask(case["mask_files"], pred.shape)  # the original union mask, at the original size
             dice.update(torch.from_numpy(pred)[None], torch.from_numpy(truth)[None])
             rows.append({"name": case["name"], "height": case["height"], "width": case["width"]})
@@ -543,14 +591,13 @@ def draw_predictions(cases: list[dict], per_case: pd.DataFrame, masks: list[tupl
 
 
 def evaluate_best(cfg: Config, data: Data) -> pd.DataFrame | None:
-    """The best epoch's network on the held-out test films: predicted_masks/<name>.png, the Dice per film at its
-    original size (test_per_case.csv, returned) and the outlines (test_predictions.png). Process 0 only (None in
-    the others)."""
+    """The best epoch's network on the held-out test films: the Dice per film at its original size
+    (test_per_case.csv, returned) and the outlines (test_predictions.png); their masks are the Predict cell's.
+    Process 0 only (None in the others)."""
     if not distributed.is_main():
         return None
     inferencer = Inferencer(cfg)
-    masks_dir = cfg.output_dir / "predicted_masks"
-    per_case, dice, shown = inferencer.segment(data.test, masks_dir, keep=cfg.figure_cases)
+    per_case, dice, shown = inferencer.segment(data.test, keep=cfg.figure_cases)
     save_atomically(cfg.output_dir / "test_per_case.csv", lambda path: per_case.to_csv(path, index=False))
     figure = draw_predictions(data.test[: len(shown)], per_case, shown)
     save_figure(figure, cfg.output_dir / "test_predictions.png")
@@ -565,9 +612,86 @@ if __name__ == "__main__":
     show(per_case)
     show(cfg.output_dir / "test_predictions.png")
 
+# %% Predict
+# The trained network on films of your own, PNG, JPEG or DICOM of any size and bit depth (by default the held-out
+# test films as downloaded): predictions/<name>_mask.png (0/255, at the film's own size) and predictions.csv (one row
+# per film: its size and lung area, in cm2 too where a DICOM gives its pixel spacing). It needs the Imports and
+# Configuration cells and a trained best_model.pt (or cfg.checkpoint), nothing else.
+
+if "Inferencer" not in globals():  # a fresh kernel, where only Imports and Configuration ran: the definitions of
+    from lung_xray_unet import Inferencer, split_cases  # the cells above, from the script (importing runs no stage)
+
+PREDICTION_COLUMNS = ["input", "mask", "height", "width", "lung_area_px", "lung_area_cm2"]
+
+
+def held_out_films(trained: Config) -> list[Path]:
+    """The original files of the test films the Evaluate cell scores: films the network never saw. The prepared
+    folder records the split (cases.csv, prepared.json); it must be the split the checkpoint (`trained`) used."""
+    montgomery, synthetic = find_dataset("MontgomerySet", trained.data_dir, say=False)  # as load_data finds it
+    prepared = montgomery.parent / "segmentation"
+    if not (prepared / PREPARED_MANIFEST).is_file():
+        raise DatasetError(f"{prepared} is not prepared: run the Data cell once (it holds out the test films), or "
+                           "give predict_inputs (a folder or files)")  # fmt: skip
+    split = json.loads((prepared / PREPARED_MANIFEST).read_text())
+    found = (split["seed"], split["test_fraction"], split["shenzhen"] is not None)
+    wanted = (trained.split_seed, trained.test_fraction, trained.include_shenzhen)
+    if found != wanted:  # another split's test films may be this network's training films
+        raise DatasetError(f"{prepared} holds another split (split_seed, test_fraction, include_shenzhen: {found}) "
+                           f"than the checkpoint's {wanted}: give predict_inputs, or prepare its split")  # fmt: skip
+    films = [case["image_file"] for case in split_cases(prepared, trained)[2]]
+    print(f"Predicting the {len(films)} test films held out in {prepared}{' (SYNTHETIC)' if synthetic else ''}")
+    return films
+
+
+def predict_one(inferencer: Inferencer, path: Path, out_dir: Path, taken: set[str]) -> dict:
+    """One film's mask written to out_dir/<name>_mask.png (0/255 at the film's own size); its predictions.csv
+    row. Raises Unusable for a file that is not a readable radiograph, or whose name another input already took."""
+    name = mask_name(path, "_mask.png")
+    if name in taken:
+        raise Unusable("same name as another input", f"{path} would overwrite the mask {name} of an earlier input")
+    pixels, spacing = read_radiograph(path)  # bright = dense, as the training films; spacing (rows, columns) mm
+    mask = inferencer.predict_film(pixels)
+    png = Image.fromarray(mask.astype(np.uint8) * np.uint8(255))
+    save_atomically(out_dir / name, lambda partial: png.save(partial, format="PNG"))
+    taken.add(name)
+    area = int(mask.sum())
+    cm2 = area * spacing[0] * spacing[1] / 100 if spacing else None  # mm2 per pixel; 100 mm2 = 1 cm2
+    return {"input": str(path.absolute()), "mask": name, "height": mask.shape[0], "width": mask.shape[1],
+            "lung_area_px": area, "lung_area_cm2": cm2}  # fmt: skip
+
+
+def predict(cfg: Config, inputs=None) -> list[Path]:
+    """Lung masks of the films in `inputs` (a folder, a file, or a list of files; None: the held-out test films),
+    with the trained network and its own input preparation and threshold, into output_dir/predictions/. A file
+    that cannot be used is named, skipped and counted; the inputs are only read. Returns the files written (the
+    masks, then predictions.csv; none when nothing could be predicted). Process 0 only ([] in the others)."""
+    if not distributed.is_main():
+        return []
+    inferencer = Inferencer(cfg, for_prediction=True)
+    paths = expand_inputs(inputs) if inputs is not None else held_out_films(inferencer.trained)
+    out_dir = cfg.output_dir / "predictions"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    skipped, rows, taken = Skipped("file", print_limit=10), [], set()
+    for path in tqdm(paths, desc="predict", leave=False, disable=None):
+        try:
+            rows.append(predict_one(inferencer, path, out_dir, taken))
+        except Unusable as err:
+            skipped.skip(path, err)
+    if not rows:
+        print(skipped.summary(f"No lung mask predicted in {out_dir}, of {len(paths)} given"))
+        return []
+    table = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
+    save_atomically(out_dir / "predictions.csv", lambda partial: table.to_csv(partial, index=False))
+    print(skipped.summary(f"Predicted {len(rows)} lung mask(s) in {out_dir} (predictions.csv)"))
+    return [*(out_dir / row["mask"] for row in rows), out_dir / "predictions.csv"]
+
+
+if __name__ == "__main__":
+    predictions = predict(cfg, cfg.predict_inputs)
+
 # %% Summary
 OUTPUTS = ["best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "batch.png",
-           "predicted_masks/", "test_per_case.csv", "test_predictions.png"]  # fmt: skip
+           "test_per_case.csv", "test_predictions.png", "predictions/ (<film>_mask.png, predictions.csv)"]  # fmt: skip
 PICTURES = {name: f"lung_xray_unet_{name}" for name in ("test_predictions.png", "dice_per_epoch.png")}
 
 

@@ -4,20 +4,24 @@ Outlines the brachial plexus in 580x420 ultrasound frames of the neck, or says t
 reads the download as it is, checks `train_masks.csv` against the mask files, reports (and by default leaves
 out of training) near-duplicate frames whose labels contradict, splits train/validation by subject, trains a
 MONAI UNet, keeps the epoch with the best Kaggle metric (mean Dice per image, an empty prediction on an empty
-mask scoring 1), chooses on the validation set the smallest predicted area worth keeping, and writes a Kaggle
-submission for `test/`. Challenge: https://www.kaggle.com/c/ultrasound-nerve-segmentation
+mask scoring 1), chooses on the validation set the smallest predicted area worth keeping, and predicts nerve masks
+on frames it has never seen (TIFF or PNG, any size, 8 or 16 bits): by default Kaggle's `test/`, as a submission.
+Challenge: https://www.kaggle.com/c/ultrasound-nerve-segmentation
 
 Data: `data/ultrasound-nerve-segmentation/` as unzipped from Kaggle (`train/<subject>_<img>.tif` and
 `train/<subject>_<img>_mask.tif`, `test/<img>.tif`, `train_masks.csv`, `sample_submission.csv`). Without it
 the synthetic stand-in under `data/sample/` is used (written when missing), and the script says so.
 Outputs: `output/nerve_ultrasound_segmentation/`: `best_model.pt`, `last_checkpoint.pt`, `history.csv`,
 `dice_per_epoch.png`, `batch.png`, `contradictory_pairs.csv`, `val_per_case.csv`, `val_predictions.png` (true and
-predicted outlines; copied to `Images/` for the README when the synthetic sample was used), `submission.csv`.
+predicted outlines; copied to `Images/` for the README when the synthetic sample was used), `predictions/`
+(`<name>_mask.png`, 0/255 at each frame's own size, and `submission.csv`, Kaggle's `img,pixels`).
 
 Run: `python nerve_ultrasound_segmentation.py` (`QUICK=1` for a short first try), or cell by cell in VS Code or
 Jupyter, each cell leaving its result to look at: `cfg`, `data`, `batch`, `model`, `history`, `per_case`. Edit the
 configuration inline (`cfg = Config(max_epochs=50)`) and run the cells below again. On several GPUs:
-`torchrun --nproc_per_node=4 nerve_ultrasound_segmentation.py` (README: several GPUs and machines).
+`torchrun --nproc_per_node=4 nerve_ultrasound_segmentation.py` (README: several GPUs and machines). Predict on your
+own frames with the trained model, no training: `PREDICT=path/to/folder python nerve_ultrasound_segmentation.py`
+(`CHECKPOINT=path/to/best_model.pt` for other weights).
 """
 
 # %% Imports
@@ -42,12 +46,16 @@ from tqdm import tqdm
 
 import distributed
 from checkpoints import (
+    CHECKPOINT,
+    PREDICT,
     BaseConfig,
     EpochLoss,
     History,
     TrainingRun,
     end_if_stopped,
     load_best,
+    load_trained,
+    predict_only,
     readme_pictures,
     run_summary,
     save_atomically,
@@ -57,8 +65,11 @@ from data_cleaning import (
     Data,
     DatasetError,
     Skipped,
+    Unusable,
+    expand_inputs,
     find_contradictory_pairs,
     frame_signature,
+    mask_name,
     one_line_data_problems,
     rle_decode,
     rle_encode,
@@ -77,7 +88,7 @@ DEVICE = distributed.device()  # picked once: the GPU if any (under torchrun, th
 @dataclass
 class Config(BaseConfig):
     data_dir: Path = ROOT / "data"  # holds ultrasound-nerve-segmentation/ as unzipped; else data/sample/ is used
-    output_dir: Path = ROOT / "output" / "nerve_ultrasound_segmentation"  # weights, plots, history, submission
+    output_dir: Path = ROOT / "output" / "nerve_ultrasound_segmentation"  # weights, plots, history, predictions/
     images_dir: Path = ROOT / "Images"  # the README's pictures: val_predictions.png is copied there, from runs on
     # the synthetic sample only (pictures of real patients never land in a folder of the repository)
     seed: int = 0  # one seed for the split, the initial weights and the augmentation
@@ -101,9 +112,14 @@ class Config(BaseConfig):
     num_workers: int = 2  # frames are cached in memory: workers only flip and batch them
     amp: bool = True  # mixed precision on CUDA (ignored on the CPU): faster, and Dice is computed in float32
     figure_frames: int = 4  # validation frames drawn in val_predictions.png (with a nerve first)
+    predict_inputs: Path | None = PREDICT  # the Predict cell's input: a folder or a file (None: the dataset's test/)
+    checkpoint: Path | None = CHECKPOINT  # the weights the Predict cell uses (None: output_dir/best_model.pt)
     tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
     resume: bool = False  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs
     quick: bool = QUICK  # the quick run below; recorded in the checkpoint: a quick model is not a result
+    AS_TRAINED: ClassVar[tuple[str, ...]] = ("image_size", "threshold", "quick")  # read by prediction from the
+    # checkpoint: the network has only learnt frames shrunk to its training size, its min area was chosen at its
+    # threshold, and a quick model must say it is one (its shape is rebuilt from the checkpoint anyway)
 
     # The quick run (QUICK=1, or Config(quick=True)): a first try in seconds on a CPU. These replace the defaults
     # above; a setting given explicitly, as in Config(quick=True, max_epochs=5), wins.
@@ -122,11 +138,12 @@ if __name__ == "__main__":
     distributed.setup()  # under torchrun: join the other processes (README: several GPUs); else nothing
     one_line_data_problems()  # from the command line, a data folder unlike the README's is one line
     print(cfg.describe())
+    if PREDICT:  # PREDICT=<folder or file> python nerve_ultrasound_segmentation.py: predict, no training (README)
+        predict_only(__file__)
 
 # %% Data
 SHAPE = (420, 580)  # (height, width) of every Kaggle frame, and of every submitted mask
 TRAIN_NAME = re.compile(r"(\d+)_(\d+)(_mask)?\.tif")  # <subject>_<img>.tif and <subject>_<img>_mask.tif
-TEST_NAME = re.compile(r"(\d+)\.tif")  # test/<img>.tif: no subject id, on purpose
 UNREADABLE_ERRORS = (OSError, SyntaxError, ValueError)  # what Pillow raises on truncated or non-image files
 
 
@@ -495,10 +512,10 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, cfg: Config, epoc
     return losses.mean()
 
 
-def full_size_probability(logits: torch.Tensor) -> torch.Tensor:
-    """Nerve probabilities at 420x580 (B, 1, 420, 580) from logits at training size: upsampled bilinearly, then
-    thresholded by the caller, as the submission is made."""
-    return F.interpolate(torch.sigmoid(logits.float()), size=SHAPE, mode="bilinear", align_corners=False)
+def full_size_probability(logits: torch.Tensor, size: tuple[int, int] = SHAPE) -> torch.Tensor:
+    """Nerve probabilities at 420x580 (B, 1, 420, 580), or at another frame's (height, width), from logits at
+    training size: upsampled bilinearly, then thresholded by the caller, as predictions are made."""
+    return F.interpolate(torch.sigmoid(logits.float()), size=size, mode="bilinear", align_corners=False)
 
 
 @torch.no_grad()
@@ -628,66 +645,162 @@ if __name__ == "__main__":
     show(cfg.output_dir / "val_predictions.png")
 
 # %% Predict
+# The trained network on frames it has never seen: by default Kaggle's test/ folder (the submission), or your own
+# TIFF or PNG frames (cfg.predict_inputs, PREDICT=), of any size, 8 or 16 bits. Writes predictions/<name>_mask.png
+# (0/255, at the frame's own size) and predictions/submission.csv (Kaggle's img,pixels). Needs only the Imports and
+# Configuration cells and a best_model.pt: the image size, threshold and min area are the checkpoint's.
+TEST_NAME = re.compile(r"(\d+)\.tif")  # test/<img>.tif: no subject id, on purpose; the submission's img is <img>
+if not {"resize", "build_model", "full_size_probability", "apply_min_area"} <= globals().keys():
+    # A fresh kernel that ran only Imports and Configuration: what prediction shares with training (the Data, Model
+    # and Train cells' resizing, network and min-area filter) is imported from this file, whose guards do not run.
+    from nerve_ultrasound_segmentation import (
+        SHAPE,
+        UNREADABLE_ERRORS,
+        apply_min_area,
+        build_model,
+        full_size_probability,
+        resize,
+    )
 
 
-def predict_test(model, test_dir: Path, cfg: Config, min_area: int) -> pd.DataFrame:
-    """Kaggle rows (img, pixels) for every test frame, sorted by img: the 420x580 mask run-length encoded.
+def read_user_frame(path: Path) -> np.ndarray:
+    """The 8-bit grayscale pixels (H, W) of a TIFF or PNG frame, as the network was trained on; raises Unusable.
 
-    A frame that cannot be used (unreadable, another size, or listed in sample_submission.csv but missing) is
-    reported and predicted empty, so that the submission still lists every image.
-    """
-    skipped = Skipped("file")
+    Kaggle's frames are 8-bit: a 16-bit frame is scaled by its type's range (65535 -> 255), not by its own maximum,
+    so that a frame saved with 8 or 16 bits gets the same mask and a dark frame stays dark. Colour (a screenshot of
+    the scanner) becomes its gray value."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # Pillow reads lazily: decode now, so a truncated file fails here and is named
+            frames, mode = getattr(img, "n_frames", 1), img.mode
+            if mode.startswith("I;16"):
+                pixels = np.round(np.asarray(img, dtype=np.float32) / 257).astype(np.uint8)
+            elif mode not in ("I", "F"):
+                pixels = np.asarray(img.convert("L"), dtype=np.uint8)
+    except (*UNREADABLE_ERRORS, Image.DecompressionBombError) as err:
+        raise Unusable("unreadable", f"not a readable TIFF or PNG: {err}") from None
+    if mode in ("I", "F"):  # 32-bit integers or floats: no range to scale by
+        raise Unusable("unsupported pixels", f"32-bit pixels ({mode}); save the frame with 8 or 16 bits")
+    if frames > 1:
+        raise Unusable("several frames", f"{frames} frames in one file (a clip): save each frame as a file")
+    return pixels
+
+
+def read_user_frames(paths: list[Path], skipped: Skipped, taken: set[str]) -> dict[Path, np.ndarray]:
+    """{path: 8-bit pixels} of the frames among `paths` that can be predicted; the others are named, skipped and
+    counted. A Kaggle training mask (<name>_mask.tif) is a label, not a frame; and of two inputs that would write
+    the same mask (a.png and a.tif), the second is skipped. `taken`: the names of the masks written so far."""
+    frames = {}
+    for path in paths:
+        name = mask_name(path, "")
+        if name.endswith("_mask"):
+            skipped.skip(path, "a mask", "its name ends in _mask: a label, not an ultrasound frame")
+        elif name in taken:
+            skipped.skip(path, "same name", f"{name}_mask.png is the mask of an earlier input")
+        else:
+            try:
+                frames[path] = read_user_frame(path)
+                taken.add(name)
+            except Unusable as err:
+                skipped.skip(path, err)
+    return frames
+
+
+@torch.no_grad()
+def predict_frames(model, frames: list[np.ndarray], trained: Config, min_area: int) -> list[np.ndarray]:
+    """Nerve masks (H, W) bool, each at its own frame's size, of 8-bit frames of any size: each frame resized to
+    the training size as in training (another shape than 420x580 is stretched to it, as the network only knows
+    that shape), the probability resized back to the frame's size and thresholded, then the min-area filter with
+    the area scaled from 420x580 to the frame's pixel count (a nerve covers the same share of a frame at any
+    resolution). For a 420x580 frame, exactly the masks the Evaluate cell scores."""
+    if not frames:
+        return []
+    img = torch.stack([resize(frame, trained.image_size) for frame in frames]).to(DEVICE).float() / 255
+    with autocast(DEVICE, trained.amp):
+        logits = model(img)  # (B, 1, H, W) at training size
+    masks = []
+    for frame, frame_logits in zip(frames, logits):
+        pred = full_size_probability(frame_logits[None], frame.shape) > trained.threshold  # (1, 1, height, width)
+        area = round(min_area * frame.size / (SHAPE[0] * SHAPE[1]))
+        masks.append(apply_min_area(pred, area)[0, 0].cpu().numpy())
+    return masks
+
+
+def kaggle_test_frames(cfg: Config, skipped: Skipped) -> tuple[list[Path], dict]:
+    """(the challenge's test frames, <img>.tif sorted by img, the first max_test_images only where set; the
+    submission's rows preset empty for every img it must list). A frame listed in sample_submission.csv but
+    missing, or one that cannot be read, is so predicted empty, and Kaggle still accepts the submission."""
+    root = find_dataset("ultrasound-nerve-segmentation", cfg.data_dir, say=False).root  # as load_data finds it
+    test_dir = root / "test"
+    if not test_dir.is_dir():
+        print(f"No folder {test_dir}: no test frames to predict (expected test/<img>.tif)")
+        return [], {}
     ids = {}
-    for path in sorted(test_dir.iterdir()) if test_dir.is_dir() else []:
+    for path in sorted(test_dir.iterdir()):
         match = TEST_NAME.fullmatch(path.name)
         if match is None:
             skipped.skip(path, "unexpected name", "expected <img>.tif")
         else:
             ids[int(match[1])] = path
     ids = dict(sorted(ids.items()))
-    rows = {}
     if cfg.max_test_images is not None and len(ids) > cfg.max_test_images:
         ids = dict(list(ids.items())[: cfg.max_test_images])
         print(f"Predicting the first {len(ids)} test frames only (max_test_images): not a complete submission")
-    elif (test_dir.parent / "sample_submission.csv").is_file():
-        for img_id in sorted(set(pd.read_csv(test_dir.parent / "sample_submission.csv")["img"]) - ids.keys()):
+    elif (root / "sample_submission.csv").is_file():
+        for img_id in sorted(set(pd.read_csv(root / "sample_submission.csv")["img"]) - ids.keys()):
             skipped.skip(test_dir / f"{img_id}.tif", "missing", "listed in sample_submission.csv; predicted empty")
-            rows[img_id] = ""
-    names = list(ids)
-    for start in tqdm(range(0, len(names), cfg.val_batch_size), desc="test", leave=False, disable=None):
-        batch_ids, images = [], []
-        for img_id in names[start : start + cfg.val_batch_size]:
-            pixels = read_frame(ids[img_id], skipped)
-            if pixels is None:
-                rows[img_id] = ""  # predicted empty
-            else:
-                batch_ids.append(img_id)
-                images.append(resize(pixels, cfg.image_size))
-        if images:
-            for img_id, mask in zip(batch_ids, predict_masks(model, images, cfg, min_area).numpy()):
-                rows[img_id] = rle_encode(mask[0])
-    print(skipped.summary(f"Test folder {test_dir} ({len(ids)} frames)"))
-    return pd.DataFrame(sorted(rows.items()), columns=["img", "pixels"])
+            ids[img_id] = None
+    return [path for path in ids.values() if path is not None], dict.fromkeys(ids, "")
 
 
-def write_submission(rows: pd.DataFrame, path: Path) -> None:
-    """submission.csv as Kaggle reads it: `img,pixels`, one row per test frame, empty pixels for no nerve."""
-    save_atomically(path, lambda partial: rows.to_csv(partial, index=False))
+def submission_id(path: Path) -> int | str:
+    """The submission's `img` of a frame: the number of a Kaggle test name (<img>.tif), else the name of its mask."""
+    match = TEST_NAME.fullmatch(path.name)
+    return int(match[1]) if match else mask_name(path, "")
 
 
-def predict(cfg: Config, test_dir: Path) -> pd.DataFrame | None:
-    """The Kaggle submission for the frames of `test_dir` (output_dir/submission.csv), with the best epoch's
-    weights and minimum area read back from best_model.pt; returns its rows. Process 0 only (None in the others)."""
+def write_mask(mask: np.ndarray, path: Path) -> Path:
+    """A mask as an 8-bit PNG, 0 background and 255 nerve (Kaggle's _mask.tif values), written atomically."""
+    save_atomically(path, lambda partial: Image.fromarray(mask.astype(np.uint8) * 255).save(partial, format="PNG"))
+    return path
+
+
+def write_submission(rows: dict, path: Path) -> Path:
+    """submission.csv as Kaggle reads it: `img,pixels`, one row per frame (Kaggle's numbers first, in order, then
+    other names), empty pixels for no nerve."""
+    table = pd.DataFrame(sorted(rows.items(), key=lambda row: (isinstance(row[0], str), row[0])))
+    save_atomically(path, lambda partial: table.set_axis(["img", "pixels"], axis=1).to_csv(partial, index=False))
+    return path
+
+
+def predict(cfg: Config, inputs=None) -> list[Path]:
+    """Nerve masks for the frames of `inputs` (a folder, a file, or a list of files; None: Kaggle's test/), with
+    the weights of cfg.checkpoint (default: output_dir/best_model.pt) and the settings they were trained with:
+    predictions/<name>_mask.png (0/255 uint8 at the frame's own size) and predictions/submission.csv (img,pixels:
+    Kaggle's run-length encoding on each frame's own grid). Returns the files written. Process 0 only ([] in the
+    others). The input files are only read."""
     if not distributed.is_main():
-        return None
-    model, checkpoint = load_best(cfg, build_model, DEVICE)
-    rows = predict_test(model, Path(test_dir), cfg, checkpoint["metrics"]["min_area"])
-    write_submission(rows, cfg.output_dir / "submission.csv")
-    return rows
+        return []
+    model, trained, checkpoint = load_trained(cfg, build_model, DEVICE)
+    min_area = checkpoint["metrics"]["min_area"]  # chosen on validation with these weights, in px at 420x580
+    skipped = Skipped("file", print_limit=10)
+    paths, rows = kaggle_test_frames(cfg, skipped) if inputs is None else (expand_inputs(inputs), {})
+    out_dir = cfg.output_dir / "predictions"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, taken = [], set()
+    for start in tqdm(range(0, len(paths), cfg.val_batch_size), desc="predicting", leave=False, disable=None):
+        frames = read_user_frames(paths[start : start + cfg.val_batch_size], skipped, taken)
+        for path, mask in zip(frames, predict_frames(model, list(frames.values()), trained, min_area)):
+            written.append(write_mask(mask, out_dir / mask_name(path, "_mask.png")))
+            rows[submission_id(path)] = rle_encode(mask)
+    if rows:
+        written.append(write_submission(rows, out_dir / "submission.csv"))
+    print(skipped.summary(f"Predicted {len(taken)} frame(s) of {len(paths)} file(s) into {out_dir}"))
+    return written
 
 
 if __name__ == "__main__":
-    submission = predict(cfg, data.root / "test")
+    predictions = predict(cfg, cfg.predict_inputs)
 
 # %% Summary
 if __name__ == "__main__":
@@ -697,5 +810,6 @@ if __name__ == "__main__":
                       f"validation Dice {best['val_dice']:.4f} (Kaggle metric; all-empty baseline "
                       f"{best['val_dice_all_empty']:.4f}), min area {best['min_area']} px",
                       ["best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "batch.png",
-                       "contradictory_pairs.csv", "val_per_case.csv", "val_predictions.png", "submission.csv"],
+                       "contradictory_pairs.csv", "val_per_case.csv", "val_predictions.png",
+                       "predictions/ (<name>_mask.png, submission.csv)"],
                       pictures))  # fmt: skip

@@ -5,7 +5,8 @@ sorted by position, Hounsfield units, the affine from the DICOM geometry), bring
 image's orientation through both affines, windows, halves in-plane, crops the body, and caches every case in
 memory; splits by case with a seed, trains a MONAI UNet 3D on random crops (half centred on fluid) with Dice +
 weighted BCE, validates with gaussian-blended sliding windows, keeps the epoch with the best validation Dice, and
-writes the validation predictions as NIfTI in each series' geometry.
+writes the validation predictions as NIfTI in each series' geometry; then predicts the effusion, and its volume in
+mL, on CTs nobody outlined (a NIfTI file or a DICOM series folder), each mask on its CT's own voxel grid.
 Data: NSCLC-Radiomics (Aerts et al. 2014) https://www.cancerimagingarchive.net/collection/nsclc-radiomics/ and
 PleThora (Kiser et al. 2020) https://doi.org/10.7937/tcia.2020.6c7y-gq39.
 
@@ -13,21 +14,23 @@ Data: `data/pleural_effusion/` holding `NSCLC-Radiomics/LUNG1-xxx/<study>/<serie
 downloader writes it, and `Effusions/LUNG1-xxx/LUNG1-xxx_effusion_first_reviewer.nii.gz` from PleThora. Without
 it the synthetic stand-in under `data/sample/` is used (written when missing), and the script says so.
 Outputs: `output/pleural_effusion_3d/`: `best_model.pt`, `last_checkpoint.pt`, `history.csv`, `dice_per_epoch.png`,
-`batch.png`, `skipped_cases.csv`, `val_per_case.csv`, `predictions/<case>_effusion_predicted.nii.gz`,
+`batch.png`, `skipped_cases.csv`, `val_per_case.csv`, `val_predictions/<case>_effusion_predicted.nii.gz`,
 `val_predictions.png` (true and predicted outlines; copied to `Images/` for the README when the synthetic sample
-was used).
+was used), `predictions/<name>_effusion.nii.gz` and `predictions/predictions.csv` (input, mask, effusion_ml, voxels,
+shape) from the Predict cell.
 
 Run: `python pleural_effusion_3d.py` (`QUICK=1` for a short first try), or cell by cell in VS Code or Jupyter,
-each cell leaving its result to look at: `cfg`, `data`, `batch`, `model`, `history`, `per_case`. Edit the
-configuration inline (`cfg = Config(max_epochs=200)`) and run the cells below again; after Ctrl-C,
-`Config(resume=True)` goes on. On several GPUs: `torchrun --nproc_per_node=4 pleural_effusion_3d.py` (README:
-several GPUs and machines).
+each cell leaving its result to look at: `cfg`, `data`, `batch`, `model`, `history`, `per_case`, `predictions`.
+Edit the configuration inline (`cfg = Config(max_epochs=200)`) and run the cells below again; after Ctrl-C,
+`Config(resume=True)` goes on. Predict only, with the trained model and no training:
+`PREDICT=<folder> python pleural_effusion_3d.py` (a NIfTI CT, a DICOM series folder, or a folder of such;
+`CHECKPOINT=<best_model.pt>` for other weights). On several GPUs: `torchrun --nproc_per_node=4
+pleural_effusion_3d.py` (README: several GPUs and machines).
 """
 
 # %% Imports
-import gzip
 import os
-from collections import Counter
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -45,23 +48,40 @@ from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 from monai.transforms import Compose, EnsureTyped, RandCropByPosNegLabeld, RandFlipd, RandRotate90d, SpatialPadd
 from monai.utils import first
-from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 from tqdm import tqdm
 
 import distributed
 from checkpoints import (
+    CHECKPOINT,
+    PREDICT,
     BaseConfig,
     EpochLoss,
     History,
     TrainingRun,
     end_if_stopped,
     load_best,
+    load_trained,
+    predict_only,
     readme_pictures,
     run_summary,
     save_atomically,
     seed_everything,
 )
-from data_cleaning import Data, DatasetError, Skipped, Unusable, one_line_data_problems
+from data_cleaning import (
+    Data,
+    DatasetError,
+    Skipped,
+    Unusable,
+    ct_inputs,
+    is_dicom,
+    mask_name,
+    one_line_data_problems,
+    read_ct,
+    read_dicom_series,
+    save_mask_nifti,
+    volume_ml,
+)
 from dice import DiceAccumulator, save_figure, show, soft_dice_loss
 from precision import autocast, grad_scaler
 from sample_data import find_dataset
@@ -113,9 +133,17 @@ class Config(BaseConfig):
     num_workers: int = 4 if DEVICE.type == "cuda" else 0  # background crops and augmentation feed a GPU; on a CPU
     # they would compete with the model for the same cores
     amp: bool = True  # mixed precision on CUDA (bfloat16 where supported, else float16); ignored on the CPU
+    predict_inputs: Path | None = PREDICT  # the Predict cell's input: a NIfTI CT, a DICOM series folder, or a folder
+    # of such (None: the download's patients without a PleThora mask; the sample's validation patients)
+    checkpoint: Path | None = CHECKPOINT  # the weights the Predict cell uses (None: output_dir/best_model.pt)
     tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
     resume: bool = False  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs
     quick: bool = QUICK  # the quick run below; recorded in the checkpoint: a quick model is not a result
+    # Read by prediction from the checkpoint, whatever cfg says now: the network learnt CTs halved, windowed and
+    # cropped as in its training, and its validation Dice was measured with these windows, overlap and threshold.
+    AS_TRAINED: ClassVar[tuple[str, ...]] = (
+        "in_plane_factor", "hu_window", "body_threshold_hu", "crop_margin", "roi_size", "sw_overlap", "threshold"
+    )  # fmt: skip
 
     # The quick run (QUICK=1, or Config(quick=True)): a first try in about half a minute on a CPU. These replace the
     # defaults above; a setting given explicitly, as in Config(quick=True, max_epochs=5), wins.
@@ -135,6 +163,8 @@ if __name__ == "__main__":
     distributed.setup()  # under torchrun: join the other processes (README: several GPUs); else nothing
     one_line_data_problems()  # from the command line, a data folder unlike the README's is one line
     print(cfg.describe())
+    if PREDICT:  # PREDICT=<folder or file> python pleural_effusion_3d.py: predict, no training (README)
+        predict_only(__file__)
 
 # %% Data
 CT_DIR, MASK_DIR = "NSCLC-Radiomics", "Effusions"  # the two folders under data/pleural_effusion/
@@ -153,7 +183,7 @@ def find_cases(root: Path, reviewer: str, skipped: Skipped) -> list[dict]:
     patients = {p.name: p for p in ct_root.iterdir() if p.is_dir()}
     cases = []
     for name in sorted(patients.keys() | {p.name for p in mask_root.iterdir() if p.is_dir()}):
-        mask_path = mask_root / name / f"{name}_effusion_{reviewer}_reviewer.nii.gz"
+        mask_path = plethora_mask(mask_root, name, reviewer)
         if name not in patients:
             skipped.skip(name, "no CT series", f"{mask_root / name} has no patient folder in {ct_root}")
         elif not mask_path.is_file():
@@ -161,6 +191,11 @@ def find_cases(root: Path, reviewer: str, skipped: Skipped) -> list[dict]:
         else:
             cases.append({"case": name, "patient_dir": patients[name], "mask_path": mask_path})
     return cases
+
+
+def plethora_mask(mask_root: Path, patient: str, reviewer: str) -> Path:
+    """Where PleThora keeps the mask of `patient` outlined by `reviewer` ("first" or "second")."""
+    return mask_root / patient / f"{patient}_effusion_{reviewer}_reviewer.nii.gz"
 
 
 def find_ct_series(patient_dir: Path) -> Path:
@@ -183,83 +218,6 @@ def find_ct_series(patient_dir: Path) -> Path:
         names = ", ".join(str(f.relative_to(patient_dir)) for f in ct_folders)
         raise Unusable("several CT series", f"{len(ct_folders)} below {patient_dir} ({names}): keep one")
     return ct_folders[0]
-
-
-def read_series(series_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(HU volume float32 (X, Y, Z), its NIfTI affine (RAS mm)) of the DICOM series in `series_dir`.
-
-    Axes as NIfTI and MONAI order them: X = DICOM columns, Y = rows, Z = slices sorted by ImagePositionPatient
-    projected on the slice normal. Never by file name or InstanceNumber: TCIA numbers these series from the head
-    down. Raises Unusable for a folder holding several series, a missing slice, inconsistent slices.
-    """
-    datasets = []
-    for path in sorted(series_dir.glob("*.dcm")):
-        try:
-            datasets.append(pydicom.dcmread(path))
-        except Exception as err:
-            raise Unusable("unreadable DICOM", f"{path}: {err}") from err
-    check_slices(datasets, series_dir)
-    row_dir, col_dir = np.array(datasets[0].ImageOrientationPatient, dtype=np.float64).reshape(2, 3)  # DICOM: the
-    # direction of a row (columns increase), of a column (rows increase)
-    datasets, positions = sort_by_position(datasets, np.cross(row_dir, col_dir), series_dir)
-
-    slices = []
-    for ds in datasets:
-        try:
-            pixels = ds.pixel_array
-        except Exception as err:  # a compression without an installed decoder, truncated data...
-            raise Unusable("undecodable pixel data", f"{ds.filename}: {err}") from err
-        # Stored values to HU, slice by slice: the slope and intercept may differ between slices.
-        slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
-        slices.append(pixels.T.astype(np.float32) * slope + intercept)  # (columns, rows) = (X, Y)
-    hu = np.stack(slices, axis=-1)
-
-    row_spacing, col_spacing = (float(s) for s in datasets[0].PixelSpacing)  # DICOM order: between rows, columns
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * col_spacing  # one column to the next: along the row direction, by the column spacing
-    lps[:3, 1] = col_dir * row_spacing
-    lps[:3, 2] = (positions[-1] - positions[0]) / (len(datasets) - 1)  # one slice to the next (a tilt included)
-    lps[:3, 3] = positions[0]
-    return hu, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM's patient axes are LPS, NIfTI's RAS: x and y flip
-
-
-def check_slices(datasets: list, series_dir: Path) -> None:
-    """Raise Unusable unless the files of `series_dir` are one series of at least 2 slices, each with its geometry,
-    all of the same orientation, size and pixel spacing."""
-    uids = Counter(str(ds.get("SeriesInstanceUID", "none")) for ds in datasets)
-    if len(uids) > 1:
-        series = ", ".join(f"{n} files of ...{uid[-10:]}" for uid, n in uids.most_common())
-        raise Unusable("mixed series", f"{series_dir} holds {len(uids)} SeriesInstanceUIDs ({series})")
-    if len(datasets) < 2:
-        raise Unusable("too few slices", f"{len(datasets)} DICOM file(s) in {series_dir}")
-    for keyword in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
-        if any(keyword not in ds for ds in datasets):
-            raise Unusable("no geometry", f"a slice in {series_dir} lacks {keyword}")
-    orientations = np.array([ds.ImageOrientationPatient for ds in datasets], dtype=np.float64)
-    sizes = {(int(ds.Rows), int(ds.Columns), tuple(float(s) for s in ds.PixelSpacing)) for ds in datasets}
-    if not np.allclose(orientations, orientations[0], atol=1e-4) or len(sizes) > 1:
-        raise Unusable("inconsistent slices", f"orientation, size or pixel spacing differs in {series_dir}")
-
-
-def sort_by_position(datasets: list, normal: np.ndarray, series_dir: Path) -> tuple[list, np.ndarray]:
-    """(the slices sorted along the slice normal, their ImagePositionPatient (n, 3) in LPS mm, in that order).
-
-    Raises Unusable for two slices at one position, a missing slice or uneven spacing: the affine's one step from
-    slice to slice would place the voxels beyond the gap wrongly."""
-    positions = np.array([ds.ImagePositionPatient for ds in datasets], dtype=np.float64)
-    order = np.argsort(positions @ normal, kind="stable")
-    datasets, positions = [datasets[i] for i in order], positions[order]
-    along = positions @ normal  # mm along the normal, increasing
-    gaps = np.diff(along)
-    step = float(np.median(gaps))
-    if gaps.min() < 1e-3:
-        raise Unusable("duplicate slice position", f"two slices at {along[gaps.argmin()]:.2f} mm in {series_dir}")
-    if np.abs(gaps - step).max() > 0.1 * step:  # real series are evenly spaced to well under 1%
-        i = int(np.abs(gaps - step).argmax())
-        where = f"{gaps[i]:.2f} mm between the slices at {along[i]:.2f} and {along[i + 1]:.2f} mm along the normal"
-        problem = "missing slice" if gaps[i] > 1.5 * step else "uneven slice spacing"
-        raise Unusable(problem, f"{where}, {step:.2f} mm elsewhere, in {series_dir}")
-    return datasets, positions
 
 
 def read_mask(path: Path, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -297,7 +255,7 @@ def read_mask(path: Path, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndar
 
 def read_case(case: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(HU (X, Y, Z), RAS affine, effusion mask bool (X, Y, Z)) of a case found by `find_cases`."""
-    hu, affine = read_series(find_ct_series(case["patient_dir"]))
+    hu, affine = read_dicom_series(find_ct_series(case["patient_dir"]))
     mask = read_mask(case["mask_path"], affine, hu.shape)
     if not mask.any():
         raise Unusable("empty mask", f"{case['mask_path'].name} marks no voxel")
@@ -637,10 +595,7 @@ def fit(cfg: Config, data: Data, model: torch.nn.Module) -> History:
     print(f"Training on {DEVICE.type}: {len(data.train)} cases, {len(train_loader)} steps per epoch")
     title = "Pleural effusion: validation Dice per epoch"
     parts = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)  # what last_checkpoint holds
-    with TrainingRun(cfg, "val_dice", title=title, **parts) as run:
-        # Resumed, the optimizer holds the first run's lr: set it from the epoch reached, on this run's decay.
-        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = base_lr * poly_decay(cfg)(run.first_epoch - 1)
+    with TrainingRun(cfg, "val_dice", title=title, **parts) as run:  # resumed: the decay of this run's max_epochs
         for epoch in run.epochs(train_loader):
             train_loss = train_one_epoch(train_model, train_loader, loss_fn, optimizer, scaler, cfg, epoch)
             scheduler.step()
@@ -658,23 +613,10 @@ if __name__ == "__main__":
 
 
 def predict_case(model, hu: np.ndarray, cfg: Config) -> np.ndarray:
-    """The effusion mask (bool, X, Y, Z) of an HU volume read by `read_series`, on the series' own grid."""
+    """The effusion mask (bool, X, Y, Z) of an HU volume read by `read_dicom_series`, on the series' own grid."""
     prep = preprocess(hu, cfg)
     prob = torch.sigmoid(predict_logits(model, prep["image"], cfg))
     return (to_original_grid(prob, prep, hu.shape, cfg) > cfg.threshold).numpy()
-
-
-def save_nifti(path: Path, mask: np.ndarray, affine: np.ndarray) -> None:
-    """A uint8 0/1 mask with the series' affine as both sform and qform (scanner coordinates), in mm, written
-    atomically. In the series' own voxel order, not PleThora's RPI: every NIfTI reader places it by its affine, and
-    `read_mask` brings either onto the other."""
-    img = nib.Nifti1Image(mask.astype(np.uint8), affine)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Gzipped by hand: nib.save picks the format by the file's extension, and the temporary file's is ".partial".
-    save_atomically(path, lambda partial: partial.write_bytes(gzip.compress(img.to_bytes(), compresslevel=1)))
 
 
 def score_case(case: str, pred: np.ndarray, truth: np.ndarray, affine: np.ndarray) -> dict:
@@ -689,7 +631,7 @@ def score_case(case: str, pred: np.ndarray, truth: np.ndarray, affine: np.ndarra
 
 def evaluate_best(cfg: Config, data: Data) -> pd.DataFrame | None:
     """The best epoch's weights, read back from best_model.pt, on every validation case read again at full
-    resolution: the prediction written as NIfTI in the series' geometry (predictions/), its Dice and volumes
+    resolution: the prediction written as NIfTI in the series' geometry (val_predictions/), its Dice and volumes
     (val_per_case.csv), the slices with most fluid (val_predictions.png). Process 0 only (None in the others)."""
     if not distributed.is_main():
         return None
@@ -698,7 +640,7 @@ def evaluate_best(cfg: Config, data: Data) -> pd.DataFrame | None:
     for item in tqdm(data.val, desc="predicting validation cases", leave=False, disable=None):
         hu, affine, truth = read_case(item)
         pred = predict_case(model, hu, cfg)
-        save_nifti(cfg.output_dir / "predictions" / f"{item['case']}_effusion_predicted.nii.gz", pred, affine)
+        save_mask_nifti(cfg.output_dir / "val_predictions" / f"{item['case']}_effusion_predicted.nii.gz", pred, affine)
         rows.append(score_case(item["case"], pred, truth, affine))
         k = int(truth.sum(axis=(0, 1)).argmax())  # the slice with most fluid
         views.append({"case": item["case"], "hu": hu[:, :, k], "truth": truth[:, :, k], "pred": pred[:, :, k],
@@ -744,6 +686,130 @@ if __name__ == "__main__":
     show(per_case)
     show(cfg.output_dir / "val_predictions.png")
 
+# %% Predict
+# The trained network on CTs nobody outlined: NIfTI files, or folders each holding one DICOM series (any slice order
+# or file names), prepared with the settings saved in best_model.pt. Writes predictions/<name>_effusion.nii.gz on
+# each input's own voxel grid and predictions/predictions.csv (the effusion's volume per CT); the inputs are only read.
+# Needs only the Imports and Configuration cells and a best_model.pt: the window, halving, crop and threshold are the
+# checkpoint's.
+if not {"find_cases", "find_ct_series", "split_by_case", "build_model", "predict_case"} <= globals().keys():
+    # A fresh kernel that ran only Imports and Configuration: what prediction shares with training (the Data cell's
+    # reading and preprocessing, the network, the Evaluate cell's prediction on the series' grid) is imported from
+    # this file, whose guards do not run.
+    from pleural_effusion_3d import (
+        CT_DIR,
+        MASK_DIR,
+        build_model,
+        find_cases,
+        find_ct_series,
+        plethora_mask,
+        predict_case,
+        split_by_case,
+    )
+
+# The orientation the network learnt in: read_dicom_series gives an axial series with x to the patient's left, y to
+# the back and z up (nibabel's codes "LPS"). Its augmentation flips or turns only a quarter of the crops on each axis:
+# most showed the fluid where gravity puts it, at the back of the chest, in this voxel order. So a NIfTI stored in
+# another order (RAS, or dcm2niix's) is turned into this one for the network, and its mask turned back onto the
+# input's own grid, voxel for voxel.
+TRAINED_AXES = ("L", "P", "S")
+
+
+def default_inputs(cfg: Config, checkpoint: dict, skipped: Skipped) -> list[Path]:
+    """The CT series to predict when none are given: the download's patients without a PleThora mask, the scans no one
+    outlined, which a model like this is for. In the synthetic sample every patient has a mask: then the validation
+    patients of the checkpoint's own seeded split, which it never trained on. A patient without a usable CT series is
+    skipped."""
+    root = find_dataset("pleural_effusion", cfg.data_dir, say=False).root  # as load_data finds it (and says)
+    if not (root / CT_DIR).is_dir():
+        raise DatasetError(f"{root / CT_DIR} not found: no CT to predict by default (give predict_inputs)")
+    trained = Config.from_dict(checkpoint["config"])  # the reviewer, max_cases, val_fraction and seed it was trained on
+    patients = sorted(p for p in (root / CT_DIR).iterdir() if p.is_dir())
+    chosen = [p for p in patients if not plethora_mask(root / MASK_DIR, p.name, trained.reviewer).is_file()]
+    if chosen:
+        print(f"Predicting the {len(chosen)} patients of {root / CT_DIR} without a PleThora mask")
+    else:
+        cases = find_cases(root, trained.reviewer, skipped)[: trained.max_cases]
+        _, val = split_by_case(cases, trained.val_fraction, trained.seed)
+        chosen = [case["patient_dir"] for case in val]
+        print(f"Every patient of {root} has a PleThora mask (as in the synthetic sample): predicting the {len(val)} "
+              f"validation patients of the trained model's split (seed {trained.seed}): "
+              f"{', '.join(p.name for p in chosen)}")  # fmt: skip
+    series = []
+    for patient_dir in chosen:
+        try:
+            series.append(find_ct_series(patient_dir))
+        except Unusable as err:
+            skipped.skip(patient_dir, err)
+    return series
+
+
+def predict_volume(model, img: nib.Nifti1Image, trained: Config) -> np.ndarray:
+    """The effusion mask (uint8) of a CT on its own voxel grid: its voxels turned into TRAINED_AXES, predicted as the
+    validation series are (`predict_case`), and the mask turned back, voxel for voxel. Raises Unusable for a volume
+    that is no CT in Hounsfield units (no air, or nothing denser)."""
+    ornt = io_orientation(img.affine)
+    hu = apply_orientation(img.get_fdata(dtype=np.float32), ornt_transform(ornt, axcodes2ornt(TRAINED_AXES)))
+    body = hu > trained.body_threshold_hu
+    if body.all() or not body.any():  # a chest CT has air around the body, at -1000 HU
+        where = f"not air and body either side of {trained.body_threshold_hu:.0f} HU"
+        raise Unusable("not a CT in HU", f"values {hu.min():.0f} to {hu.max():.0f}, {where} (a mask? a CT unrescaled?)")
+    pred = predict_case(model, np.ascontiguousarray(hu), trained)
+    return apply_orientation(pred, ornt_transform(axcodes2ornt(TRAINED_AXES), ornt)).astype(np.uint8)
+
+
+def output_name(path: Path, used: set[str]) -> str:
+    """The mask's file name for input `path`: a NIfTI's own name, a series folder's patient (its PatientID, else the
+    folder's name), plus "_effusion.nii.gz"; a name already given in this run gets a number, never overwriting."""
+    stem = mask_name(path, "")
+    if path.is_dir():
+        first = next(p for p in sorted(path.iterdir()) if is_dicom(p))  # the series was read: there is one
+        patient = str(pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["PatientID"]).get("PatientID", ""))
+        stem = re.sub(r"[^\w.-]+", "_", patient).strip("_.") or stem  # a file name, whatever the ID holds
+    name, n = f"{stem}_effusion.nii.gz", 1
+    while name in used:
+        n += 1
+        name = f"{stem}_{n}_effusion.nii.gz"
+    used.add(name)
+    return name
+
+
+def predict(cfg: Config, inputs=None) -> list[Path]:
+    """The effusion masks of `inputs` (a NIfTI CT, a folder holding one DICOM series, a folder of such, or a list of
+    these; None: `default_inputs`), each on its input's own grid (shape and affine), under output_dir/predictions/,
+    and predictions.csv: input, mask, effusion_ml, voxels, shape. The weights of cfg.checkpoint (default:
+    output_dir/best_model.pt), with the settings they were trained with. Returns the files written (none when no
+    input could be predicted); an unusable input is named, skipped and counted. Process 0 only."""
+    if not distributed.is_main():
+        return []
+    model, trained, checkpoint = load_trained(cfg, build_model, DEVICE)
+    skipped = Skipped("file", print_limit=10)
+    paths = default_inputs(cfg, checkpoint, skipped) if inputs is None else ct_inputs(inputs)
+    out_dir = cfg.output_dir / "predictions"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, used = [], set()
+    for path in tqdm(paths, desc="predicting", leave=False, disable=None):
+        try:
+            img = read_ct(path)
+            mask = predict_volume(model, img, trained)
+        except Unusable as err:
+            skipped.skip(path, err)
+            continue
+        name = output_name(path, used)
+        save_mask_nifti(out_dir / name, mask, img.affine)
+        rows.append({"input": str(path), "mask": name, "effusion_ml": volume_ml(mask, img.affine),
+                     "voxels": int(mask.sum()), "shape": "x".join(map(str, mask.shape))})  # fmt: skip
+    table = pd.DataFrame(rows, columns=["input", "mask", "effusion_ml", "voxels", "shape"])
+    save_atomically(out_dir / "predictions.csv", lambda path: table.to_csv(path, index=False))
+    print(skipped.summary(f"Predicted {len(rows)} of {len(paths)} CTs into {out_dir} (masks, predictions.csv)"))
+    return [out_dir / row["mask"] for row in rows] + [out_dir / "predictions.csv"] if rows else []
+
+
+if __name__ == "__main__":
+    predictions = predict(cfg, cfg.predict_inputs)
+    if predictions:  # the volumes (the inputs' paths are in the CSV too); under torchrun process 0 alone predicts
+        show(pd.read_csv(predictions[-1], usecols=["mask", "effusion_ml", "voxels", "shape"]))
+
 # %% Summary
 
 
@@ -766,5 +832,6 @@ if __name__ == "__main__":
     print(run_summary(cfg, data, history, best_text(history, per_case),
                       ["best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "batch.png",
                        "skipped_cases.csv", "val_per_case.csv", "val_predictions.png",
-                       f"predictions/ ({len(data.val)} NIfTI masks)"],
+                       f"val_predictions/ ({len(data.val)} NIfTI masks)",
+                       f"predictions/ ({max(len(predictions) - 1, 0)} NIfTI masks, predictions.csv)"],
                       pictures))  # fmt: skip

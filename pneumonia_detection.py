@@ -4,7 +4,8 @@ Finds the lung opacities of pneumonia as boxes: groups the label rows by patient
 boxes), samples patients per class, splits train/validation by patient with a seed, trains torchvision's Faster
 R-CNN (COCO weights when they are in the local torch cache, else from scratch), scores every epoch with the
 challenge metric and with COCO mAP, keeps the best epoch by the challenge metric, chooses on the validation set the
-score above which a box is kept, and writes a Kaggle submission for `stage_2_test_images/`.
+score above which a box is kept, and predicts boxes on radiographs it has never seen (DICOM, PNG or JPEG, any
+size): by default the challenge's `stage_2_test_images/`, in Kaggle's submission format.
 Challenge and metric: https://www.kaggle.com/c/rsna-pneumonia-detection-challenge (Overview > Evaluation).
 
 Data: `data/rsna-pneumonia-detection-challenge/` as unzipped from Kaggle (`stage_2_train_labels.csv`,
@@ -12,13 +13,15 @@ Data: `data/rsna-pneumonia-detection-challenge/` as unzipped from Kaggle (`stage
 Without it the synthetic stand-in under `data/sample/` is used (written when missing), and the script says so.
 Outputs: `output/pneumonia_detection/`: `best_model.pt`, `last_checkpoint.pt`, `history.csv`,
 `rsna_metric_per_epoch.png`, `batch.png`, `val_per_case.csv`, `val_predictions.png` (true and predicted boxes;
-copied to `Images/` for the README when the synthetic sample was used), `submission.csv`.
+copied to `Images/` for the README when the synthetic sample was used), `predictions/` (`predictions.csv`: the
+Kaggle submission, `patientId,PredictionString`, boxes in each input's own pixels; `<name>_boxes.png` per input).
 
 Run: `python pneumonia_detection.py` (`QUICK=1` for a short first try), or cell by cell in VS Code or Jupyter,
 each cell leaving its result to look at: `cfg`, `data`, `batch`, `model`, `history`, `per_case`. Edit the
 configuration inline (`cfg = Config(max_epochs=10)`) and run the cells below again; after Ctrl-C,
 `Config(resume=True)` goes on. On several GPUs: `torchrun --nproc_per_node=4 pneumonia_detection.py` (README:
-several GPUs and machines).
+several GPUs and machines). Predict on your own radiographs with the trained model, no training:
+`PREDICT=path/to/folder python pneumonia_detection.py` (`CHECKPOINT=path/to/best_model.pt` for other weights).
 """
 
 # %% Imports
@@ -26,6 +29,7 @@ import contextlib
 import io
 import math
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,14 +37,12 @@ from typing import ClassVar
 
 import numpy as np
 import pandas as pd
-import pydicom
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from pydicom.pixels import get_decoder
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.models.detection import (
@@ -51,23 +53,37 @@ from torchvision.models.detection import (
 )
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops import box_iou
+from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.transforms import v2
 from tqdm import tqdm
 
 import distributed
 from checkpoints import (
+    CHECKPOINT,
+    PREDICT,
     BaseConfig,
     EpochLoss,
     History,
     TrainingRun,
     end_if_stopped,
     load_best,
+    load_trained,
+    predict_only,
     readme_pictures,
     run_summary,
     save_atomically,
     seed_everything,
 )
-from data_cleaning import Data, DatasetError, Skipped, Unusable, one_line_data_problems
+from data_cleaning import (
+    Data,
+    DatasetError,
+    Skipped,
+    Unusable,
+    expand_inputs,
+    mask_name,
+    one_line_data_problems,
+    read_radiograph,
+)
 from dice import save_figure, show
 from precision import autocast, grad_scaler
 from sample_data import find_dataset
@@ -82,7 +98,7 @@ DEVICE = distributed.device()  # picked once: the GPU if any (under torchrun, th
 @dataclass
 class Config(BaseConfig):
     data_dir: Path = ROOT / "data"  # holds rsna-pneumonia-detection-challenge/ as unzipped; else data/sample/ is used
-    output_dir: Path = ROOT / "output" / "pneumonia_detection"  # weights, history, plots, submission
+    output_dir: Path = ROOT / "output" / "pneumonia_detection"  # weights, history, plots, predictions/
     images_dir: Path = ROOT / "Images"  # the README's picture: val_predictions.png is copied there, from runs on
     # the synthetic sample only (pictures of real patients never land in a folder of the repository)
     seed: int = 0  # one seed for the sampling, the split, the initial weights and the flips
@@ -115,9 +131,16 @@ class Config(BaseConfig):
     num_workers: int = 0  # radiographs are decoded once and cached as tensors: workers would only add start-up
     amp: bool = True  # mixed precision on CUDA (bfloat16 where supported, else float16); ignored on the CPU
     examples: int = 4  # validation radiographs drawn in val_predictions.png (positives first)
+    prediction_pictures: int | None = 100  # predictions/<name>_boxes.png for the first so many inputs (None: all):
+    # the challenge's test folder has 3,000 radiographs, and the CSV holds every box anyway
+    predict_inputs: Path | None = PREDICT  # the Predict cell's input: a folder or a file (None: stage_2_test_images/)
+    checkpoint: Path | None = CHECKPOINT  # the weights the Predict cell uses (None: output_dir/best_model.pt)
     tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
     resume: bool = False  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs
     quick: bool = QUICK  # the quick run below; recorded in the checkpoint: a quick model is not a result
+    AS_TRAINED: ClassVar[tuple[str, ...]] = ("image_size", "model", "rpn_proposals_test")  # read by prediction from
+    # the checkpoint: the network has only learnt opacities at the size it was trained at (its boxes, proposals and
+    # lowest score are built from the checkpoint's settings too); the score threshold is the one chosen on validation
 
     # The quick run (QUICK=1, or Config(quick=True)): a first try in a few minutes on a CPU, from scratch. These
     # replace the defaults above; a setting given explicitly, as in Config(quick=True, max_epochs=5), wins.
@@ -137,6 +160,8 @@ if __name__ == "__main__":
     distributed.setup()  # under torchrun: join the other processes (README: several GPUs); else nothing
     one_line_data_problems()  # from the command line, a data folder unlike the README's is one line
     print(cfg.describe())
+    if PREDICT:  # PREDICT=<folder or file> python pneumonia_detection.py: predict, no training (README)
+        predict_only(__file__)
 
 # %% Data
 LABELS_CSV = "stage_2_train_labels.csv"  # patientId,x,y,width,height,Target: one row per box, or one NaN row
@@ -200,35 +225,6 @@ def split_by_patient(patients: list[dict], val_fraction: float, seed: int) -> tu
     return sorted(train, key=lambda p: p["patient_id"]), sorted(val, key=lambda p: p["patient_id"])
 
 
-def read_dicom(path: Path) -> np.ndarray:
-    """The pixels of a radiograph as float32 (H, W), bright = dense: RescaleSlope/Intercept applied, MONOCHROME1
-    (where bright means air) inverted. Raises Unusable, never an error from deep inside pydicom."""
-    if not path.is_file():
-        raise Unusable("missing DICOM", f"{path} not found")
-    try:
-        ds = pydicom.dcmread(path)
-    except Exception as err:  # pydicom raises several kinds on a damaged or non-DICOM file
-        raise Unusable("unreadable DICOM", f"{path}: {err}") from err
-    if "PixelData" not in ds:
-        raise Unusable("no pixel data", f"{path} has no PixelData element")
-    syntax = ds.file_meta.get("TransferSyntaxUID")
-    if syntax is not None and syntax.is_compressed:
-        decoder = get_decoder(syntax)
-        if not decoder.is_available:
-            needs = "; ".join(decoder.missing_dependencies)
-            raise Unusable("no decoder", f"{path} is compressed as {syntax.name}, install one of: {needs}")
-    try:
-        pixels = ds.pixel_array.astype(np.float32)
-    except Exception as err:  # the decoder plugins raise RuntimeError, ValueError, OSError...
-        raise Unusable("undecodable pixel data", f"{path}: {err}") from err
-    if pixels.ndim != 2:
-        raise Unusable("not a grayscale radiograph", f"{path} has pixel array shape {pixels.shape}")
-    pixels = pixels * np.float32(ds.get("RescaleSlope", 1)) + np.float32(ds.get("RescaleIntercept", 0))
-    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-        pixels = pixels.max() + pixels.min() - pixels  # same range, reversed
-    return pixels
-
-
 def to_uint8(pixels: np.ndarray, size: int) -> torch.Tensor:
     """(1, size, size) uint8: stretched to 0..255 (the challenge's images are 8-bit already), resized with
     antialiasing. Cached as uint8, 1,000 radiographs at 512 px take 260 MB."""
@@ -248,7 +244,9 @@ def load_patients(patients: list[dict], size: int, skipped: Skipped, progress: b
     items = []
     for patient in tqdm(patients, desc="decoding", leave=False, disable=None if progress else True):
         try:
-            pixels = read_dicom(patient["path"])
+            if not patient["path"].is_file():
+                raise Unusable("missing DICOM", f"{patient['path']} not found")
+            pixels, _ = read_radiograph(patient["path"])  # DICOM, rescaled, MONOCHROME1 inverted (data_cleaning)
             height, width = pixels.shape
             boxes = patient["boxes"]
             invalid = ~np.isfinite(boxes).all(1) | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
@@ -801,54 +799,134 @@ if __name__ == "__main__":
     show(cfg.output_dir / "val_predictions.png")
 
 # %% Predict
+# The trained network on radiographs it has never seen: by default the challenge's stage_2_test_images/ (the Kaggle
+# submission), or your own (cfg.predict_inputs, PREDICT=): DICOM (by name or content), PNG or JPEG, of any size.
+# Writes predictions/predictions.csv (Kaggle's patientId,PredictionString, boxes in each input's own pixels) and
+# predictions/<name>_boxes.png. Needs only the Imports and Configuration cells and a best_model.pt: the image size
+# and network are the checkpoint's, the score threshold the one chosen on validation with those weights.
+SHARED = ("TEST_IMAGES", "to_uint8", "build_transforms", "outline", "build_model", "detect", "boxes_above")
+if not set(SHARED) <= globals().keys():
+    # A fresh kernel that ran only Imports and Configuration: what prediction shares with training (the Data cell's
+    # resizing, the network, the Train cell's detection) is imported from this file, whose guards do not run.
+    from pneumonia_detection import TEST_IMAGES, boxes_above, build_model, build_transforms, detect, outline, to_uint8
+
+SAMPLE_SUBMISSION = "stage_2_sample_submission.csv"  # patientId,PredictionString: every test patient, listed once
 
 
-def prediction_string(pred: dict, min_score: float) -> str:
-    """Kaggle's PredictionString: "conf x y width height ..." (1024-px top-left corner and size), best first."""
-    parts = []
-    for (x1, y1, x2, y2), score in zip(pred["boxes"], pred["scores"]):
-        if score >= min_score:
-            parts.append(f"{score:.4f} {x1:.1f} {y1:.1f} {x2 - x1:.1f} {y2 - y1:.1f}")
-    return " ".join(parts)
+def build_trained_model(cfg: Config) -> torch.nn.Module:
+    """The network of a checkpoint trained with `cfg`, for its weights: built as build_model built it, but never
+    from the COCO weights, which the checkpoint's weights replace anyway, so that prediction works on a machine
+    that never had them."""
+    model = build_model(replace(cfg, pretrained="none"))
+    if cfg.pretrained == "auto" and cfg.model == "fasterrcnn_resnet50_fpn":  # trained from COCO (fit saves "none"
+        freeze_batch_norm(model.backbone.body)  # otherwise): v1 then froze its ResNet's batch norm
+    return model
 
 
-def predict_test(model, test_dir: Path, cfg: Config, min_score: float) -> pd.DataFrame:
-    """One submission row (patientId, PredictionString) per DICOM in `test_dir`, sorted by patientId.
+def freeze_batch_norm(module: torch.nn.Module) -> None:
+    """Every BatchNorm2d below `module` replaced by a FrozenBatchNorm2d with eps 0, as torchvision's v1 builder
+    makes them from the COCO weights: the trained network's numbers to the last bit (eps 1e-5 shifts its scores)."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            setattr(module, name, FrozenBatchNorm2d(child.num_features, eps=0.0))
+        else:
+            freeze_batch_norm(child)
 
-    A radiograph that cannot be used is named, counted and predicted empty, so that every patient has a row.
-    """
-    skipped = Skipped("patient")
-    paths = sorted(test_dir.glob("*.dcm"))
-    patients = [{"patient_id": p.stem, "class": "test", "path": p, "boxes": np.zeros((0, 4))} for p in paths]
-    rows = {p["patient_id"]: "" for p in patients}
-    transforms = build_transforms(cfg, train=False)
-    for start in tqdm(range(0, len(patients), cfg.batch_size), desc="test", leave=False, disable=None):
-        items = load_patients(patients[start : start + cfg.batch_size], cfg.image_size, skipped, progress=False)
-        if not items:
+
+def predict_one(model, path: Path, trained: Config, min_score: float) -> tuple[np.ndarray, dict]:
+    """(the radiograph's pixels as read, its boxes scoring at least `min_score` in those pixels, best first).
+
+    Prepared as the training radiographs were: stretched to 0..255 and resized to the trained image_size (a
+    non-square one squeezed, as the network only ever saw square ones); the boxes are mapped back with separate x
+    and y scales, to the input's own width and height. Raises Unusable for a file that is no radiograph."""
+    with warnings.catch_warnings():  # pydicom's warnings on a cut file: read_radiograph names it in one line
+        warnings.filterwarnings("ignore", module="pydicom")
+        pixels, _ = read_radiograph(path)
+    height, width = pixels.shape
+    size = trained.image_size
+    scale = np.array([size / width, size / height, size / width, size / height])
+    image = build_transforms(trained, train=False)(tv_tensors.Image(to_uint8(pixels, size)))
+    return pixels, boxes_above(detect(model, [image], [scale], trained)[0], min_score)
+
+
+def prediction_string(pred: dict) -> str:
+    """Kaggle's PredictionString: "conf x y width height ..." (top-left corner and size, in the input's pixels)."""
+    return " ".join(f"{score:.4f} {x1:.1f} {y1:.1f} {x2 - x1:.1f} {y2 - y1:.1f}"
+                    for (x1, y1, x2, y2), score in zip(pred["boxes"], pred["scores"]))  # fmt: skip
+
+
+def draw_boxes(pixels: np.ndarray, pred: dict, name: str, min_score: float) -> Figure:
+    """The radiograph in its own pixels with its predicted boxes and their scores (red)."""
+    height, width = pixels.shape
+    fig = Figure(figsize=(5, 5 * height / width + 0.4), dpi=100)
+    ax = fig.add_subplot()
+    ax.imshow(pixels, cmap="gray")
+    outline(ax, pred["boxes"], "red", pred["scores"])
+    n = len(pred["boxes"])
+    ax.set_title(f"{name}: {n} box{'es' * (n != 1)} with score >= {min_score:.2f}", fontsize=8)
+    ax.axis("off")
+    return fig
+
+
+def predict_files(model, paths: list[Path], trained: Config, min_score: float, out_dir: Path, skipped: Skipped):
+    """({patientId (the file's name without extension): PredictionString}, the pictures written) for `paths`; a
+    file that cannot be used, or a second one of the same name, is named, skipped and counted."""
+    rows, pictures = {}, []
+    for path in tqdm(paths, desc="predicting", leave=False, disable=None):
+        name = mask_name(path, "")
+        try:
+            if name in rows:
+                raise Unusable("same name", f"a file named {name} was predicted already: one row per patientId")
+            pixels, pred = predict_one(model, path, trained, min_score)
+        except Unusable as err:
+            skipped.skip(path, err)
             continue
-        images = [transforms(tv_tensors.Image(item["image"])) for item in items]
-        for item, pred in zip(items, detect(model, images, [item["scale"] for item in items], cfg)):
-            rows[item["patient_id"]] = prediction_string(pred, min_score)
-    print(skipped.summary(f"Test folder {test_dir} ({len(patients)} radiographs)"))
-    return pd.DataFrame(sorted(rows.items()), columns=["patientId", "PredictionString"])
+        rows[name] = prediction_string(pred)
+        if trained.prediction_pictures is None or len(pictures) < trained.prediction_pictures:
+            pictures.append(save_figure(draw_boxes(pixels, pred, name, min_score), out_dir / f"{name}_boxes.png"))
+    if len(pictures) < len(rows):
+        print(f"Pictures of the first {len(pictures)} of {len(rows)} radiographs only (prediction_pictures)")
+    return rows, pictures
 
 
-def predict(cfg: Config, test_dir: Path) -> pd.DataFrame | None:
-    """The Kaggle submission for the DICOMs of `test_dir` (output_dir/submission.csv), with the best epoch's
-    weights and score threshold read back from best_model.pt; returns its rows. Process 0 only (None in the
-    others)."""
+def predict(cfg: Config, inputs=None) -> list[Path]:
+    """Boxes of lung opacity on the radiographs of `inputs` (a folder, a file, or a list of files; None: the
+    challenge's stage_2_test_images/), with the weights of cfg.checkpoint (default: output_dir/best_model.pt), its
+    image size and its score threshold: output_dir/predictions/predictions.csv (patientId,PredictionString) and
+    <patientId>_boxes.png for the first cfg.prediction_pictures. Returns the files written (none when no input
+    could be predicted); the inputs are only read. Process 0 only ([] in the others)."""
     if not distributed.is_main():
-        return None
-    model, checkpoint = load_best(cfg, build_model, DEVICE)
-    rows = predict_test(model, Path(test_dir), cfg, checkpoint["metrics"]["score_threshold"])
-    path = cfg.output_dir / "submission.csv"
-    save_atomically(path, lambda partial: rows.to_csv(partial, index=False))
-    print(f"Submission {path}: {(rows['PredictionString'] != '').sum()} of {len(rows)} test radiographs with boxes")
-    return rows
+        return []
+    model, trained, checkpoint = load_trained(cfg, build_trained_model, DEVICE)
+    min_score = checkpoint["metrics"]["score_threshold"]  # chosen on validation for these weights (evaluate)
+    listed = []  # the challenge's test patients: Kaggle takes a submission with a row for each
+    if inputs is None:
+        root, _ = find_dataset("rsna-pneumonia-detection-challenge", cfg.data_dir, say=False)  # as load_data does
+        inputs = root / TEST_IMAGES
+        if (root / SAMPLE_SUBMISSION).is_file():
+            listed = pd.read_csv(root / SAMPLE_SUBMISSION)["patientId"].tolist()
+    paths, skipped = expand_inputs(inputs), Skipped("file", print_limit=10)
+    out_dir = cfg.output_dir / "predictions"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, pictures = predict_files(model, paths, trained, min_score, out_dir, skipped)
+    predicted, missing = len(rows), [patient for patient in listed if patient not in rows]
+    if missing:
+        print(f"{len(missing)} patient{'s' * (len(missing) != 1)} of {SAMPLE_SUBMISSION} not predicted: listed "
+              "with no box, as Kaggle takes a submission with a row for every test patient")  # fmt: skip
+        rows |= dict.fromkeys(missing, "")
+    table = pd.DataFrame(sorted(rows.items()), columns=["patientId", "PredictionString"])
+    if predicted:
+        save_atomically(out_dir / "predictions.csv", lambda path: table.to_csv(path, index=False))
+    with_boxes = int((table["PredictionString"] != "").sum())
+    done = f"Predicted {predicted} of {len(paths)} radiographs into {out_dir} ({with_boxes} with boxes of score >= "
+    print(skipped.summary(done + f"{min_score:.2f}; predictions.csv, {len(pictures)} pictures)"))
+    return [*pictures, out_dir / "predictions.csv"] if predicted else []
 
 
 if __name__ == "__main__":
-    submission = predict(cfg, data.root / TEST_IMAGES)
+    predictions = predict(cfg, cfg.predict_inputs)
+    if len(predictions) > 1:  # the first radiograph with its boxes; every box is in predictions.csv
+        show(predictions[0])
 
 # %% Summary
 if __name__ == "__main__":
@@ -859,5 +937,5 @@ if __name__ == "__main__":
                       f"(predicting nothing: {best['val_rsna_predict_nothing']:.4f}; mAP {best['val_map']:.4f}, "
                       f"mAP@.5 {best['val_map50']:.4f})",
                       ["best_model.pt", "last_checkpoint.pt", "history.csv", "rsna_metric_per_epoch.png", "batch.png",
-                       "val_per_case.csv", "val_predictions.png", "submission.csv"],
+                       "val_per_case.csv", "val_predictions.png", "predictions/ (predictions.csv, pictures)"],
                       pictures))  # fmt: skip

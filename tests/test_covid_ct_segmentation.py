@@ -3,14 +3,20 @@ files (bad inputs named, skipped and counted), a .gz damaged inside named in one
 submission names, predictions mapped back onto each scan's exact grid (flipped axes included), Dice per case against
 MONAI's DiceMetric, the loss against dice.py, and the stages: a quick run of all the cells on the synthetic sample,
 started from another directory, must reach validation Dice 0.5 and write a submission with each scan's geometry;
-fit resumes and stops on Ctrl-C or a NaN loss; evaluate_best and predict read the best weights back (the notebook
-run is in test_notebooks.py, torchrun in test_distributed.py).
+fit resumes and stops on Ctrl-C or a NaN loss; evaluate_best and predict read the best weights back; the Predict
+stage on a user's own CTs (NIfTI in any orientation, an oblique one, a DICOM series; damaged files among them),
+with the checkpoint's settings whatever `cfg` says, and from the command line (PREDICT=...). The notebook run is in
+test_notebooks.py, torchrun in test_distributed.py.
 
 The script is loaded as a module with the quick-run switch on; the sample is written once per session (conftest).
 """
 
 import gzip
+import hashlib
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,8 +29,10 @@ import torch.nn.functional as F
 from monai.metrics import DiceMetric
 from monai.transforms import Compose, Orientationd, Spacingd
 from PIL import Image
+from test_predict_inputs import write_series
 
-from data_cleaning import DatasetError, Skipped, check_volume, find_covid_cases
+from checkpoints import CheckpointError
+from data_cleaning import DatasetError, Skipped, check_volume, find_covid_cases, read_dicom_series, save_mask_nifti
 from dice import soft_dice_loss
 
 # MONAI's LoadImage warns on every set-up that its GPU DICOM decoder is missing (the script silences it; pytest
@@ -179,7 +187,8 @@ def test_bad_inputs_are_named_skipped_and_counted(covid, covid_copy, tmp_path, c
 
 def test_predictions_return_to_the_scans_own_grid_for_flipped_cases(covid, sample_root, tmp_path):
     """The true mask, resampled as the network sees its CT and mapped back with to_scan_grid, is the stored mask
-    voxel for voxel; written with write_mask, it has the CT's shape, affine and header codes (nibabel)."""
+    voxel for voxel; written as the Predict cell writes it (save_mask_nifti), it has the CT's shape, affine, qform
+    and header codes (nibabel)."""
     cfg = replace(covid.cfg, pixdim=(1.5, 1.5, 2.5))  # finer than the scans: nearest neighbour loses nothing
     transforms = covid.build_transforms(cfg, "val")
     forward = Compose(
@@ -201,7 +210,7 @@ def test_predictions_return_to_the_scans_own_grid_for_flipped_cases(covid, sampl
         np.testing.assert_array_equal(back[0].numpy(), stored)
 
         path = tmp_path / covid.submission_name(case_id)
-        covid.write_mask(back[0].numpy(), ct, path)
+        save_mask_nifti(path, back[0].numpy(), ct.affine)
         written = nib.load(path)
         assert written.shape == ct.shape and written.get_data_dtype() == np.uint8
         np.testing.assert_array_equal(written.affine, ct.affine)
@@ -210,8 +219,6 @@ def test_predictions_return_to_the_scans_own_grid_for_flipped_cases(covid, sampl
             assert written.header[code] == ct.header[code] == 1  # scanner coordinates, as the CT
         np.testing.assert_array_equal(np.asanyarray(written.dataobj), stored)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["017.nii.gz", "175.nii.gz", "306.nii.gz"]  # no leftovers
-    with pytest.raises(ValueError, match="does not match its scan"):
-        covid.write_mask(stored[1:], ct, tmp_path / "bad.nii.gz")
 
 
 class IntensityWindow(torch.nn.Module):
@@ -337,7 +344,7 @@ def test_quick_run_of_the_cells_from_another_directory_reaches_the_dice_bar(
     pd.testing.assert_frame_equal(pd.read_csv(output / "val_per_case.csv", dtype={"case": str}), per_case)
     assert {p.name for p in output.iterdir()} == {
         "best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "batch.png", "val_per_case.csv",
-        "val_predictions.png", "submission",
+        "val_predictions.png", "predictions",
     }  # fmt: skip
     for name in ("dice_per_epoch.png", "batch.png", "val_predictions.png"):
         with Image.open(output / name) as figure:
@@ -347,13 +354,14 @@ def test_quick_run_of_the_cells_from_another_directory_reaches_the_dice_bar(
     summary = out[out.index("\nSummary (") :]
     assert "QUICK run" in summary and f"data:    SYNTHETIC sample {root / 'data' / 'sample' / COVID}" in summary
     assert f"best:    epoch {best['epoch']} of 14, validation Dice {best['val_dice']:.4f}" in summary
-    assert f"outputs: {output}/" in summary and "submission/ (3 masks NNN.nii.gz)" in summary
+    assert f"outputs: {output}/" in summary and "predictions/ (3 masks and predictions.csv)" in summary
     assert f"picture: {picture}" in summary
 
-    assert [p.name for p in cells["submission"]] == ["041.nii.gz", "812.nii.gz", "842.nii.gz"]
-    assert sorted(p.name for p in (output / "submission").iterdir()) == ["041.nii.gz", "812.nii.gz", "842.nii.gz"]
+    submission = ["041.nii.gz", "812.nii.gz", "842.nii.gz"]
+    assert [p.name for p in cells["predictions"]] == [*submission, "predictions.csv"]
+    assert sorted(p.name for p in (output / "predictions").iterdir()) == [*submission, "predictions.csv"]
     for case_id in INFER_IDS:
-        assert_on_the_scans_grid(output / "submission" / f"{case_id[1:]}.nii.gz",
+        assert_on_the_scans_grid(output / "predictions" / f"{case_id[1:]}.nii.gz",
                                  ct_path(sample_root / COVID, case_id, "Validation"))  # fmt: skip
     assert not any(elsewhere.iterdir())  # nothing written to the working directory
 
@@ -424,18 +432,17 @@ def test_fit_resumes_stops_on_ctrl_c_or_nan_and_the_best_weights_segment_on_the_
     written = covid.predict(cfg, data.root / "Validation")
     out = capsys.readouterr().out
     assert f"Skipped {truncated}: truncated" in out and "skipped 1 file (1 truncated)" in out
-    assert [p.name for p in written] == ["041.nii.gz", "812.nii.gz"]
-    assert sorted(p.name for p in (cfg.output_dir / "submission").iterdir()) == ["041.nii.gz", "812.nii.gz"]
+    assert [p.name for p in written] == ["041.nii.gz", "812.nii.gz", "predictions.csv"]
+    assert sorted(p.name for p in (cfg.output_dir / "predictions").iterdir()) == [p.name for p in written]
     masks = []
-    for case_id, path in zip(INFER_IDS, written):
+    for case_id, path in zip(INFER_IDS, written[:-1]):
         assert nib.aff2axcodes(nib.load(ct_path(covid_copy, case_id, "Validation")).affine) == ("L", "A", "S")
         assert_on_the_scans_grid(path, ct_path(covid_copy, case_id, "Validation"))
         masks.append(np.asanyarray(nib.load(path).dataobj))
     # The network reads scans prepared as it was trained (from its checkpoint), whatever the configuration now.
-    other = replace(cfg, pixdim=(1.25, 1.25, 5.0), hu_window=(-500.0, 500.0), output_dir=tmp_path / "other")
-    (tmp_path / "other").mkdir()
-    shutil.copy(best_path, other.output_dir / "best_model.pt")
-    for path, mask in zip(covid.predict(other, data.root / "Validation"), masks, strict=True):
+    other = replace(cfg, pixdim=(1.25, 1.25, 5.0), hu_window=(-500.0, 500.0), output_dir=tmp_path / "other",
+                    checkpoint=best_path)  # fmt: skip
+    for path, mask in zip(covid.predict(other, data.root / "Validation")[:-1], masks, strict=True):
         np.testing.assert_array_equal(np.asanyarray(nib.load(path).dataobj), mask)
 
 
@@ -463,7 +470,7 @@ def damage_inside(path: Path) -> None:
 
 
 def test_a_gz_damaged_inside_stops_training_in_one_line_and_is_skipped_when_segmenting(
-    covid, covid_copy, tmp_path, capsys
+    covid, covid_copy, tmp_path, capsys, trained
 ):
     damaged = ct_path(covid_copy, TRAIN_IDS[0])
     damage_inside(damaged)
@@ -485,10 +492,187 @@ def test_a_gz_damaged_inside_stops_training_in_one_line_and_is_skipped_when_segm
     damage_inside(ct_path(covid_copy, INFER_IDS[1], "Validation"))
     capsys.readouterr()
     out_dir = tmp_path / "masks"
-    written = covid.predict_folder(covid.build_model(cfg), covid_copy / "Validation", replace(cfg, tta_flips=False),
-                                   out_dir)  # fmt: skip
+    written = covid.predict(replace(trained, output_dir=out_dir), covid_copy / "Validation")
     out = capsys.readouterr().out
-    assert sorted(p.name for p in written) == sorted(p.name for p in out_dir.iterdir()) == ["041.nii.gz", "842.nii.gz"]
+    assert [p.name for p in written] == sorted(p.name for p in (out_dir / "predictions").iterdir())
+    assert [p.name for p in written] == ["041.nii.gz", "842.nii.gz", "predictions.csv"]
     damaged_scan = ct_path(covid_copy, INFER_IDS[1], "Validation")
-    assert f"Skipped {damaged_scan}: unreadable (cannot be decompressed or decoded (" in out
-    assert "skipped 1 file (1 unreadable)" in out
+    assert f"Skipped {damaged_scan}: unreadable ({damaged_scan} cannot be decoded (" in out
+    assert "Segmented 2 of 3 CTs into " in out and "skipped 1 file (1 unreadable)" in out
+
+
+# Predict: the user's own CTs, with the trained model
+
+
+@pytest.fixture(scope="module")
+def trained_once(covid, sample_root, tmp_path_factory, one_torch_thread):
+    """The tiny configuration and its best_model.pt, trained once for this module (8 epochs at 6 mm, about 10 s on
+    a CPU; it finds some lesion)."""
+    cfg = tiny_config(covid, tmp_path_factory.mktemp("covid_trained"), sample_root, max_epochs=8, val_interval=4,
+                      tta_flips=False)  # fmt: skip
+    covid.fit(cfg, covid.load_data(cfg), covid.build_model(cfg))
+    return replace(cfg, checkpoint=cfg.output_dir / "best_model.pt")
+
+
+@pytest.fixture
+def trained(trained_once, tmp_path):
+    """That configuration, its `checkpoint` the module's best_model.pt, writing to this test's own output_dir."""
+    return replace(trained_once, output_dir=tmp_path / "output")
+
+
+def rotation_about_z(degrees: float) -> np.ndarray:
+    turn = np.eye(4)
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    turn[:2, :2] = [[c, -s], [s, c]]
+    return turn
+
+
+@pytest.fixture
+def user_cts(sample_root, tmp_path) -> tuple[Path, nib.Nifti1Image]:
+    """A folder of a user's CTs, all of one labelled sample scan (stored LPS): `lps.nii.gz` as stored, `oblique.nii`
+    (uncompressed) with its affine turned 20 degrees about z, and `series/`, its DICOM series in shuffled file order
+    with extension-less names. Returns (the folder, the scan)."""
+    ct = nib.load(ct_path(sample_root / COVID, TRAIN_IDS[0]))
+    assert nib.aff2axcodes(ct.affine) == ("L", "P", "S")
+    folder = tmp_path / "my_scans"
+    folder.mkdir()
+    shutil.copy(ct.get_filename(), folder / "lps.nii.gz")
+    hu = np.asanyarray(ct.dataobj)
+    nib.save(nib.Nifti1Image(hu, rotation_about_z(20) @ ct.affine), folder / "oblique.nii")
+    order = np.random.default_rng(0).permutation(hu.shape[2])
+    write_series(folder / "series", hu, (1, 0, 0), (0, 1, 0), spacing=tuple(nib.affines.voxel_sizes(ct.affine)),
+                 names=[f"IM{n:04d}" for n in range(hu.shape[2])], order=order)  # fmt: skip
+    return folder, ct
+
+
+def file_hashes(folder: Path) -> dict:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_predict_writes_a_mask_on_each_cts_own_grid_for_nifti_oblique_and_dicom_inputs(
+    covid, trained, user_cts, capsys
+):
+    folder, ct = user_cts
+    written = covid.predict(trained, folder)
+    out = capsys.readouterr().out
+    assert f"Predicting with {trained.checkpoint} (epoch 8, val_dice " in out and ", a QUICK run)" in out
+    out_dir = trained.output_dir / "predictions"
+    names = ["lps_lesions.nii.gz", "oblique_lesions.nii.gz", "series_lesions.nii.gz"]
+    assert written == [out_dir / name for name in [*names, "predictions.csv"]]
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(p.name for p in written)  # no temporary file left
+    assert f"Segmented 3 of 3 CTs into {out_dir} (masks, predictions.csv): no file skipped" in out
+    hu, series_affine = read_dicom_series(folder / "series")
+    expected_affines = [ct.affine, rotation_about_z(20) @ ct.affine, series_affine]
+    table = pd.read_csv(written[-1])
+    assert list(table.columns) == ["input", "mask", "lesion_ml", "voxels", "shape"]
+    assert table["input"].tolist() == [str(folder / name) for name in ("lps.nii.gz", "oblique.nii", "series")]
+    masks = []
+    for row, path, affine in zip(table.itertuples(), written[:-1], expected_affines, strict=True):
+        mask = nib.load(path)
+        assert mask.shape == ct.shape == hu.shape and mask.get_data_dtype() == np.uint8
+        # The input's affine as NIfTI stores it (float32): exactly, for the NIfTI inputs read back from their files.
+        np.testing.assert_allclose(mask.affine, affine, rtol=0, atol=1e-5)
+        assert mask.header["sform_code"] == mask.header["qform_code"] == 1
+        data = np.asanyarray(mask.dataobj)
+        assert set(np.unique(data)) <= {0, 1}
+        voxel_mm3 = np.prod(nib.affines.voxel_sizes(mask.affine))  # recomputed from the file, not by volume_ml
+        assert row.mask == path.name and row.voxels == data.sum() and row.shape == "x".join(map(str, ct.shape))
+        assert row.lesion_ml == pytest.approx(data.sum() * voxel_mm3 / 1000, rel=1e-5)
+        masks.append(data)
+    np.testing.assert_array_equal(nib.load(written[0]).affine, ct.affine)
+    np.testing.assert_array_equal(nib.load(written[1]).affine, nib.load(folder / "oblique.nii").affine)
+    assert masks[0].sum() > 0  # the trained model finds some lesion: the volumes above are not all 0
+    # A scan turned in scanner space is resampled along its own axes (MONAI's Spacingd keeps the rotation): the same
+    # voxels, the same mask.
+    np.testing.assert_array_equal(masks[1], masks[0])
+
+
+def test_a_damaged_or_foreign_file_among_the_inputs_is_named_and_skipped_and_no_input_changes(
+    covid, trained, user_cts, sample_root, capsys
+):
+    folder, ct = user_cts
+    whole = (folder / "lps.nii.gz").read_bytes()
+    (folder / "cut.nii.gz").write_bytes(whole[: len(whole) // 2])  # a download interrupted
+    (folder / "notes.nii.gz").write_text("not a scan, renamed")
+    shutil.copy(ct_path(sample_root / COVID, TRAIN_IDS[0], kind="seg"), folder / "a_mask.nii.gz")  # 0/1, not HU
+    (folder / "report.pdf").write_bytes(b"%PDF-1.4")
+    before = file_hashes(folder)
+    written = covid.predict(trained, folder)
+    out = capsys.readouterr().out
+    assert [p.name for p in written] == [
+        "lps_lesions.nii.gz", "oblique_lesions.nii.gz", "series_lesions.nii.gz", "predictions.csv"
+    ]  # fmt: skip
+    lines = [line for line in out.splitlines() if line.startswith("Skipped ")]
+    assert lines == [
+        f"Skipped {folder / 'a_mask.nii.gz'}: not a CT in HU ({folder / 'a_mask.nii.gz'}: nothing below -625 HU, no "
+        "lung or air (a mask? a CT stored without its rescaling?))",
+        f"Skipped {folder / 'cut.nii.gz'}: truncated ({folder / 'cut.nii.gz'}: the gzip data ends before the volume "
+        "does)",
+        lines[2],
+        f"Skipped {folder / 'report.pdf'}: not a CT ({folder / 'report.pdf'} is neither a NIfTI file (.nii, .nii.gz) "
+        "nor a folder of DICOM files)",
+    ]
+    assert lines[2].startswith(f"Skipped {folder / 'notes.nii.gz'}: unreadable (") and "\n" not in lines[2]
+    assert "Segmented 3 of 7 CTs into " in out and "skipped 4 files (" in out
+    assert "Traceback" not in out
+    assert file_hashes(folder) == before  # the user's files are only read
+
+
+def test_predict_prepares_scans_as_the_checkpoint_says_whatever_cfg_says_now(covid, trained, user_cts, capsys):
+    folder, _ = user_cts
+    inputs = [folder / "lps.nii.gz", folder / "series"]  # a list of inputs: a file and a series folder
+    first = covid.predict(trained, inputs)
+    other = replace(trained, pixdim=(3.0, 3.0, 3.0), hu_window=(-500.0, 200.0), roi_size=(32, 32, 32),
+                    threshold=0.9, output_dir=trained.output_dir.parent / "other")  # fmt: skip
+    second = covid.predict(other, inputs)
+    assert "pixdim=(6.0, 6.0, 6.0), hu_window=(-1000.0, 500.0), roi_size=(48, 48, 16), threshold=0.5" in (
+        capsys.readouterr().out
+    )
+    assert [p.name for p in second] == [p.name for p in first] == [
+        "lps_lesions.nii.gz", "series_lesions.nii.gz", "predictions.csv"
+    ]  # fmt: skip
+    for a, b in zip(first[:-1], second[:-1], strict=True):
+        assert np.array_equal(np.asanyarray(nib.load(a).dataobj), np.asanyarray(nib.load(b).dataobj))
+        np.testing.assert_array_equal(nib.load(a).affine, nib.load(b).affine)
+    assert first[-1].read_text().replace(str(trained.output_dir), "") == second[-1].read_text().replace(
+        str(other.output_dir), ""
+    )
+
+
+def test_a_garbage_or_foreign_checkpoint_is_one_error_naming_it(covid, trained, tmp_path, user_cts):
+    garbage, foreign = tmp_path / "garbage.pt", tmp_path / "other_script.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    torch.save({"model": {}, "config": {"foo": 1}, "epoch": 1, "metric": 0.0, "metric_name": "x"}, foreign)
+    for path, words in ((garbage, "cannot be read as a checkpoint"), (foreign, "was written by another script")):
+        with pytest.raises(CheckpointError) as caught:
+            covid.predict(replace(trained, checkpoint=path), user_cts[0])
+        assert str(caught.value).startswith(f"{path} {words}") and "\n" not in str(caught.value)
+    assert not (trained.output_dir / "predictions").exists() or not any((trained.output_dir / "predictions").iterdir())
+
+
+def test_the_command_line_predicts_a_folder_without_training(covid, trained, user_cts, repo_copy, tmp_path):
+    repo = repo_copy("covid_ct_segmentation.py")
+    output = repo / "output" / "covid_ct_segmentation"
+    output.mkdir(parents=True)
+    shutil.copy(trained.checkpoint, output / "best_model.pt")
+    folder = user_cts[0]
+    env = {k: v for k, v in os.environ.items() if k not in ("PREDICT", "CHECKPOINT", "QUICK")}
+
+    def run(**variables) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "covid_ct_segmentation.py"], cwd=repo, env=env | variables,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+
+    result = run(PREDICT=str(folder), OMP_NUM_THREADS="1")
+    assert result.returncode == 0, result.stderr
+    assert f"Predicting with {output / 'best_model.pt'} (epoch 8" in result.stdout
+    assert "Segmented 3 of 3 CTs into " in result.stdout
+    assert "epoch " not in result.stdout.replace("(epoch 8", "") and not (output / "history.csv").exists()
+    assert sorted(p.name for p in (output / "predictions").iterdir()) == [
+        "lps_lesions.nii.gz", "oblique_lesions.nii.gz", "predictions.csv", "series_lesions.nii.gz"
+    ]  # fmt: skip
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00" * 100)
+    result = run(PREDICT=str(folder), CHECKPOINT=str(garbage), OMP_NUM_THREADS="1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    problems = [line for line in result.stderr.splitlines() if line.startswith("Checkpoint problem: ")]
+    assert len(problems) == 1 and str(garbage) in problems[0]

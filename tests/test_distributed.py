@@ -327,11 +327,11 @@ def test_nerve_under_torchrun_writes_once_agrees_resumes_and_is_close_to_one_pro
     stdout, first, second = run_script(repo, f"{NERVE}.py", edit, tmp_path / "probe", tmp_path)
     output = repo / "output" / NERVE
     names = {"best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "tensorboard", "batch.png"}
-    names |= {"val_predictions.png", "val_per_case.csv", "contradictory_pairs.csv", "submission.csv"}
+    names |= {"val_predictions.png", "val_per_case.csv", "contradictory_pairs.csv", "predictions"}
     assert_written_once(stdout, output, names, repo / "Images" / f"{NERVE}_predictions.png")
     assert_both_processes_agree(first, second, output / "history.csv")
     assert "9 steps per epoch" in stdout  # 38 frames in 2 shards of 19, 2 per step: each process its own
-    assert len(pd.read_csv(output / "submission.csv")) == 2
+    assert len(pd.read_csv(output / "predictions" / "submission.csv")) == 2
     assert len(pd.read_csv(output / "val_per_case.csv")) == 10  # process 0 evaluated every validation frame
     checkpoint = torch.load(output / "best_model.pt", weights_only=True)
     nerve.build_model(nerve.cfg).load_state_dict(checkpoint["model"])  # saved unwrapped: loads in one process
@@ -372,12 +372,13 @@ def test_pleural_under_torchrun_writes_once_agrees_and_is_close_to_one_process(
     stdout, first, second = run_script(repo, f"{PLEURAL}.py", edit, tmp_path / "probe", tmp_path)
     output = repo / "output" / PLEURAL
     names = {"best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "val_per_case.csv"}
-    names |= {"val_predictions.png", "skipped_cases.csv", "predictions", "tensorboard", "batch.png"}
+    names |= {"val_predictions.png", "skipped_cases.csv", "val_predictions", "predictions", "tensorboard", "batch.png"}
     assert_written_once(stdout, output, names, repo / "Images" / f"{PLEURAL}_predictions.png")
     assert_both_processes_agree(first, second, output / "history.csv")
     assert "Training on cpu: 6 cases, 3 steps per epoch" in stdout  # each process its own 3 cases, 1 per step
-    # Process 0 alone predicted every validation case at full resolution.
-    assert len(list((output / "predictions").iterdir())) == 2 and len(pd.read_csv(output / "val_per_case.csv")) == 2
+    # Process 0 alone predicted every validation case at full resolution, and (Predict) the same two as a user's CTs.
+    assert len(list((output / "val_predictions").iterdir())) == 2 and len(pd.read_csv(output / "val_per_case.csv")) == 2
+    assert len(pd.read_csv(output / "predictions" / "predictions.csv")) == 2 and stdout.count("Predicting with") == 1
     checkpoint = torch.load(output / "best_model.pt", weights_only=True)
     pleural.build_model(replace(pleural.cfg, **small)).load_state_dict(checkpoint["model"])  # loads in one process
     assert checkpoint["epoch"] == max(first, key=lambda row: np.nan_to_num(row["val_dice"], nan=-1))["epoch"]
@@ -416,7 +417,7 @@ def test_lung_under_torchrun_writes_once_and_both_processes_agree(lung, repo_cop
     )
     output = repo / "output" / LUNG
     names = {"best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "tensorboard", "batch.png"}
-    names |= {"predicted_masks", "test_per_case.csv", "test_predictions.png"}
+    names |= {"predictions", "test_per_case.csv", "test_predictions.png"}
     images = repo / "Images"
     assert_written_once(
         stdout, output, names, images / f"{LUNG}_test_predictions.png", images / f"{LUNG}_dice_per_epoch.png"
@@ -424,7 +425,7 @@ def test_lung_under_torchrun_writes_once_and_both_processes_agree(lung, repo_cop
     assert_both_processes_agree(first, second, output / "history.csv")
     assert "6 train, 1 validation, 3 test films" in stdout and len(pd.read_csv(output / "test_per_case.csv")) == 3
     assert "6 films, 3 steps per epoch" in stdout  # 6 training films in 2 shards of 3, 1 per step: each its own
-    assert len(list((output / "predicted_masks").iterdir())) == 3
+    assert len(list((output / "predictions").glob("*_mask.png"))) == 3  # by process 0 alone
     checkpoint = torch.load(output / "best_model.pt", weights_only=True)
     lung.build_model(replace(lung.cfg, **small)).load_state_dict(checkpoint["model"])  # saved unwrapped
     assert checkpoint["epoch"] == max(first, key=lambda row: row["val_dice"])["epoch"]
@@ -442,12 +443,12 @@ def test_covid_under_torchrun_caches_its_share_writes_once_and_both_processes_ag
     )
     output = repo / "output" / COVID
     names = {"best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "tensorboard", "batch.png"}
-    names |= {"val_per_case.csv", "val_predictions.png", "submission"}
+    names |= {"val_per_case.csv", "val_predictions.png", "predictions"}
     assert_written_once(stdout, output, names, repo / "Images" / f"{COVID}_predictions.png")
     assert_both_processes_agree(first, second, output / "history.csv", keys=("train_loss", "val_dice"))
     assert "5 train, 1 validation" in stdout and "3 steps per epoch" in stdout  # each process its 3 cases
     assert len(pd.read_csv(output / "val_per_case.csv")) == 1  # process 0 validated the best epoch on all
-    assert [path.name for path in (output / "submission").iterdir()] == ["041.nii.gz"]
+    assert sorted(path.name for path in (output / "predictions").iterdir()) == ["041.nii.gz", "predictions.csv"]
     checkpoint = torch.load(output / "best_model.pt", weights_only=True)
     covid.build_model(replace(covid.cfg, **small)).load_state_dict(checkpoint["model"])  # saved unwrapped
 
@@ -469,11 +470,11 @@ def test_pneumonia_under_torchrun_writes_once_agrees_and_gathers_the_predictions
     stdout, first, second = run_script(repo, f"{PNEUMONIA}.py", edit, tmp_path / "probe", tmp_path)
     output = repo / "output" / PNEUMONIA
     names = {"best_model.pt", "last_checkpoint.pt", "history.csv", "rsna_metric_per_epoch.png", "batch.png"}
-    names |= {"val_per_case.csv", "val_predictions.png", "submission.csv", "tensorboard"}
+    names |= {"val_per_case.csv", "val_predictions.png", "predictions", "tensorboard"}
     assert_written_once(stdout, output, names, repo / "Images" / f"{PNEUMONIA}_predictions.png")
     assert_both_processes_agree(first, second, output / "history.csv", keys=("train_loss", "val_rsna", "val_map"))
     assert "12 train, 3 validation radiographs" in stdout and "3 steps per epoch" in stdout  # each process its 6
-    assert len(pd.read_csv(output / "submission.csv")) == 6
+    assert len(pd.read_csv(output / "predictions" / "predictions.csv")) == 6
     assert len(pd.read_csv(output / "val_per_case.csv")) == 3  # process 0 evaluated every validation radiograph
 
     checkpoint = torch.load(output / "best_model.pt", weights_only=True)

@@ -5,6 +5,7 @@ Montgomery lungs, at each film's original size, better than a mask that does not
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -440,7 +441,7 @@ def assert_learns_the_lungs(per_case: pd.DataFrame, download: Path, masks_dir: P
     for case in per_case.itertuples():
         masks = [download / "ManualMask" / side / f"{case.name}.png" for side in ("leftMask", "rightMask")]
         truth = torch.from_numpy(data_cleaning.read_lung_mask(masks, (case.height, case.width)))[None]
-        predicted = read_png(masks_dir / f"{case.name}.png") > 0
+        predicted = read_png(masks_dir / f"{case.name}_mask.png") > 0
         assert case.dice == pytest.approx(mean_dice(torch.from_numpy(predicted)[None], truth))  # at the original size
         shape = np.asarray(mean_shape.resize((case.width, case.height), Image.Resampling.NEAREST)) > 0
         baseline.append(mean_dice(torch.from_numpy(shape)[None], truth))
@@ -467,14 +468,18 @@ def assert_writes_history_checkpoint_masks_and_figures(cells: dict, download: Pa
     assert list(per_case.columns) == ["name", "height", "width", "dice"]
     cases = pd.read_csv(download.parent / "segmentation" / "cases.csv")
     test_cases = cases[cases["split"] == "test"]
-    assert sorted(per_case["name"]) == names_in(out / "predicted_masks") == sorted(test_cases["name"])
+    # The Predict cell's default: the test films as downloaded, never trained on, each mask at its film's size.
+    masks = [out / "predictions" / f"{name}_mask.png" for name in sorted(test_cases["name"])]
+    assert cells["predictions"] == [*masks, out / "predictions" / "predictions.csv"]
+    assert sorted(per_case["name"]) == sorted(test_cases["name"])
     for case in test_cases.itertuples():
         original = Image.open(download / "CXR_png" / f"{case.name}.png")
-        predicted = Image.open(out / "predicted_masks" / f"{case.name}.png")
+        predicted = Image.open(out / "predictions" / f"{case.name}_mask.png")
         assert predicted.size == original.size and set(np.unique(np.asarray(predicted))) == {0, 255}
-    # The Inferencer, built from the checkpoint alone, gives the masks written.
+    # The Inferencer, built from the checkpoint alone, gives the masks written: the original film prepared on the fly
+    # is the prepared case, bit for bit.
     test = cells["data"].test
-    saved = read_png(out / "predicted_masks" / f"{test[0]['name']}.png") > 0
+    saved = read_png(out / "predictions" / f"{test[0]['name']}_mask.png") > 0
     np.testing.assert_array_equal(cells["Inferencer"](cfg).predict(test[0]), saved)
     for figure in ("dice_per_epoch.png", "test_predictions.png", "batch.png"):
         with Image.open(out / figure) as image:
@@ -498,7 +503,7 @@ def test_quick_run_of_the_cells_learns_the_lungs_and_writes_every_output(downloa
     assert isinstance(cells["model"], torch.nn.Module)
     assert f"Training on {cells['DEVICE'].type}: 7 films, 4 steps per epoch" in out
 
-    assert_learns_the_lungs(per_case, download, out_dir / "predicted_masks")
+    assert_learns_the_lungs(per_case, download, out_dir / "predictions")
     assert_writes_history_checkpoint_masks_and_figures(cells, download)
     assert snapshot(download) == before  # the run only read the download
     assert (download.parent / "segmentation" / "prepared.json").exists()  # prepared beside the sample it used
@@ -514,3 +519,167 @@ def test_quick_run_of_the_cells_learns_the_lungs_and_writes_every_output(downloa
     best_line = f"best:    epoch {best['epoch']} of {cfg.max_epochs}, validation Dice {best['val_dice']:.4f}; test"
     assert f"{best_line} Dice {per_case['dice'].mean():.4f} (mean of 3 films at their original size)" in summary
     assert f"outputs: {out_dir}/" in summary and all(f"picture: {picture}" in summary for picture in pictures)
+
+
+# %% Predict: the trained network on a user's own films (PNG, JPEG, DICOM of any size and bit depth)
+
+
+@pytest.fixture(scope="module")
+def trained(lx, download, tmp_path_factory):
+    """A quick run trained once for this module (a few seconds): its configuration, output_dir holding best_model.pt."""
+    out = tmp_path_factory.mktemp("trained")
+    cfg = replace(lx.cfg, data_dir=download.parent, output_dir=out, images_dir=out / "Images")
+    lx.Trainer(cfg, lx.load_data(cfg), lx.build_model(cfg)).fit()
+    return cfg
+
+
+def write_chest_dicom(path: Path, pixels: np.ndarray, spacing: tuple[float, float]) -> None:
+    """An uncompressed 16-bit MONOCHROME2 radiograph (Computed Radiography) with its PixelSpacing (row, column)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.Modality, ds.BodyPartExamined = "CR", "CHEST"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelSpacing = list(spacing)
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def truth_of(download: Path, name: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The union of a download film's lung masks, bool, at its own size or resized (width, height) as its film was."""
+    masks = [download / "ManualMask" / side / f"{name}.png" for side in ("leftMask", "rightMask")]
+    truth = data_cleaning.read_lung_mask(masks, read_png(download / "CXR_png" / f"{name}.png").shape)
+    if size is None:
+        return truth
+    return np.asarray(Image.fromarray(truth.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 0
+
+
+def user_folder(folder: Path, download: Path) -> dict:
+    """A user's folder: film A as a 16-bit PNG of another size (600x500) and as an 8-bit JPEG, film B as a DICOM
+    with PixelSpacing. Returns {file name: (download film, (width, height) or None, pixel spacing or None)}."""
+    folder.mkdir()
+    a, b = names_in(download / "CXR_png")[:2]
+    film = Image.fromarray(read_png(download / "CXR_png" / f"{a}.png").astype(np.float32))  # 12-bit values
+    stretched = np.asarray(film.resize((600, 500), Image.Resampling.BICUBIC)).clip(0, 4095)
+    Image.fromarray((stretched * 16).astype(np.uint16)).save(folder / "film_a_16bit.png")  # 16 bits, 0..65535
+    Image.fromarray((stretched / 16).astype(np.uint8)).save(folder / "film_a.jpg", quality=95)
+    write_chest_dicom(folder / "film_b.dcm", read_png(download / "CXR_png" / f"{b}.png"), (0.5, 0.4))
+    return {
+        "film_a_16bit.png": (a, (600, 500), None),
+        "film_a.jpg": (a, (600, 500), None),
+        "film_b.dcm": (b, None, (0.5, 0.4)),
+    }
+
+
+def test_predict_on_a_folder_of_png_jpeg_and_dicom_films_at_their_own_size(lx, trained, download, tmp_path, capsys):
+    films = user_folder(tmp_path / "mine", download)
+    written = lx.predict(trained, tmp_path / "mine")
+    out = trained.output_dir / "predictions"
+    assert written == [out / f"{Path(name).stem}_mask.png" for name in sorted(films)] + [out / "predictions.csv"]
+    assert f"Predicted 3 lung mask(s) in {out} (predictions.csv): no file skipped" in capsys.readouterr().out
+    table = pd.read_csv(out / "predictions.csv")
+    assert list(table.columns) == ["input", "mask", "height", "width", "lung_area_px", "lung_area_cm2"]
+    masks = {}
+    for row in table.itertuples():
+        name, size, spacing = films[Path(row.input).name]
+        assert Path(row.input) == tmp_path / "mine" / Path(row.input).name
+        with Image.open(out / row.mask) as png:
+            assert png.mode == "L" and png.format == "PNG"
+            mask = np.asarray(png)
+        truth = truth_of(download, name, size)
+        assert mask.shape == truth.shape == (row.height, row.width)  # the film's own size, not the network's
+        assert set(np.unique(mask)) == {0, 255} and row.lung_area_px == (mask > 0).sum()
+        if spacing:  # a DICOM's pixel spacing gives the area in cm2: pixels x mm2 per pixel / 100
+            assert row.lung_area_cm2 == pytest.approx((mask > 0).sum() * spacing[0] * spacing[1] / 100)
+        else:
+            assert np.isnan(row.lung_area_cm2)
+        assert mean_dice(torch.from_numpy(mask > 0)[None], torch.from_numpy(truth)[None]) > 0.85, row.mask
+        masks[Path(row.input).name] = torch.from_numpy(mask > 0)[None]
+    # The same film as 16-bit PNG and 8-bit JPEG: the same lungs (percentile normalisation, not bit depth).
+    assert mean_dice(masks["film_a_16bit.png"], masks["film_a.jpg"]) > 0.95
+
+
+def test_a_damaged_file_is_named_and_skipped_and_no_input_is_modified(lx, trained, download, tmp_path, capsys):
+    user_folder(tmp_path / "mine", download)
+    damaged = tmp_path / "mine" / "damaged.png"
+    damaged.write_bytes((tmp_path / "mine" / "film_a_16bit.png").read_bytes()[:3000])  # a download cut short
+    (tmp_path / "mine" / "notes.txt").write_text("not a film")
+    before = snapshot(tmp_path / "mine")
+    written = lx.predict(trained, tmp_path / "mine")
+    printed = capsys.readouterr().out.splitlines()
+    for bad in (damaged, tmp_path / "mine" / "notes.txt"):
+        assert len([line for line in printed if line.startswith(f"Skipped {bad}: unreadable image (")]) == 1
+    assert printed[-1].endswith("predictions.csv): skipped 2 files (2 unreadable image)")
+    assert [path.name for path in written] == ["film_a_mask.png", "film_a_16bit_mask.png", "film_b_mask.png",
+                                               "predictions.csv"]  # fmt: skip
+    assert len(pd.read_csv(written[-1])) == 3
+    assert snapshot(tmp_path / "mine") == before  # the user's files only read
+
+
+def test_the_checkpoints_preparation_wins_over_an_edited_configuration(lx, trained, download, tmp_path):
+    user_folder(tmp_path / "mine", download)
+    weights = trained.output_dir / "best_model.pt"
+    first = lx.predict(replace(trained, output_dir=tmp_path / "as_trained", checkpoint=weights), tmp_path / "mine")
+    edited = replace(trained, output_dir=tmp_path / "edited", checkpoint=weights, image_size=128, prepared_size=256,
+                     threshold=0.9, depth=4, start_filters=4)  # fmt: skip
+    second = lx.predict(edited, tmp_path / "mine")
+    assert [path.name for path in first] == [path.name for path in second]
+    for a, b in zip(first[:-1], second[:-1]):
+        np.testing.assert_array_equal(read_png(a), read_png(b))
+    pd.testing.assert_frame_equal(pd.read_csv(first[-1]), pd.read_csv(second[-1]))
+
+
+def test_a_foreign_or_damaged_checkpoint_is_one_clear_error(lx, trained, tmp_path):
+    from checkpoints import CheckpointError
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all" * 10)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": {}, "config": {"foo": 1}, "epoch": 1, "metric": 0.0, "metric_name": "x"}, foreign)
+    for path, says in ((garbage, "cannot be read as a checkpoint"), (foreign, "was written by another script")):
+        with pytest.raises(CheckpointError, match=f"{path}.*{says}|{says}.*{path}"):
+            lx.predict(replace(trained, checkpoint=path), [])
+
+
+def test_default_inputs_are_the_held_out_test_films_as_downloaded(lx, trained, download):
+    """Without inputs: the test films of the prepared split, from the download, each mask what the Inferencer gives
+    for its prepared case (the film prepared on the fly as the preparation did), at the film's size."""
+    written = lx.predict(trained)
+    cases = pd.read_csv(download.parent / "segmentation" / "cases.csv")
+    test = sorted(cases.loc[cases["split"] == "test", "name"])
+    assert [path.name for path in written] == [f"{name}_mask.png" for name in test] + ["predictions.csv"]
+    assert pd.read_csv(written[-1])["input"].tolist() == [str(download / "CXR_png" / f"{name}.png") for name in test]
+    inferencer = lx.Inferencer(trained)
+    for case, path in zip(lx.split_cases(download.parent / "segmentation", trained)[2], written):
+        np.testing.assert_array_equal(read_png(path) > 0, inferencer.predict(case))
+
+
+def test_predict_from_the_command_line_trains_nothing_and_a_bad_checkpoint_is_one_line(trained, download, repo_copy,
+                                                                                        tmp_path):  # fmt: skip
+    repo = repo_copy("lung_xray_unet.py")
+    (repo / "output" / "lung_xray_unet").mkdir(parents=True)
+    shutil.copy(trained.output_dir / "best_model.pt", repo / "output" / "lung_xray_unet" / "best_model.pt")
+    user_folder(tmp_path / "mine", download)
+    env = {k: v for k, v in os.environ.items() if k not in ("DATA_DIR", "OUTPUT_DIR", "IMAGES_DIR")}
+    env |= {"PREDICT": str(tmp_path / "mine"), "OMP_NUM_THREADS": "1", "QUICK": "0"}
+    run = subprocess.run([sys.executable, str(repo / "lung_xray_unet.py")], env=env, capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Predicted 3 lung mask(s)" in run.stdout and "epoch" not in run.stdout.replace("(epoch ", "")
+    out = repo / "output" / "lung_xray_unet"
+    assert sorted(p.name for p in out.iterdir()) == ["best_model.pt", "predictions"]  # no history.csv, no training
+    assert not (repo / "data").exists()  # no data looked for, no sample written
+
+    env["CHECKPOINT"] = str(tmp_path / "mine" / "film_a.jpg")
+    run = subprocess.run([sys.executable, str(repo / "lung_xray_unet.py")], env=env, capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)  # fmt: skip
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith(f"Checkpoint problem: {tmp_path / 'mine' / 'film_a.jpg'} cannot be read as a checkpoint")

@@ -1,12 +1,18 @@
 """nerve_ultrasound_segmentation.py and its cleaning step: the Kaggle run-length encoding against train_masks.csv,
 the split by subject, contradictory near-duplicates, the minimum-area filter, bad input files named and counted,
 and the stages: a quick run of all the cells on the synthetic sample must beat the all-empty baseline and write a
-submission; fit resumes and stops on Ctrl-C or a NaN loss.
+submission; fit resumes and stops on Ctrl-C or a NaN loss; the Predict cell on a user's own frames (any size, 8 or
+16 bits, damaged files among them) with the checkpoint's settings, and from the command line.
 
 The script is loaded as a module with the quick-run switch on; the sample is written once per session (conftest).
 """
 
+import hashlib
+import os
+import re
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from checkpoints import CheckpointError
 from data_cleaning import (
     DatasetError,
     find_contradictory_pairs,
@@ -44,6 +51,20 @@ def nerve_copy(sample_root, tmp_path):
     return Path(shutil.copytree(sample_root / NERVE, tmp_path / NERVE))
 
 
+@pytest.fixture(scope="module")
+def trained(nerve, sample_root, tmp_path_factory):
+    """The configuration of a short run trained once for this module (8 epochs, seconds): its output_dir holds
+    best_model.pt, which finds the sample's nerves (validation Dice above the all-empty baseline)."""
+    cfg = replace(nerve.cfg, data_dir=sample_root, output_dir=tmp_path_factory.mktemp("trained"), max_epochs=8)
+    history = nerve.fit(cfg, nerve.load_data(cfg), nerve.build_model(cfg))
+    assert history.best()["val_dice"] > history.best()["val_dice_all_empty"]
+    return cfg
+
+
+def best_model(cfg) -> Path:
+    return cfg.output_dir / "best_model.pt"
+
+
 def frame_keys(frames) -> set[tuple[int, int]]:
     return {(f["subject"], f["img"]) for f in frames}
 
@@ -69,13 +90,17 @@ def test_encoding_of_every_sample_mask_is_its_train_masks_csv_row(sample_root):
 
 def test_submission_round_trip_through_the_csv(nerve, tmp_path):
     rng = np.random.default_rng(0)
-    masks = {1: rng.random(SHAPE) > 0.7, 2: np.zeros(SHAPE, bool), 10: np.ones(SHAPE, bool)}
-    rows = pd.DataFrame([(img, rle_encode(mask)) for img, mask in masks.items()], columns=["img", "pixels"])
-    nerve.write_submission(rows, tmp_path / "submission.csv")
-    table = pd.read_csv(tmp_path / "submission.csv")
-    assert list(table.columns) == ["img", "pixels"] and list(table["img"]) == [1, 2, 10]
+    masks = {
+        10: np.ones(SHAPE, bool),
+        "scan": rng.random(SHAPE) > 0.5,
+        1: rng.random(SHAPE) > 0.7,
+        2: np.zeros(SHAPE, bool),
+    }
+    nerve.write_submission({img: rle_encode(mask) for img, mask in masks.items()}, tmp_path / "submission.csv")
+    table = pd.read_csv(tmp_path / "submission.csv", dtype=str, keep_default_na=False)
+    assert list(table.columns) == ["img", "pixels"] and list(table["img"]) == ["1", "2", "10", "scan"]  # ids in order
     for img, pixels in zip(table["img"], table["pixels"]):
-        np.testing.assert_array_equal(rle_decode(pixels, SHAPE), masks[img])
+        np.testing.assert_array_equal(rle_decode(pixels, SHAPE), masks[int(img) if img.isdigit() else img])
 
 
 # %% Split, near-duplicates, minimum area
@@ -229,17 +254,24 @@ def test_nothing_usable_is_one_clear_error(nerve, nerve_copy, tmp_path):
         load(nerve, nerve_copy.parent, tmp_path)
 
 
-def test_bad_or_missing_test_frames_are_named_and_predicted_empty(nerve, nerve_copy, capsys):
+def test_bad_or_missing_test_frames_are_named_and_predicted_empty(nerve, trained, nerve_copy, tmp_path, capsys):
     corrupt, missing = nerve_copy / "test/2.tif", nerve_copy / "test/5.tif"
     corrupt.write_bytes(b"not a TIFF")
     missing.unlink()  # still listed in sample_submission.csv
-    model = nerve.build_model(nerve.cfg)
-    rows = nerve.predict_test(model, nerve_copy / "test", nerve.cfg, min_area=0)
+    cfg = replace(trained, data_dir=nerve_copy.parent, output_dir=tmp_path / "out", checkpoint=best_model(trained))
+    written = nerve.predict(cfg)  # inputs None: the dataset's test/ folder, as Run All predicts it
     out = capsys.readouterr().out
     assert f"Skipped {corrupt}: unreadable" in out and f"Skipped {missing}: missing" in out
     assert "skipped 2 files (" in out
+    rows = pd.read_csv(tmp_path / "out/predictions/submission.csv", keep_default_na=False)
     assert list(rows["img"]) == [1, 2, 3, 4, 5, 6]  # a complete submission all the same
     assert rows.loc[rows["img"].isin([2, 5]), "pixels"].tolist() == ["", ""]
+    assert sorted(p.name for p in written) == ["1_mask.png", "3_mask.png", "4_mask.png", "6_mask.png", "submission.csv"]
+
+    nerve.predict(replace(cfg, max_test_images=3))  # a smoke test: the first frames only, said so
+    assert "Predicting the first 3 test frames only (max_test_images)" in capsys.readouterr().out
+    rows = pd.read_csv(tmp_path / "out/predictions/submission.csv", keep_default_na=False)
+    assert list(rows["img"]) == [1, 2, 3]
 
 
 def test_train_masks_csv_rows_without_files_are_reported(nerve, nerve_copy, tmp_path, capsys):
@@ -311,8 +343,12 @@ def test_quick_run_of_the_cells_learns_and_writes_checkpoint_plots_history_and_s
     assert f"best:    epoch {best['epoch']} of {cfg.max_epochs}, validation Dice {best['val_dice']:.4f}" in summary
     assert f"outputs: {out_dir}/" in summary and f"picture: {picture}" in summary
 
-    submission = pd.read_csv(out_dir / "submission.csv", keep_default_na=False)
+    assert "predictions/ (<name>_mask.png, submission.csv)" in summary
+    submission = pd.read_csv(out_dir / "predictions/submission.csv", keep_default_na=False)
     assert list(submission.columns) == ["img", "pixels"] and list(submission["img"]) == [1, 2, 3, 4, 5, 6]
+    assert cells["predictions"] == [out_dir / f"predictions/{i}_mask.png" for i in range(1, 7)] + [
+        out_dir / "predictions/submission.csv"
+    ]
     areas = [rle_decode(pixels, SHAPE).sum() for pixels in submission["pixels"]]
     assert all(area == 0 or area >= best["min_area"] for area in areas)  # the filter was applied
     assert any(areas)  # the sample's test frames show a nerve about half the time
@@ -365,3 +401,133 @@ def test_same_seed_same_split_and_same_first_epoch_on_the_cpu(nerve, sample_root
     assert split_a == split_b and first_a["train_loss"] == first_b["train_loss"]  # bitwise
     assert first_a["val_dice_no_filter"] == first_b["val_dice_no_filter"]
     assert other["train_loss"] != first_a["train_loss"]  # the seed reaches the split, the weights, the shuffling
+
+
+# %% Predict: the user's own frames
+
+
+OWN_OUTPUTS = ["1_mask.png", "5_mask.png", "deep_mask.png", "small_mask.png", "submission.csv"]  # of own_frames
+
+
+def own_frames(sample_root, folder: Path) -> Path:
+    """A folder of frames as a user brings them: two Kaggle test frames (<img>.tif), one of them again as a 16-bit
+    PNG, and a frame at half the size."""
+    folder.mkdir()
+    test = sample_root / NERVE / "test"
+    for name in ("1.tif", "5.tif"):
+        shutil.copy(test / name, folder / name)
+    Image.fromarray(read(test / "5.tif").astype(np.uint16) * 257).save(folder / "deep.png")  # 255 -> 65535
+    Image.fromarray(read(test / "1.tif")).resize((290, 210), Image.Resampling.BILINEAR).save(folder / "small.png")
+    return folder
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_predict_on_own_frames_writes_masks_at_their_size_and_a_matching_submission(
+    nerve, trained, sample_root, tmp_path, capsys
+):
+    folder = own_frames(sample_root, tmp_path / "frames")
+    cfg = replace(trained, output_dir=tmp_path / "out", checkpoint=best_model(trained))
+    written = nerve.predict(cfg, folder)
+    out = capsys.readouterr().out
+    predictions = tmp_path / "out/predictions"
+    assert written == [predictions / name for name in OWN_OUTPUTS]
+    assert f"Predicting with {best_model(trained)} (epoch " in out and "image_size=(64, 96), threshold=0.5" in out
+    assert f"Predicted 4 frame(s) of 4 file(s) into {predictions}: no file skipped" in out
+    inputs = {"1_mask.png": "1.tif", "5_mask.png": "5.tif", "deep_mask.png": "deep.png", "small_mask.png": "small.png"}
+    masks = {}
+    for name, source in inputs.items():
+        with Image.open(predictions / name) as png, Image.open(folder / source) as frame:
+            assert png.format == "PNG" and png.mode == "L" and png.size == frame.size, name  # the input's own size
+            masks[name] = np.asarray(png)
+        assert set(np.unique(masks[name])) <= {0, 255}, name
+    np.testing.assert_array_equal(masks["deep_mask.png"], masks["5_mask.png"])  # 16 bits: the same frame, same mask
+    assert masks["1_mask.png"].any() or masks["5_mask.png"].any()  # nerves found: the masks say something
+
+    # The submission, decoded independently, is the masks; a Kaggle name gives its number, another its name.
+    table = pd.read_csv(predictions / "submission.csv", dtype=str, keep_default_na=False)
+    assert list(table.columns) == ["img", "pixels"] and list(table["img"]) == ["1", "5", "deep", "small"]
+    for img, pixels in zip(table["img"], table["pixels"]):
+        mask = masks[f"{img}_mask.png"]
+        np.testing.assert_array_equal(rle_decode(pixels, mask.shape), mask > 0)
+
+    # A 420x580 frame gets the mask the Evaluate cell scores; the min area scales with the pixel count.
+    model, checkpoint = nerve.load_best(trained, nerve.build_model, nerve.DEVICE)
+    min_area = checkpoint["metrics"]["min_area"]
+    frame = nerve.resize(read(folder / "1.tif"), trained.image_size)
+    np.testing.assert_array_equal(nerve.predict_masks(model, [frame], trained, min_area)[0, 0].numpy(),
+                                  masks["1_mask.png"] > 0)  # fmt: skip
+    small_area = (masks["small_mask.png"] > 0).sum()
+    assert small_area == 0 or small_area >= round(min_area * 210 * 290 / (420 * 580))
+
+
+def test_damaged_own_frames_are_named_skipped_and_counted_and_no_input_changes(
+    nerve, trained, sample_root, tmp_path, capsys
+):
+    folder = own_frames(sample_root, tmp_path / "frames")
+    cut, text = folder / "cut.tif", folder / "x.png"
+    cut.write_bytes((sample_root / NERVE / "test/2.tif").read_bytes()[:5000])  # a truncated TIFF
+    text.write_text("not an image\n")  # a text file named .png
+    shutil.copy(sample_root / NERVE / "train/1_2_mask.tif", folder / "1_2_mask.tif")  # a label, not a frame
+    before = hashes(folder)
+    cfg = replace(trained, output_dir=tmp_path / "out", checkpoint=best_model(trained))
+    written = nerve.predict(cfg, folder)
+    out = capsys.readouterr().out
+    assert f"Skipped {cut}: unreadable (not a readable TIFF or PNG:" in out
+    assert f"Skipped {text}: unreadable (not a readable TIFF or PNG:" in out
+    assert f"Skipped {folder / '1_2_mask.tif'}: a mask (" in out
+    assert "Predicted 4 frame(s) of 7 file(s) into" in out and "skipped 3 files (2 unreadable, 1 a mask)" in out
+    assert [p.name for p in written] == OWN_OUTPUTS
+    table = pd.read_csv(tmp_path / "out/predictions/submission.csv", dtype=str, keep_default_na=False)
+    assert list(table["img"]) == ["1", "5", "deep", "small"]  # no row for what was not predicted
+    assert hashes(folder) == before  # the user's files are only read
+
+
+def test_prediction_uses_the_checkpoint_settings_whatever_cfg_says(nerve, trained, sample_root, tmp_path, capsys):
+    folder = own_frames(sample_root, tmp_path / "frames")
+    outputs = []
+    for name, changes in (("same", {}), ("changed", {"image_size": (128, 176), "threshold": 0.9, "quick": False})):
+        cfg = replace(trained, output_dir=tmp_path / name, checkpoint=best_model(trained), **changes)
+        outputs.append({p.name: p.read_bytes() for p in nerve.predict(cfg, [folder / "5.tif", folder / "small.png"])})
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 3  # byte for byte
+    out = capsys.readouterr().out
+    assert out.count("a QUICK run): image_size=(64, 96), threshold=0.5, quick=True") == 2
+
+
+def test_a_bad_or_foreign_checkpoint_is_one_clear_error(nerve, trained, sample_root, tmp_path):
+    garbage, foreign = tmp_path / "garbage.pt", tmp_path / "foreign.pt"
+    garbage.write_bytes(b"not a checkpoint" * 10)
+    torch.save({"model": {}, "config": {"foo": 1}, "epoch": 1, "metric": 0.0, "metric_name": "x"}, foreign)
+    folder = own_frames(sample_root, tmp_path / "frames")
+    for path, message in ((garbage, "cannot be read as a checkpoint"), (foreign, "was written by another script")):
+        cfg = replace(trained, output_dir=tmp_path / "out", checkpoint=path)
+        with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}.*{message}"):
+            nerve.predict(cfg, folder)
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_predict_from_the_command_line_trains_nothing(trained, sample_root, tmp_path, repo_copy):
+    repo = repo_copy("nerve_ultrasound_segmentation.py", {f"sample/{NERVE}": sample_root / NERVE})
+    out_dir = repo / "output/nerve_ultrasound_segmentation"
+    out_dir.mkdir(parents=True)
+    shutil.copy(best_model(trained), out_dir / "best_model.pt")
+    folder = own_frames(sample_root, tmp_path / "frames")
+    env = {**os.environ, "QUICK": "1", "OMP_NUM_THREADS": "1", "PREDICT": str(folder)}
+    env.pop("CHECKPOINT", None)
+    command = [sys.executable, "nerve_ultrasound_segmentation.py"]
+    result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"Predicting with {out_dir / 'best_model.pt'}" in result.stdout
+    assert not re.search(r"^epoch ", result.stdout, flags=re.M) and "Training on" not in result.stdout  # no training
+    assert not (out_dir / "history.csv").exists() and "Split by subject" not in result.stdout  # no training data read
+    assert sorted(p.name for p in (out_dir / "predictions").iterdir()) == OWN_OUTPUTS
+
+    (tmp_path / "garbage.pt").write_bytes(b"garbage")
+    env["CHECKPOINT"] = str(tmp_path / "garbage.pt")
+    result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Checkpoint problem: {tmp_path / 'garbage.pt'} cannot be read")
+    assert "Traceback" not in result.stderr

@@ -22,32 +22,32 @@ PIPELINES = {
     "lung_xray_unet": (
         "MontgomerySet",
         {"max_epochs": 2},
-        COMMON + ["dice_per_epoch.png", "test_per_case.csv", "test_predictions.png", "predicted_masks"],
+        COMMON + ["dice_per_epoch.png", "test_per_case.csv", "test_predictions.png", "predictions"],
     ),
     "nerve_ultrasound_segmentation": (
         "ultrasound-nerve-segmentation",
         {"max_epochs": 2},
-        COMMON + ["dice_per_epoch.png", "val_per_case.csv", "val_predictions.png", "submission.csv"],
+        COMMON + ["dice_per_epoch.png", "val_per_case.csv", "val_predictions.png", "predictions"],
     ),
     "covid_ct_segmentation": (
         "COVID-19-20_v2",
         {"max_epochs": 2, "pixdim": (6.0, 6.0, 6.0), "features": (4, 4, 8, 8, 16, 4), "num_samples": 2, "examples": 1},
-        COMMON + ["dice_per_epoch.png", "val_per_case.csv", "val_predictions.png", "submission"],
+        COMMON + ["dice_per_epoch.png", "val_per_case.csv", "val_predictions.png", "predictions"],
     ),
     "pneumonia_detection": (
         "rsna-pneumonia-detection-challenge",
         {"max_epochs": 2, "max_steps_per_epoch": 2, "patients_per_class": 3, "image_size": 64, "examples": 2},
-        COMMON + ["rsna_metric_per_epoch.png", "val_per_case.csv", "val_predictions.png", "submission.csv"],
+        COMMON + ["rsna_metric_per_epoch.png", "val_per_case.csv", "val_predictions.png", "predictions"],
     ),
     "pleural_effusion_3d": (
         "pleural_effusion",
         {"max_epochs": 2, "max_cases": 3, "roi_size": (16, 16, 8), "channels": (4, 8), "strides": (2,),
          "samples_per_volume": 1, "val_interval": 1},
-        COMMON + ["dice_per_epoch.png", "val_per_case.csv", "val_predictions.png", "predictions"],
+        COMMON + ["dice_per_epoch.png", "val_per_case.csv", "val_predictions.png", "val_predictions", "predictions"],
     ),
 }  # fmt: skip
 STAGES = {"Data": "data", "Transforms": "batch", "Model and loss": "model", "Train": "history", "Evaluate": "per_case"}
-CELLS = ["Imports", "Configuration", *STAGES, "Predict", "Summary"]  # Predict where a script has a test folder
+CELLS = ["Imports", "Configuration", *STAGES, "Predict", "Summary"]
 
 
 def notebook_command() -> list[str]:
@@ -97,8 +97,9 @@ def test_script_runs_as_a_notebook_cell_by_cell(script, sample_root, tmp_path, m
     notebook = jupytext.read(repo / f"{script}.py")
     source = "\n".join(cell.source for cell in notebook.cells)
     code = [line.split("#", 1)[0] for line in source.splitlines()]
-    uses = [line for line in code if "__file__" in line]  # only the ROOT line, guarded for a kernel
-    assert all('if "__file__" in globals() else' in line for line in uses), uses
+    uses = [line.strip() for line in code if "__file__" in line]  # the ROOT line, guarded for a kernel, and the
+    # PREDICT switch, which a kernel never takes (nobody sets PREDICT there)
+    assert all('if "__file__" in globals() else' in line or line == "predict_only(__file__)" for line in uses), uses
     assert not re.search(r"\bargparse\b|sys\.argv|input\(", source)  # nothing a kernel cannot give
     cells, titles = [], {}
     for cell in notebook.cells:
@@ -138,3 +139,17 @@ def test_script_runs_as_a_notebook_cell_by_cell(script, sample_root, tmp_path, m
     pictures = re.findall(r"picture: (\S+)", summary)
     assert pictures and all(Path(p).parent == repo / "Images" and Path(p).is_file() for p in pictures)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # nothing written outside the repository
+
+    # A fresh kernel, as a user who trained yesterday opens it: Imports, Configuration and Predict, nothing else.
+    # The configuration is the plain quick one (not the settings trained with): the checkpoint's settings apply.
+    fresh = [cell for cell in jupytext.read(repo / f"{script}.py").cells
+             if cell.metadata.get("title") in ("Imports", "Configuration", "Predict")]  # fmt: skip
+    check = "print('PREDICTED', len(predictions), all(p.is_file() for p in predictions), sorted(globals().keys() & "
+    check += f"{list(STAGES.values())!r}))"
+    notebook.cells = fresh + [jupytext.reads(check, fmt="py:percent").cells[0]]
+    nbclient.NotebookClient(notebook, timeout=600, resources={"metadata": {"path": str(repo)}}).execute()
+    printed = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+    assert f"Predicting with {repo / 'output' / script / 'best_model.pt'}" in printed, printed
+    count, all_files, stages = re.search(r"PREDICTED (\d+) (True|False) (\[.*\])", printed).groups()
+    assert int(count) > 0 and all_files == "True" and stages == "[]", printed  # written, and no stage ran
+    assert (repo / "output" / script / "predictions").is_dir()

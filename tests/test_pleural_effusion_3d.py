@@ -1,13 +1,18 @@
 """pleural_effusion_3d.py: DICOM series reading checked against MONAI's reader, PleThora masks landing on the fluid
 (not its mirror image), bad inputs named, skipped and counted, the preprocessing and its inverse on hand-made
 volumes, crops and augmentation, the loss and the validation Dice against MONAI, and the stages: all the cells run
-with tiny settings (every output, the predictions in the series' geometry, TensorBoard, the summary), fit resuming
+with tiny settings (every output, the predictions in the series' geometry, TensorBoard, the summary), the Predict
+cell on a user's CTs (a shuffled extension-less DICOM export and a RAS NIfTI, a damaged slice, a changed cfg, a
+checkpoint of another script, the PREDICT= command line), fit resuming
 and stopping on Ctrl-C or a non-finite loss, the same seed giving the same run, and the quick run as a subprocess,
 which must reach validation Dice 0.5 (the notebook run is in test_notebooks.py).
 
 The script is loaded as a module with the quick-run switch on; the sample is written once per session (conftest).
 """
 
+import hashlib
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +28,7 @@ import pytest
 import torch
 from PIL import Image
 
+from checkpoints import CheckpointError
 from data_cleaning import DatasetError, Skipped
 
 PLEURAL, PLEURAL_SCRIPT = "pleural_effusion", "pleural_effusion_3d"  # the dataset folder, the script
@@ -76,7 +82,7 @@ def test_series_is_sorted_by_position_in_hu_and_agrees_with_monai(pe, pleural_ro
     from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation
 
     folder = series_dir(pleural_root, "LUNG1-001")
-    hu, affine = pe.read_series(folder)
+    hu, affine = pe.read_dicom_series(folder)
     files = sorted(folder.glob("*.dcm"))
     assert hu.shape == (160, 160, len(files)) and hu.dtype == np.float32
     assert nib.aff2axcodes(affine) == ("L", "P", "S")  # RAS affine of DICOM's LPS axes, slices going up
@@ -378,8 +384,8 @@ def test_the_cells_run_with_tiny_settings_and_write_every_output_in_the_series_g
     assert list(per_case.columns) == ["case", "dice", "true_ml", "predicted_ml", "shape"]
     pd.testing.assert_frame_equal(pd.read_csv(out_dir / "val_per_case.csv"), per_case)
     (val_case,) = per_case.itertuples()
-    pred_img = nib.load(out_dir / "predictions" / f"{val_case.case}_effusion_predicted.nii.gz")
-    hu, affine = cells["read_series"](series_dir(pleural_root, val_case.case))
+    pred_img = nib.load(out_dir / "val_predictions" / f"{val_case.case}_effusion_predicted.nii.gz")
+    hu, affine = cells["read_dicom_series"](series_dir(pleural_root, val_case.case))
     assert pred_img.shape == hu.shape and pred_img.get_data_dtype() == np.uint8
     assert val_case.shape == "x".join(map(str, hu.shape))
     np.testing.assert_allclose(pred_img.affine, affine, atol=1e-4)
@@ -389,6 +395,13 @@ def test_the_cells_run_with_tiny_settings_and_write_every_output_in_the_series_g
     expected = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
     assert val_case.dice == pytest.approx(expected)
     assert val_case.true_ml == pytest.approx(truth.sum() * abs(np.linalg.det(affine[:3, :3])) / 1000)
+
+    # Predict, on the sample's one validation patient (every patient of the sample has a mask): the same mask.
+    predicted = pd.read_csv(out_dir / "predictions" / "predictions.csv")
+    assert cells["predictions"] == [out_dir / "predictions" / f"{val_case.case}_effusion.nii.gz",
+                                    out_dir / "predictions" / "predictions.csv"]  # fmt: skip
+    np.testing.assert_array_equal(nib.load(cells["predictions"][0]).dataobj, pred)
+    assert list(predicted["effusion_ml"]) == pytest.approx([val_case.predicted_ml])
 
     for name in ("batch.png", "dice_per_epoch.png", "val_predictions.png"):
         with Image.open(out_dir / name) as img:
@@ -482,6 +495,177 @@ def test_same_seed_same_split_and_same_first_epoch_on_the_cpu(pe, sample_root, t
     assert other["train_loss"] != first_a["train_loss"]  # the seed does reach the weights, crops and shuffling
 
 
+# %% Predict: the trained model on a user's own CTs
+
+
+@pytest.fixture(scope="module")
+def trained(pe, sample_root, tmp_path_factory):
+    """A tiny model trained once for this module (seconds): its configuration, output_dir holding best_model.pt.
+    Trained this little it predicts about its initial 0.12 everywhere; its threshold (saved with it) sits just under,
+    so that its masks mark part of each body, not nothing: a prediction that settings could change."""
+    cfg = tiny_config(pe, tmp_path_factory.mktemp("trained"), sample_root, threshold=0.12)
+    pe.fit(cfg, pe.load_data(cfg), pe.build_model(cfg))
+    return cfg
+
+
+RAS_STORAGE = np.array([[0, -1], [1, -1], [2, 1]])  # the series' LPS voxel order with x and y reversed: RAS
+
+
+def users_folder(pe, root: Path, folder: Path) -> Path:
+    """CTs as a user brings them: LUNG1-005's series exported with extension-less file names in shuffled order, and
+    LUNG1-006's as a NIfTI stored RAS (x and y the other way from the series, its affine saying so)."""
+    files = sorted(series_dir(root, "LUNG1-005").glob("*.dcm"))
+    export = folder / "export"
+    export.mkdir(parents=True)
+    for path, n in zip(files, np.random.default_rng(0).permutation(len(files))):
+        shutil.copy(path, export / f"IM{n:04d}")  # no extension, numbered in no order
+    hu, affine = pe.read_dicom_series(series_dir(root, "LUNG1-006"))
+    stored = nib.orientations.apply_orientation(hu, RAS_STORAGE).astype(np.int16)
+    ras = nib.Nifti1Image(stored, affine @ nib.orientations.inv_ornt_aff(RAS_STORAGE, hu.shape))
+    nib.save(ras, folder / "chest.nii.gz")
+    assert nib.aff2axcodes(ras.affine) == ("R", "A", "S")
+    return folder
+
+
+def masks_of(paths: list[Path]) -> dict[str, nib.Nifti1Image]:
+    return {path.name: nib.load(path) for path in paths if path.name.endswith(".nii.gz")}
+
+
+def test_predict_writes_each_mask_on_its_inputs_grid_with_its_volume(pe, trained, pleural_root, tmp_path, capsys):
+    folder = users_folder(pe, pleural_root, tmp_path / "ct")
+    predictions = pe.predict(trained, folder)
+    out = capsys.readouterr().out
+    assert f"Predicting with {trained.output_dir / 'best_model.pt'} (epoch 2, val_dice " in out
+    out_dir = trained.output_dir / "predictions"
+    names = ["chest_effusion.nii.gz", "LUNG1-005_effusion.nii.gz", "predictions.csv"]  # the folder's entries by name
+    assert predictions == [out_dir / name for name in names]
+    assert f"Predicted 2 of 2 CTs into {out_dir} (masks, predictions.csv): no file skipped" in out
+    masks = masks_of(predictions)
+    # Each mask on its input's voxel grid: the series as read_dicom_series reads it, the NIfTI as stored.
+    series = nib.Nifti1Image(*pe.read_dicom_series(series_dir(pleural_root, "LUNG1-005")))
+    nifti = nib.load(folder / "chest.nii.gz")
+    for name, source in (("LUNG1-005_effusion.nii.gz", series), ("chest_effusion.nii.gz", nifti)):
+        mask = masks[name]
+        assert mask.shape == source.shape and mask.get_data_dtype() == np.uint8, name
+        np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)
+        assert int(mask.header["sform_code"]) == int(mask.header["qform_code"]) == 1
+        values = np.asanyarray(mask.dataobj)
+        assert set(np.unique(values)) == {0, 1} and values.mean() < 0.9, name  # binary, neither empty nor full
+    table = pd.read_csv(out_dir / "predictions.csv")
+    assert list(table.columns) == ["input", "mask", "effusion_ml", "voxels", "shape"]
+    assert list(table["input"]) == [str(folder / "chest.nii.gz"), str(folder / "export")]
+    for row in table.itertuples():  # the volumes of the masks as written, recomputed from the files
+        mask = masks[row.mask]
+        voxels = int(np.asanyarray(mask.dataobj).sum())
+        assert row.voxels == voxels and row.shape == "x".join(map(str, mask.shape))
+        ml = voxels * abs(np.linalg.det(mask.affine[:3, :3])) / 1000
+        assert row.effusion_ml == pytest.approx(ml, rel=1e-6)  # the file keeps its affine in float32
+
+    # The same CTs as TCIA ships them: the same masks, voxel for voxel (the shuffled export read in slice order,
+    # the RAS NIfTI turned into the series' order for the network and its mask turned back).
+    again = replace(trained, output_dir=tmp_path / "again", checkpoint=trained.output_dir / "best_model.pt")
+    originals = masks_of(
+        pe.predict(again, [series_dir(pleural_root, "LUNG1-005"), series_dir(pleural_root, "LUNG1-006")])
+    )
+    assert sorted(originals) == ["LUNG1-005_effusion.nii.gz", "LUNG1-006_effusion.nii.gz"]
+    np.testing.assert_array_equal(
+        masks["LUNG1-005_effusion.nii.gz"].dataobj, originals["LUNG1-005_effusion.nii.gz"].dataobj
+    )
+    np.testing.assert_array_equal(
+        masks["chest_effusion.nii.gz"].dataobj,
+        nib.orientations.apply_orientation(np.asanyarray(originals["LUNG1-006_effusion.nii.gz"].dataobj), RAS_STORAGE),
+    )
+
+
+def test_by_default_predict_takes_the_patients_without_a_mask(pe, trained, pleural_copy, capsys):
+    """A download as TCIA and PleThora give it: the patients PleThora did not outline are the ones to predict."""
+    for case in ("LUNG1-006", "LUNG1-009"):
+        shutil.rmtree(pleural_copy / "Effusions" / case)
+    predictions = pe.predict(replace(trained, data_dir=pleural_copy.parent), None)
+    assert "Predicting the 2 patients of " in capsys.readouterr().out
+    names = [p.name for p in predictions]
+    assert names == ["LUNG1-006_effusion.nii.gz", "LUNG1-009_effusion.nii.gz", "predictions.csv"]
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_damaged_input_is_named_skipped_and_counted_and_no_input_changes(pe, trained, pleural_root, tmp_path, capsys):
+    folder = tmp_path / "ct"
+    for case in ("LUNG1-007", "LUNG1-008"):
+        shutil.copytree(series_dir(pleural_root, case), folder / case)
+    cut = sorted((folder / "LUNG1-008").glob("*.dcm"))[4]
+    cut.write_bytes(cut.read_bytes()[:2000])  # a slice cut short in its pixels, as an interrupted copy leaves it
+    (folder / "notes.nii.gz").write_text("not a CT")  # a text file with an image's name
+    before = file_hashes(folder)
+    predictions = pe.predict(trained, folder)
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("Skipped")]
+    assert len(lines) == 2, out
+    assert lines[0].startswith(f"Skipped {folder / 'LUNG1-008'}: ") and str(cut) in lines[0], lines[0]
+    assert lines[1].startswith(f"Skipped {folder / 'notes.nii.gz'}: unreadable ("), lines[1]
+    assert [p.name for p in predictions] == ["LUNG1-007_effusion.nii.gz", "predictions.csv"]
+    assert "Predicted 1 of 3 CTs into " in out and "(masks, predictions.csv): skipped 2 files (" in out
+    assert file_hashes(folder) == before  # the user's files are only read
+
+
+def test_prediction_uses_the_checkpoints_settings_whatever_cfg_says(pe, trained, pleural_root, tmp_path, capsys):
+    inputs = [series_dir(pleural_root, "LUNG1-009")]
+    plain = masks_of(pe.predict(trained, inputs))
+    changed = replace(trained, in_plane_factor=1, hu_window=(-1000.0, 1000.0), roi_size=(32, 32, 16), threshold=0.9,
+                      output_dir=tmp_path / "changed", checkpoint=trained.output_dir / "best_model.pt")  # fmt: skip
+    other = masks_of(pe.predict(changed, inputs))
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Predicting with")][-1]
+    assert "in_plane_factor=2, hu_window=(-160.0, 240.0), " in said and "roi_size=(16, 16, 8)" in said
+    mask = np.asanyarray(plain["LUNG1-009_effusion.nii.gz"].dataobj)
+    assert 0 < mask.sum() < mask.size
+    np.testing.assert_array_equal(np.asanyarray(other["LUNG1-009_effusion.nii.gz"].dataobj), mask)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(trained.output_dir / "predictions" / "predictions.csv"),
+        pd.read_csv(tmp_path / "changed" / "predictions" / "predictions.csv"),
+    )
+
+
+def test_a_checkpoint_that_is_not_this_scripts_is_one_clear_error(pe, trained, pleural_root, tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00 not a checkpoint" * 10)
+    foreign = tmp_path / "other_script" / "best_model.pt"
+    foreign.parent.mkdir()
+    torch.save({"model": {}, "config": {"foo": 1}, "epoch": 1, "metric": 0.0, "metric_name": "x"}, foreign)
+    for path in (garbage, foreign, tmp_path / "missing.pt"):
+        with pytest.raises(CheckpointError, match=re.escape(str(path))):
+            pe.predict(replace(trained, checkpoint=path), [series_dir(pleural_root, "LUNG1-001")])
+
+
+def test_predict_from_the_command_line_trains_nothing(trained, pleural_root, repo_copy, tmp_path):
+    """`PREDICT=<folder> python pleural_effusion_3d.py`: the Predict cell alone with output/'s best_model.pt."""
+    repo = repo_copy(f"{PLEURAL_SCRIPT}.py")
+    output = repo / "output" / PLEURAL_SCRIPT
+    output.mkdir(parents=True)
+    shutil.copy(trained.output_dir / "best_model.pt", output / "best_model.pt")
+    folder = Path(shutil.copytree(series_dir(pleural_root, "LUNG1-010"), tmp_path / "my scans" / "LUNG1-010"))
+    env = {**os.environ, "PREDICT": str(folder.parent), "OMP_NUM_THREADS": "1", "QUICK": "0"}
+    script = [sys.executable, str(repo / f"{PLEURAL_SCRIPT}.py")]
+    result = subprocess.run(script, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"Predicting with {output / 'best_model.pt'} (epoch 2" in result.stdout
+    assert not re.search(r"^epoch ", result.stdout, re.M) and not (output / "history.csv").exists()  # no training
+    assert sorted(p.name for p in (output / "predictions").iterdir()) == [
+        "LUNG1-010_effusion.nii.gz",
+        "predictions.csv",
+    ]
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("not a checkpoint")
+    result = subprocess.run(
+        script, cwd=tmp_path, env={**env, "CHECKPOINT": str(garbage)}, capture_output=True, text=True
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line.startswith(f"Checkpoint problem: {garbage} cannot be read as a checkpoint"), line
+
+
 @pytest.mark.slow
 def test_quick_run_from_another_directory_reaches_dice_one_half(pleural_root, tmp_path, monkeypatch, repo_copy):
     """`QUICK=1 python path/to/pleural_effusion_3d.py` as it is, from another folder (about 40 s on one CPU
@@ -504,9 +688,16 @@ def test_quick_run_from_another_directory_reaches_dice_one_half(pleural_root, tm
     assert len(per_case) == 2 and per_case["dice"].mean() >= 0.5  # at full resolution too
     assert {p.name for p in output.iterdir()} == {
         "best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "batch.png", "val_per_case.csv",
-        "val_predictions.png", "skipped_cases.csv", "predictions",
+        "val_predictions.png", "skipped_cases.csv", "val_predictions", "predictions",
     }  # fmt: skip
-    assert len(list((output / "predictions").glob("LUNG1-*_effusion_predicted.nii.gz"))) == 2
+    assert len(list((output / "val_predictions").glob("LUNG1-*_effusion_predicted.nii.gz"))) == 2
+    # Predict: the sample has no patient without a mask, so the two validation patients, as a user's CTs.
+    assert "predicting the 2 validation patients of the trained model's split (seed 0)" in result.stdout
+    predicted = pd.read_csv(output / "predictions" / "predictions.csv")
+    assert sorted(predicted["mask"]) == sorted(f"{case}_effusion.nii.gz" for case in per_case["case"])
+    np.testing.assert_allclose(
+        predicted.sort_values("mask")["effusion_ml"], per_case.sort_values("case")["predicted_ml"]
+    )
     picture = repo / "Images" / "pleural_effusion_3d_predictions.png"
     assert list((repo / "Images").iterdir()) == [picture]
     assert picture.read_bytes() == (output / "val_predictions.png").read_bytes()

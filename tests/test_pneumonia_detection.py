@@ -1,9 +1,13 @@
 """pneumonia_detection.py: grouping and splitting by patient, DICOM reading, the RSNA metric and COCO mAP against
 hand-computed cases, bad inputs, the COCO-weights switch, the submission format, and the stages: fit resumes and
 stops on Ctrl-C or a NaN loss, evaluate_best and predict reload the best epoch with its score threshold, the script
-runs from another directory, and a quick run of all the cells learns to find the opacities."""
+runs from another directory, and a quick run of all the cells learns to find the opacities. Prediction on a user's
+own files: DICOM, PNG and JPEG of any size, boxes in each file's own pixels, bad files skipped, the checkpoint's
+settings whatever cfg says, a bad checkpoint in one line, and the PREDICT= command line."""
 
+import hashlib
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -18,8 +22,10 @@ import torch
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, SecondaryCaptureImageStorage, generate_uid
+from torchvision.ops.misc import FrozenBatchNorm2d
 
-from data_cleaning import DatasetError, Skipped
+from checkpoints import CheckpointError, config_dict
+from data_cleaning import DatasetError, Skipped, read_radiograph
 
 RSNA = "rsna-pneumonia-detection-challenge"
 LOSSES = ["train_loss", "loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"]
@@ -148,17 +154,18 @@ def test_sampling_draws_patients_per_class_and_the_split_is_disjoint_and_seeded(
 def test_read_dicom_applies_rescale_and_inverts_monochrome1(det, tmp_path):
     stored = np.array([[0, 100], [200, 4000]])
     path = write_dicom(tmp_path / "ct.dcm", stored, RescaleSlope="2", RescaleIntercept="-1024")
-    np.testing.assert_array_equal(det.read_dicom(path), stored * 2 - 1024)
+    np.testing.assert_array_equal(read_radiograph(path)[0], stored * 2 - 1024)
     path = write_dicom(tmp_path / "mono1.dcm", stored, "MONOCHROME1")
-    inverted = det.read_dicom(path)
+    inverted = read_radiograph(path)[0]
     np.testing.assert_array_equal(inverted, 4000 - stored)  # same range, reversed: the dense pixel is bright
     assert det.to_uint8(inverted, 2)[0, 0, 0] == 255 and det.to_uint8(inverted, 2)[0, 1, 1] == 0
 
 
 def test_sample_radiographs_decode_as_the_real_ones(det, sample_root):
     patient = det.read_patients(sample_root / RSNA)[0]
-    pixels = det.read_dicom(patient["path"])  # JPEG Baseline, through pydicom's Pillow plugin
+    pixels, spacing = read_radiograph(patient["path"])  # JPEG Baseline, through pydicom's Pillow plugin
     assert pixels.shape == (1024, 1024) and 0 <= pixels.min() and pixels.max() <= 255 and pixels.std() > 10
+    assert spacing == (0.139, 0.139)  # as the challenge's DICOMs
     item = det.load_patients([patient], 128, Skipped("patient"))[0]
     assert item["image"].shape == (1, 128, 128) and item["image"].dtype == torch.uint8
     np.testing.assert_allclose(item["target_boxes"].numpy(), patient["boxes"] / 8, rtol=1e-6)
@@ -190,7 +197,7 @@ def test_bad_inputs_are_named_skipped_and_counted(det, rsna_copy, capsys):
     out = capsys.readouterr().out
     problems = [
         "missing DICOM",
-        "no pixel data",
+        "truncated DICOM",  # its PixelData element removed: the file ends before the pixels its header announces
         "no decoder",
         "unreadable DICOM",
         "box outside the image",
@@ -332,26 +339,25 @@ class FixedDetector(torch.nn.Module):
         return [{"boxes": boxes, "scores": torch.tensor([0.9, 0.3]), "labels": torch.ones(2)} for _ in images]
 
 
-def test_submission_lists_every_test_patient_in_1024_px(det, rsna_copy, tmp_path, capsys):
-    test_dir = rsna_copy / "stage_2_test_images"
-    broken = sorted(test_dir.glob("*.dcm"))[0]
-    broken.write_bytes(b"truncated")
-    cfg = tiny_config(det, tmp_path, rsna_copy.parent)
-    rows = det.predict_test(FixedDetector(), test_dir, cfg, min_score=0.5)
-    path = tmp_path / "submission.csv"
-    rows.to_csv(path, index=False)
-    assert f"Skipped patient {broken.stem}: unreadable DICOM" in capsys.readouterr().out
-
-    submission = pd.read_csv(path, keep_default_na=False)
-    assert list(submission.columns) == ["patientId", "PredictionString"]
-    assert submission["patientId"].tolist() == sorted(p.stem for p in test_dir.glob("*.dcm"))  # one row each
-    strings = dict(zip(submission["patientId"], submission["PredictionString"]))
-    assert strings.pop(broken.stem) == ""  # still listed, with no box
-    for string in strings.values():
-        conf, x, y, width, height = map(float, string.split())  # one box kept: the 0.3 one is under 0.5
-        # 64 px -> 1024 px: x 8 -> 128, y 4 -> 64, width 16 -> 256, height 32 -> 512
-        assert (conf, x, y, width, height) == (0.9, 128.0, 64.0, 256.0, 512.0)
-    assert det.prediction_string({"boxes": np.zeros((0, 4)), "scores": np.zeros(0)}, 0.5) == ""
+def test_boxes_come_back_in_each_inputs_own_pixels_best_first(det, sample_root, tmp_path, capsys):
+    test_dir = sample_root / RSNA / "stage_2_test_images"
+    first = sorted(test_dir.glob("*.dcm"))[0]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(first, folder / first.name)
+    Image.new("L", (600, 800), 40).save(folder / "tall.png")  # 600 wide, 800 high: x and y scale apart
+    (folder / "broken.dcm").write_bytes(b"truncated")
+    cfg = tiny_config(det, tmp_path, sample_root)  # 64 px
+    skipped = Skipped("file")
+    rows, pictures = det.predict_files(FixedDetector(), sorted(folder.iterdir()), cfg, 0.5, tmp_path / "out", skipped)
+    assert f"Skipped {folder / 'broken.dcm'}: unreadable DICOM" in capsys.readouterr().out
+    assert set(rows) == {first.stem, "tall"} and skipped.counts == {"unreadable DICOM": 1}
+    assert [p.name for p in pictures] == [f"{first.stem}_boxes.png", "tall_boxes.png"]
+    # One box kept (the 0.3 one is under 0.5): 64 px -> 1024 px: x 8 -> 128, y 4 -> 64, width 16 -> 256, height
+    # 32 -> 512; -> 600 x 800 px: x 8 -> 75, y 4 -> 50, width 16 -> 150, height 32 -> 400.
+    assert rows[first.stem] == "0.9000 128.0 64.0 256.0 512.0"
+    assert rows["tall"] == "0.9000 75.0 50.0 150.0 400.0"
+    assert det.prediction_string({"boxes": np.zeros((0, 4)), "scores": np.zeros(0)}) == ""
 
 
 # The stages
@@ -409,9 +415,9 @@ def test_fit_resumes_then_evaluate_best_and_predict_use_the_best_epoch(det, samp
     with Image.open(cfg.output_dir / "val_predictions.png") as img:
         assert img.format == "PNG" and img.width > 2 * 150  # two radiographs side by side
     assert f"Best epoch {best['epoch']}: validation RSNA metric" in capsys.readouterr().out
-    submission = det.predict(later, data.root / "stage_2_test_images")
-    written = pd.read_csv(cfg.output_dir / "submission.csv", keep_default_na=False)
-    pd.testing.assert_frame_equal(written, submission)
+    predictions = det.predict(later, data.root / "stage_2_test_images")
+    assert predictions[-1] == cfg.output_dir / "predictions" / "predictions.csv"
+    written = pd.read_csv(predictions[-1], keep_default_na=False)
     assert written["patientId"].tolist() == sorted(p.stem for p in (data.root / "stage_2_test_images").glob("*.dcm"))
     assert all(score >= best["score_threshold"] for score in box_scores(written))  # the best epoch's threshold
 
@@ -473,8 +479,9 @@ def test_runs_as_a_script_from_another_directory(sample_root, tmp_path, monkeypa
     assert "  data:    SYNTHETIC sample" in result.stdout  # the closing summary
     assert {p.name for p in output.iterdir()} == {
         "best_model.pt", "last_checkpoint.pt", "history.csv", "rsna_metric_per_epoch.png", "batch.png",
-        "val_per_case.csv", "val_predictions.png", "submission.csv",
+        "val_per_case.csv", "val_predictions.png", "predictions",
     }  # fmt: skip
+    assert (output / "predictions" / "predictions.csv").is_file()
     picture = repo / "Images" / "pneumonia_detection_predictions.png"
     assert list((repo / "Images").iterdir()) == [picture]
     assert picture.read_bytes() == (output / "val_predictions.png").read_bytes()
@@ -524,6 +531,208 @@ def test_quick_run_of_the_cells_learns_to_find_the_opacities(sample_root, tmp_pa
     assert f"best:    epoch {best['epoch']} of 10, validation RSNA metric {best['val_rsna']:.4f}" in summary
     assert f"outputs: {out_dir}/" in summary and f"picture: {picture}" in summary
 
-    submission = pd.read_csv(out_dir / "submission.csv", keep_default_na=False)
+    submission = pd.read_csv(out_dir / "predictions" / "predictions.csv", keep_default_na=False)
     assert len(submission) == 6 and submission["patientId"].is_unique and (submission["PredictionString"] != "").any()
     assert all(score >= best["score_threshold"] for score in box_scores(submission))
+
+
+# Predict: the user's own radiographs with the trained model
+
+
+@pytest.fixture(scope="module")
+def trained(det, sample_root, tmp_path_factory):
+    """The configuration of a tiny run trained once for this module's prediction tests (a few seconds), with
+    cfg.checkpoint a copy of its best_model.pt whose box classifier is biased towards "opacity" (after two steps it
+    favours the background by about 10): the network then finds boxes of varied scores, kept from 0.6 up (the
+    copy's score threshold)."""
+    tmp_path = tmp_path_factory.mktemp("trained")
+    cfg = tiny_config(det, tmp_path, sample_root, max_epochs=1)
+    det.fit(cfg, det.load_data(cfg), det.build_model(cfg))
+    checkpoint = torch.load(cfg.output_dir / "best_model.pt", weights_only=True)
+    checkpoint["model"]["roi_heads.box_predictor.cls_score.bias"] += torch.tensor([0.0, 12.0])  # ~ -10 before
+    checkpoint["metrics"]["score_threshold"] = 0.6
+    torch.save(checkpoint, tmp_path / "finds_boxes.pt")
+    return replace(cfg, checkpoint=tmp_path / "finds_boxes.pt")
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def user_folder(sample_root: Path, folder: Path) -> Path:
+    """A user's radiographs: a challenge DICOM, the same one without its extension (DICOM by content), its pixels as
+    a PNG, and a non-square PNG (600 wide, 800 high) and a JPEG (700 wide, 500 high) cut from it."""
+    folder.mkdir()
+    dicom = sorted((sample_root / RSNA / "stage_2_test_images").glob("*.dcm"))[0]
+    shutil.copy(dicom, folder / "chest.dcm")
+    shutil.copy(dicom, folder / "1.2.840.99")  # a PACS export: a UID for a name, no extension
+    pixels = read_radiograph(dicom)[0].astype(np.uint8)  # 8-bit, as the challenge's
+    Image.fromarray(pixels).save(folder / "chest8.png")
+    Image.fromarray(pixels[100:900, 300:900]).save(folder / "tall.png")
+    Image.fromarray(pixels[200:700, 100:800]).save(folder / "wide.jpg", quality=95)
+    return folder
+
+
+def read_boxes(string: str) -> tuple[np.ndarray, np.ndarray]:
+    """(scores (n,), boxes (n, 4) x, y, width, height) of a PredictionString."""
+    values = np.array(string.split(), dtype=np.float64).reshape(-1, 5)
+    return values[:, 0], values[:, 1:]
+
+
+def expected_boxes(det, checkpoint_path: Path, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The boxes recomputed without the Predict cell: Pillow's pixels, stretched and resized to the checkpoint's size
+    by hand, the checkpoint's network, boxes scaled back by width and height, kept above its score threshold."""
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
+    size = checkpoint["config"]["image_size"]
+    model = det.build_model(det.Config.from_dict(checkpoint["config"]))
+    model.load_state_dict(checkpoint["model"])
+    pixels = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+    unit = torch.from_numpy((pixels - pixels.min()) / (pixels.max() - pixels.min()))[None, None]
+    small = torch.nn.functional.interpolate(unit, size=(size, size), mode="bilinear", antialias=True)
+    image = ((small[0] * 255).round().clamp(0, 255).to(torch.uint8).float() / 255).expand(3, -1, -1)
+    with torch.no_grad():
+        out = model.eval()([image])[0]
+    keep = out["scores"].numpy() >= checkpoint["metrics"]["score_threshold"]
+    height, width = pixels.shape
+    boxes = out["boxes"].numpy()[keep] * np.array([width, height, width, height]) / size
+    return out["scores"].numpy()[keep], np.c_[boxes[:, :2], boxes[:, 2:] - boxes[:, :2]]
+
+
+def test_predict_on_dicom_png_and_jpeg_of_any_size(det, trained, sample_root, tmp_path, capsys):
+    folder = user_folder(sample_root, tmp_path / "mine")
+    written = det.predict(trained, folder)
+    out = capsys.readouterr().out
+    predictions = trained.output_dir / "predictions"
+    assert f"Predicting with {trained.checkpoint} (epoch 1, val_rsna" in out and "image_size=64" in out
+    assert f"Predicted 5 of 5 radiographs into {predictions} (5 with boxes of score >= 0.60" in out
+    assert "no file skipped" in out
+    names = ["1.2.840.99", "chest", "chest8", "tall", "wide"]  # patientId: the file's name without its extension
+    assert written == [predictions / f"{name}_boxes.png" for name in names] + [predictions / "predictions.csv"]
+    for picture in written[:-1]:
+        with Image.open(picture) as img:
+            assert img.format == "PNG" and img.width > 300
+    table = pd.read_csv(written[-1], keep_default_na=False, dtype=str)
+    assert list(table.columns) == ["patientId", "PredictionString"] and table["patientId"].tolist() == names
+    strings = dict(zip(table["patientId"], table["PredictionString"]))
+    assert strings["1.2.840.99"] == strings["chest"] == strings["chest8"]  # the same radiograph: DICOM or PNG
+    for name, path, (height, width) in [("tall", "tall.png", (800, 600)), ("wide", "wide.jpg", (500, 700))]:
+        scores, boxes = read_boxes(strings[name])
+        assert len(scores) > 2 and (np.diff(scores) <= 0).all() and (scores >= 0.6).all()  # best first
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] > 0).all()  # within the input's own width and height
+        assert (boxes[:, 0] + boxes[:, 2] <= width + 0.1).all() and (boxes[:, 1] + boxes[:, 3] <= height + 0.1).all()
+        want_scores, want_boxes = expected_boxes(det, trained.checkpoint, folder / path)
+        np.testing.assert_allclose(scores, want_scores, atol=6e-5)
+        np.testing.assert_allclose(boxes, want_boxes, atol=0.06)  # written with one decimal
+
+
+def test_by_default_the_challenges_test_folder_every_patient_listed(det, trained, rsna_copy, tmp_path, capsys):
+    test_dir = rsna_copy / "stage_2_test_images"
+    broken = sorted(test_dir.glob("*.dcm"))[0]
+    broken.write_bytes(broken.read_bytes()[:1000])
+    cfg = replace(trained, data_dir=rsna_copy.parent, output_dir=tmp_path / "out", prediction_pictures=2)
+    written = det.predict(cfg, cfg.predict_inputs)  # None: stage_2_test_images/, in Kaggle's submission format
+    out = capsys.readouterr().out
+    assert cfg.predict_inputs is None and f"Skipped {broken}: " in out
+    assert "1 patient of stage_2_sample_submission.csv not predicted: listed with no box" in out
+    assert "Pictures of the first 2 of 5 radiographs only (prediction_pictures)" in out and len(written) == 3
+    table = pd.read_csv(cfg.output_dir / "predictions" / "predictions.csv", keep_default_na=False)
+    listed = pd.read_csv(rsna_copy / "stage_2_sample_submission.csv")["patientId"]
+    assert table["patientId"].tolist() == sorted(listed) == sorted(p.stem for p in test_dir.glob("*.dcm"))
+    strings = dict(zip(table["patientId"], table["PredictionString"]))
+    assert strings.pop(broken.stem) == "" and all(strings.values())  # a row each: the broken one with no box
+    for string in strings.values():
+        _, boxes = read_boxes(string)
+        assert (boxes[:, 0] + boxes[:, 2] <= 1024.1).all() and (boxes[:, 1] + boxes[:, 3] <= 1024.1).all()
+
+
+def test_damaged_files_are_named_skipped_and_inputs_never_changed(det, trained, sample_root, tmp_path, capsys):
+    folder = user_folder(sample_root, tmp_path / "mine")
+    whole = (folder / "chest.dcm").read_bytes()
+    (folder / "cut.dcm").write_bytes(whole[: len(whole) // 2])  # a download cut short
+    (folder / "notes.png").write_text("not an image: a text file renamed")
+    shutil.copy(folder / "wide.jpg", folder / "wide.jpeg")  # a second "wide": one row per patientId
+    before = digests(folder)
+    written = det.predict(trained, folder)
+    out = capsys.readouterr().out
+    assert digests(folder) == before  # only read
+    skipped = [line for line in out.splitlines() if line.startswith("Skipped ")]
+    assert len(skipped) == 3 and all(line.count("\n") == 0 for line in skipped)
+    assert f"Skipped {folder / 'cut.dcm'}: truncated DICOM ({folder / 'cut.dcm'} ends after" in out
+    assert f"Skipped {folder / 'notes.png'}: unreadable image" in out
+    assert f"Skipped {folder / 'wide.jpg'}: same name (a file named wide was predicted already" in out
+    assert "Warning" not in capsys.readouterr().err  # pydicom's warnings on the cut file: the one line says it
+    assert re.search(r"Predicted 5 of 8 radiographs .*: skipped 3 files \(1 \w+.*, 1 .*, 1 .*\)$", out, re.M), out
+    table = pd.read_csv(written[-1], keep_default_na=False)
+    assert table["patientId"].tolist() == ["1.2.840.99", "chest", "chest8", "tall", "wide"]  # the others predicted
+
+
+def test_predict_takes_the_checkpoints_settings_whatever_cfg_says(det, trained, sample_root, tmp_path):
+    folder = user_folder(sample_root, tmp_path / "mine")
+    first = det.predict(trained, folder)
+    other = replace(trained, output_dir=tmp_path / "other", image_size=128, rpn_proposals_test=300,
+                    score_thresholds=(0.9,), pretrained="auto", model="fasterrcnn_resnet50_fpn_v2")  # fmt: skip
+    second = det.predict(other, folder)
+    assert [p.name for p in second] == [p.name for p in first]
+    assert second[-1].read_bytes() == first[-1].read_bytes()  # the same boxes, to the byte
+
+
+def test_a_model_trained_from_coco_weights_predicts_without_them(det, tmp_path, monkeypatch):
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
+    coco = det.cached_weights_path("fasterrcnn_resnet50_fpn")
+    coco.parent.mkdir(parents=True)
+    torch.save(fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).state_dict(), coco)
+    cfg = det.Config(image_size=64, output_dir=tmp_path)
+    model = det.build_model(cfg)  # from COCO: its ResNet's batch norm frozen
+    checkpoint = {"model": model.state_dict(), "config": config_dict(cfg), "epoch": 1, "metric": 0.1}
+    checkpoint |= {"metric_name": "val_rsna", "metrics": {"score_threshold": 0.5}}
+    torch.save(checkpoint, tmp_path / "best_model.pt")
+    coco.unlink()  # another machine: no COCO weights in its cache
+    loaded, _, _ = det.load_trained(cfg, det.build_trained_model, det.DEVICE)  # strict: every weight fits
+    assert det.coco_weights(cfg) is None and isinstance(loaded.backbone.body.bn1, FrozenBatchNorm2d)
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = model.eval()([image])[0], loaded([image])[0]
+    assert len(want["scores"]) > 10
+    for key in ("boxes", "scores"):
+        assert torch.equal(got[key], want[key])  # the network as trained, to the bit
+
+
+def test_a_garbage_or_foreign_checkpoint_is_one_error_naming_it(det, trained, sample_root, tmp_path):
+    folder = user_folder(sample_root, tmp_path / "mine")
+    garbage, foreign = tmp_path / "garbage.pt", tmp_path / "other_script.pt"
+    garbage.write_bytes(b"these are not weights")
+    torch.save({"model": {}, "config": {"foo": 1}, "epoch": 1, "metric": 0.0, "metric_name": "x"}, foreign)
+    for path, words in ((garbage, "cannot be read as a checkpoint"), (foreign, "was written by another script")):
+        with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}.*{words}"):
+            det.predict(replace(trained, checkpoint=path), folder)
+
+
+def test_predict_from_the_command_line_trains_nothing(trained, sample_root, tmp_path, monkeypatch, repo_copy):
+    """`PREDICT=<folder> python pneumonia_detection.py`, with a best_model.pt from an earlier run: it predicts and
+    exits, no data loaded, no epoch; a garbage CHECKPOINT= is one line, status 1, no traceback."""
+    repo = repo_copy("pneumonia_detection.py")
+    output = repo / "output" / "pneumonia_detection"
+    output.mkdir(parents=True)
+    shutil.copy(trained.checkpoint, output / "best_model.pt")
+    folder = user_folder(sample_root, tmp_path / "mine")
+    monkeypatch.setenv("PREDICT", str(folder))
+    monkeypatch.delenv("CHECKPOINT", raising=False)
+    monkeypatch.setenv("QUICK", "1")
+    script = [sys.executable, str(repo / "pneumonia_detection.py")]
+    result = subprocess.run(script, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"Predicting with {output / 'best_model.pt'} (epoch 1" in result.stdout and "image_size=64" in result.stdout
+    assert "epoch " not in result.stdout.replace("(epoch 1", "") and "labelled patients" not in result.stdout
+    assert sorted(p.name for p in output.iterdir()) == ["best_model.pt", "predictions"]  # no history.csv, no plot
+    assert (output / "predictions" / "predictions.csv").is_file()
+
+    (tmp_path / "garbage.pt").write_bytes(b"garbage")
+    monkeypatch.setenv("CHECKPOINT", str(tmp_path / "garbage.pt"))
+    result = subprocess.run(script, cwd=tmp_path, capture_output=True, text=True)
+    printed = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in printed, printed[-3000:]
+    problems = [line for line in printed.splitlines() if line.startswith("Checkpoint problem:")]
+    assert len(problems) == 1 and str(tmp_path / "garbage.pt") in problems[0], printed[-3000:]

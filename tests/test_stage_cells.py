@@ -19,7 +19,7 @@ SCRIPTS = [
 ]
 # Each stage cell's guarded call leaves this name at top level.
 LEAVES = {"Configuration": "cfg", "Data": "data", "Transforms": "batch", "Model and loss": "model",
-          "Train": "history", "Evaluate": "per_case"}  # fmt: skip
+          "Train": "history", "Evaluate": "per_case", "Predict": "predictions"}  # fmt: skip
 STAGE_FUNCTIONS = ("load_data", "build_transforms", "build_model", "train_one_epoch", "evaluate", "fit")
 MAX_FUNCTION_LINES = 60
 
@@ -53,9 +53,25 @@ def test_every_stage_cell_ends_with_a_short_guarded_call_leaving_its_result(scri
         assert name in assigned or (title == "Configuration" and "\ncfg = Config()\n" in found[title]), (title, name)
     for title, source in found.items():
         for guard in main_guards(source):
-            assert len(guard.body) <= 3, (script, title)  # the cell's call, a picture, a line: machinery elsewhere
+            statements = [node for node in guard.body if not is_predict_only_switch(node)]
+            assert len(statements) <= 3, (script, title)  # the cell's call, a picture, a line: machinery elsewhere
     data_guard = main_guards(found["Data"])[0]
     assert "load_data(cfg)" in ast.unparse(data_guard)
+
+
+def is_predict_only_switch(node: ast.stmt) -> bool:
+    """`if PREDICT: predict_only(__file__)`, the configuration cell's switch to the Predict cell alone."""
+    return ast.unparse(node) == "if PREDICT:\n    predict_only(__file__)"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_predict_cell_needs_only_imports_and_configuration(script):
+    found = cells(script)
+    assert list(found)[-2:] == ["Predict", "Summary"], list(found)
+    guard = main_guards(found["Predict"])[0]
+    assert ast.unparse(guard.body[0]) == "predictions = predict(cfg, cfg.predict_inputs)"
+    config_guard = main_guards(found["Configuration"])[0]
+    assert is_predict_only_switch(config_guard.body[-1])  # PREDICT=<folder> python script.py: no training
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
