@@ -36,6 +36,7 @@ import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -96,10 +97,8 @@ from data_cleaning import (
     find_covid_cases,
     mask_name,
     one_line_data_problems,
-    read_ct,
-    save_mask_nifti,
+    segment_cts,
     undecodable_named,
-    volume_ml,
 )
 from dice import DiceAccumulator, save_figure, show
 from precision import autocast, grad_scaler
@@ -596,18 +595,11 @@ def submission_name(case_id: str) -> str:
     return f"{int(case_id):03d}.nii.gz"
 
 
-def output_name(path: Path, used: set[str]) -> str:
+def output_name(path: Path) -> str:
     """The mask's file name: the challenge's `NNN.nii.gz` for its `volume-covid19-A-0NNN_ct.nii.gz` scans (Run All
-    on Validation/ writes the submission), else the input's name (a series: its folder's) + `_lesions.nii.gz`; a
-    name already given in this run gets a number (two folders' `ct.nii.gz`), never overwriting."""
+    on Validation/ writes the submission), else the input's name (a series: its folder's) + `_lesions.nii.gz`."""
     match = COVID_CASE_NAME.fullmatch(path.name)
-    name = submission_name(match[1]) if match and match[2] == "ct" else mask_name(path, "_lesions.nii.gz")
-    stem, n = name.removesuffix(".nii.gz"), 1
-    while name in used:
-        n += 1
-        name = f"{stem}_{n}.nii.gz"
-    used.add(name)
-    return name
+    return submission_name(match[1]) if match and match[2] == "ct" else mask_name(path, "_lesions.nii.gz")
 
 
 def default_inputs(cfg: Config) -> list[Path]:
@@ -658,21 +650,8 @@ def predict(cfg: Config, inputs=None) -> list[Path]:
     paths = default_inputs(cfg) if inputs is None else ct_inputs(inputs)
     skipped = Skipped("file", print_limit=10)
     out_dir = cfg.output_dir / "predictions"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows, used = [], set()
-    for path in tqdm(paths, desc="segmenting", leave=False, disable=None):
-        try:
-            ct = read_ct(path)  # checked and decoded here: a damaged file is named, not met inside MONAI
-            mask = predict_volume(model, ct, path, trained)
-        except Unusable as err:
-            skipped.skip(path, err)
-            continue
-        name = output_name(path, used)
-        save_mask_nifti(out_dir / name, mask, ct.affine)
-        rows.append({"input": str(path), "mask": name, "lesion_ml": volume_ml(mask, ct.affine),
-                     "voxels": int(mask.sum()), "shape": "x".join(map(str, mask.shape))})  # fmt: skip
-    table = pd.DataFrame(rows, columns=["input", "mask", "lesion_ml", "voxels", "shape"])
-    save_atomically(out_dir / "predictions.csv", lambda csv: table.to_csv(csv, index=False))
+    segment = partial(predict_volume, model, trained=trained)  # segment(ct, path): what the 3D scripts differ in
+    rows = segment_cts(paths, segment, output_name, out_dir, "lesion_ml", skipped)
     print(skipped.summary(f"Segmented {len(rows)} of {len(paths)} CTs into {out_dir} (masks, predictions.csv)"))
     return [out_dir / row["mask"] for row in rows] + [out_dir / "predictions.csv"] if rows else []
 

@@ -833,3 +833,38 @@ def mask_name(path: Path, suffix: str) -> str:
             name = name[: -len(ext)]
             break
     return name + suffix
+
+
+def unique_name(name: str, used: set[str], suffix: str) -> str:
+    """`name` (ending in `suffix`), or with _2, _3... before the suffix when this run already wrote it: two inputs
+    named alike (two folders' ct.nii.gz) never overwrite each other's output. Adds the name to `used`."""
+    stem, unique, n = name.removesuffix(suffix), name, 1
+    while unique in used:
+        n += 1
+        unique = f"{stem}_{n}{suffix}"
+    used.add(unique)
+    return unique
+
+
+def segment_cts(paths: list[Path], segment, name_of, out_dir: Path, volume: str, skipped: Skipped) -> list[dict]:
+    """The prediction loop of the 3D scripts: each CT of `paths` read (`read_ct`: a NIfTI file, or a DICOM series
+    folder), segmented by `segment(img, path)` into a uint8 mask on its own voxel grid, written to
+    out_dir/`name_of(path)` (made unique) on that grid, and described by a row {input, mask, <volume> (mL), voxels,
+    shape} of out_dir/predictions.csv. A CT that cannot be read or used (Unusable) is named, skipped and counted in
+    `skipped`; the others are still segmented. Returns the rows; the CSV is written even when there are none."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, used = [], set()
+    for path in tqdm(paths, desc="segmenting", leave=False, disable=None):
+        try:
+            img = read_ct(path)  # checked and decoded here: a damaged file is named, not met deep inside a library
+            mask = segment(img, path)
+        except Unusable as err:
+            skipped.skip(path, err)
+            continue
+        name = unique_name(name_of(path), used, ".nii.gz")
+        save_mask_nifti(out_dir / name, mask, img.affine)
+        rows.append({"input": str(path), "mask": name, volume: volume_ml(mask, img.affine),
+                     "voxels": int(mask.sum()), "shape": "x".join(map(str, mask.shape))})  # fmt: skip
+    table = pd.DataFrame(rows, columns=["input", "mask", volume, "voxels", "shape"])
+    save_atomically(out_dir / "predictions.csv", lambda partial: table.to_csv(partial, index=False))
+    return rows

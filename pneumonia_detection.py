@@ -1,8 +1,9 @@
 """Pneumonia detection on chest radiographs: the RSNA Pneumonia Detection Challenge (Kaggle, 2018) with Faster R-CNN.
 
 Finds the lung opacities of pneumonia as boxes: groups the label rows by patient (one radiograph, zero or more
-boxes), samples patients per class, splits train/validation by patient with a seed, trains torchvision's Faster
-R-CNN (COCO weights when they are in the local torch cache, else from scratch), scores every epoch with the
+boxes), splits train/validation by patient with a seed at the data's own class mix, caps the training patients per
+class, trains torchvision's Faster R-CNN (COCO weights from `weights=` or the local torch cache, else from scratch,
+said in the summary), scores every epoch with the
 challenge metric and with COCO mAP, keeps the best epoch by the challenge metric, chooses on the validation set the
 score above which a box is kept, and predicts boxes on radiographs it has never seen (DICOM, PNG or JPEG, any
 size): by default the challenge's `stage_2_test_images/`, in Kaggle's submission format.
@@ -29,6 +30,7 @@ import contextlib
 import io
 import math
 import os
+import pickle
 import warnings
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -102,13 +104,18 @@ class Config(BaseConfig):
     images_dir: Path = ROOT / "Images"  # the README's picture: val_predictions.png is copied there, from runs on
     # the synthetic sample only (pictures of real patients never land in a folder of the repository)
     seed: int = 0  # one seed for the sampling, the split, the initial weights and the flips
-    patients_per_class: int | None = 500  # per class of the detailed class CSV, drawn by patient, never by label row
-    # (a patient's several boxes are several rows: drawn by row, one patient could land on both sides); None: all
-    val_fraction: float = 0.2  # of each class's patients: a patient is one radiograph, so a split by patient
+    patients_per_class: int | None = 500  # cap on the TRAINING patients per class of the detailed class CSV (balanced
+    # training, as the original's sample), drawn after the split; validation keeps the data's own mix (22.5% with
+    # opacity), val_fraction / (1 - val_fraction) as many as training (375 for 1,500, 84 with opacity); None: all
+    val_fraction: float = 0.2  # of each class's patients held out, split first, by patient (one radiograph, all its
+    # label rows: split by row, one patient could land on both sides), stratified by class: the data's mix
     image_size: int = 512  # side the 1024-px radiographs are resized to; the opacities are large (150-350 px),
     # and 512 px is what most challenge solutions trained at
     model: str = "fasterrcnn_resnet50_fpn"  # or "fasterrcnn_resnet50_fpn_v2" (Li et al. 2021: better, slower)
-    pretrained: str = "auto"  # "auto": COCO weights if in the torch cache (never downloaded); "none": from scratch
+    pretrained: str = "auto"  # "auto": COCO weights from `weights`, else from the torch cache (never downloaded), else
+    # from scratch (the summary says so: scores then not comparable with the leaderboard); "none": from scratch
+    weights: Path | None = None  # torchvision's COCO file for `model` downloaded elsewhere (for the v1 model
+    # fasterrcnn_resnet50_fpn_coco-258fb6c6.pth), used before the torch cache; checked: a missing file is one line
     trainable_backbone_layers: int = 3  # with COCO weights: ResNet stages trained, from the top (torchvision's 3)
     train_predictor_only: bool = False  # with COCO weights: train the new box predictor only, as the original did
     rpn_proposals_train: int = 2000  # RPN proposals kept per image in training (torchvision's 2000)
@@ -173,14 +180,22 @@ def read_patients(root: Path) -> list[dict]:
     """The labelled patients of `root`, one dict per patient (= one radiograph), sorted by patientId.
 
     {"patient_id", "class", "path" (the DICOM), "boxes" (k, 4) float64 x1, y1, x2, y2 in the image's pixels}; k is
-    0 for the negatives, which stay negatives: an empty target, never a whole-image box.
+    0 for the negatives, which stay negatives: an empty target, never a whole-image box. Class names are read
+    stripped (" Lung Opacity " is Lung Opacity); a patient missing from the class CSV is kept as class "unknown",
+    and those patients are named in one line.
     """
     labels_path, classes_path = root / LABELS_CSV, root / CLASSES_CSV
     for path in (labels_path, classes_path):
         if not path.is_file():
             raise DatasetError(f"{path} not found: expected the Kaggle download unzipped in {root} (README.md)")
     labels = pd.read_csv(labels_path)
-    classes = pd.read_csv(classes_path).drop_duplicates("patientId").set_index("patientId")["class"]
+    classes = pd.read_csv(classes_path).dropna(subset=["class"]).drop_duplicates("patientId")
+    classes = classes.set_index("patientId")["class"].astype(str).str.strip()  # an edited CSV: " Normal" is Normal
+    unknown = sorted(set(labels["patientId"]) - set(classes.index))
+    if unknown:  # stratified as a class of their own: say so, and which
+        first = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        print(f"{len(unknown)} patient{'s' * (len(unknown) != 1)} of {LABELS_CSV} not in {CLASSES_CSV}, kept "
+              f"with class 'unknown': {first}")  # fmt: skip
     patients = []
     for patient_id, rows in labels.groupby("patientId", sort=True):
         xywh = rows.loc[rows["Target"] == 1, ["x", "y", "width", "height"]].to_numpy(np.float64)
@@ -196,7 +211,8 @@ def read_patients(root: Path) -> list[dict]:
 
 
 def sample_patients(patients: list[dict], per_class: int | None, seed: int) -> list[dict]:
-    """Up to `per_class` patients of each class, drawn with `seed`; all of them when `per_class` is None."""
+    """Up to `per_class` patients of each class, drawn with `seed`; all of them when `per_class` is None. For
+    training only (choose_patients): validation keeps the data's class mix."""
     rng = np.random.default_rng(seed)
     sampled = []
     for name in sorted({p["class"] for p in patients}):
@@ -211,7 +227,7 @@ def split_by_patient(patients: list[dict], val_fraction: float, seed: int) -> tu
     """(train, validation): `val_fraction` of each class's patients to validation, drawn with `seed`.
 
     Each patient is one radiograph with all its boxes, so no patient is on both sides. Stratifying by class keeps
-    positives and both kinds of negatives in a small validation set.
+    the data's class mix in validation (to rounding), and positives and both kinds of negatives in a small one.
     """
     rng = np.random.default_rng(seed)
     train, val = [], []
@@ -223,6 +239,29 @@ def split_by_patient(patients: list[dict], val_fraction: float, seed: int) -> tu
         val += [members[i] for i in order[:n_val]]
         train += [members[i] for i in order[n_val:]]
     return sorted(train, key=lambda p: p["patient_id"]), sorted(val, key=lambda p: p["patient_id"])
+
+
+def choose_patients(patients: list[dict], cfg: Config) -> tuple[list[dict], list[dict]]:
+    """(train, validation) patients: split by patient first, at the data's class mix, then (patients_per_class)
+    training capped per class and validation drawn down to val_fraction / (1 - val_fraction) of training's size,
+    stratified by class again, so still at the data's mix.
+
+    Drawing the same number per class for both sides, as the original did, made validation a third positive against
+    22.5% in the data: the score threshold chosen there kept boxes too readily, and the metric came out inflated.
+    A balanced training set is kept: positives are where a detector learns its boxes."""
+    train, val = split_by_patient(patients, cfg.val_fraction, cfg.seed)
+    train = sample_patients(train, cfg.patients_per_class, cfg.seed)
+    if cfg.patients_per_class is not None:
+        n_val = round(len(train) * cfg.val_fraction / (1 - cfg.val_fraction))
+        if n_val < len(val):  # the same stratified draw, keeping n_val of them
+            val = split_by_patient(val, n_val / len(val), cfg.seed)[1]
+    return train, val
+
+
+def with_opacity(items: list[dict]) -> tuple[int, float]:
+    """(how many of `items` show an opacity, their share of `items`)."""
+    n_pos = sum(len(item["boxes"]) > 0 for item in items)
+    return n_pos, n_pos / max(len(items), 1)
 
 
 def to_uint8(pixels: np.ndarray, size: int) -> torch.Tensor:
@@ -278,28 +317,32 @@ def to_original(boxes: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 def load_data(cfg: Config) -> Data:
-    """The labelled radiographs of the download (or of the sample): grouped by patient, `patients_per_class`
-    drawn from each class, decoded once and kept in memory at `image_size`, split by patient."""
+    """The labelled radiographs of the download (or of the sample): grouped by patient, split by patient with
+    validation at the data's class mix, training capped at `patients_per_class` per class (choose_patients),
+    decoded once and kept in memory at `image_size`."""
     with distributed.main_first():  # process 0 writes the synthetic sample if missing, the others then read it
         root, synthetic = find_dataset("rsna-pneumonia-detection-challenge", cfg.data_dir)
     patients = read_patients(root)
     per_class = Counter(p["class"] for p in patients)
     print(f"{len(patients)} labelled patients ({', '.join(f'{n} {name}' for name, n in sorted(per_class.items()))})")
     skipped = Skipped("patient")
-    sampled = sample_patients(patients, cfg.patients_per_class, cfg.seed)
-    # Every process decodes the same sample (uint8 at image_size: 0.26 MB a radiograph at 512 px), so all find the
-    # same usable patients and the same split; each then trains on its own shard of it (build_train_loader).
-    items = load_patients(sampled, cfg.image_size, skipped)
-    print(skipped.summary(f"{root / TRAIN_IMAGES} ({len(sampled)} sampled patients)"))
-    train, val = split_by_patient(items, cfg.val_fraction, cfg.seed)
+    train_patients, val_patients = choose_patients(patients, cfg)
+    drawn = len(train_patients) + len(val_patients)
+    # Every process decodes the same patients (uint8 at image_size: 0.26 MB a radiograph at 512 px), so all find the
+    # same usable ones and the same split; each then trains on its own shard of it (build_train_loader).
+    train, val = (load_patients(part, cfg.image_size, skipped) for part in (train_patients, val_patients))
+    print(skipped.summary(f"{root / TRAIN_IMAGES} ({drawn} patients drawn)"))
     if not train or not val:
         raise DatasetError(
-            f"{len(items)} usable patients of {len(sampled)} sampled: need 2 at least, with their DICOMs in "
-            f"{root / TRAIN_IMAGES}/<patientId>.dcm and their boxes in {root / LABELS_CSV}"
+            f"{len(train) + len(val)} usable patients of {drawn} drawn: need one for training and one for "
+            f"validation at least, with their DICOMs in {root / TRAIN_IMAGES}/<patientId>.dcm and their boxes in "
+            f"{root / LABELS_CSV}"
         )
-    n_pos = sum(len(item["target_boxes"]) > 0 for item in val)
-    print(f"Split by patient (seed {cfg.seed}), stratified by class: {n_pos} of the {len(val)} validation "
-          f"radiographs with opacities; all at {cfg.image_size} px")  # fmt: skip
+    (n_train, train_share), (n_val, val_share) = with_opacity(train), with_opacity(val)
+    print(f"Split by patient (seed {cfg.seed}), stratified by class, all at {cfg.image_size} px: training "
+          f"{len(train)} radiographs, {n_train} with opacity ({train_share:.1%}); validation: {len(val)} "
+          f"radiographs, {n_val} with opacity ({val_share:.1%}; of all {len(patients)} labelled patients: "
+          f"{with_opacity(patients)[1]:.1%})")  # fmt: skip
     return Data(root, synthetic, train, val, unit="radiographs", skipped=skipped)
 
 
@@ -416,22 +459,73 @@ def cached_weights_path(model_name: str) -> Path:
 
 
 def coco_weights(cfg: Config) -> Path | None:
-    """The cached COCO weights that build_model starts from, or None when it trains from scratch: used only when
-    already in the torch cache, never downloaded (the machine may be offline), and not with pretrained="none"."""
+    """The COCO weights that build_model starts from, or None when it trains from scratch: the file `cfg.weights`
+    if given (a missing one is one line), else torchvision's file if already in the local torch cache, never
+    downloaded (the machine may be offline); None with pretrained="none"."""
     if cfg.model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, not {cfg.model!r}")
     if cfg.pretrained not in ("auto", "none"):
         raise ValueError(f"pretrained must be 'auto' or 'none', not {cfg.pretrained!r}")
+    if cfg.pretrained == "none":
+        if cfg.weights is not None:
+            raise ValueError(f"weights={cfg.weights} and pretrained='none' ask for opposite starts: drop one")
+        return None
+    if cfg.weights is not None:
+        if not Path(cfg.weights).is_file():
+            raise DatasetError(f"weights={cfg.weights} not found: give torchvision's COCO file for {cfg.model} "
+                               f"({cached_weights_path(cfg.model).name}), or None for the torch cache")  # fmt: skip
+        return Path(cfg.weights)
     path = cached_weights_path(cfg.model)
-    return path if cfg.pretrained == "auto" and path.is_file() else None
+    return path if path.is_file() else None
+
+
+def freeze_batch_norm(module: torch.nn.Module) -> None:
+    """Every BatchNorm2d below `module` replaced by a FrozenBatchNorm2d with eps 0, as torchvision's v1 builder
+    makes them from the COCO weights: the trained network's numbers to the last bit (eps 1e-5 shifts its scores)."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            setattr(module, name, FrozenBatchNorm2d(child.num_features, eps=0.0))
+        else:
+            freeze_batch_norm(child)
+
+
+def read_coco_file(path: Path, model: torch.nn.Module, name: str) -> dict:
+    """The state dict in `path`, checked against `model` (network `name`, COCO's 91 classes): a file that is no
+    PyTorch weights file, or the weights of another network, is one line naming it (DatasetError), not a traceback."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise DatasetError(f"weights={path}: not a readable PyTorch weights file ({type(err).__name__})") from None
+    state = state if isinstance(state, dict) else {}
+    # Batch norm's step counters come and go with the kind of norm layer (frozen ones have none): not weights.
+    expected = {key: value for key, value in model.state_dict().items() if not key.endswith("num_batches_tracked")}
+    unfit = [key for key, value in expected.items() if getattr(state.get(key), "shape", None) != value.shape]
+    unknown = {key for key in state.keys() - expected.keys() if not key.endswith("num_batches_tracked")}
+    if unfit or unknown:
+        raise DatasetError(f"weights={path}: not the COCO weights of {name} ({len(unfit)} of its {len(expected)} "
+                           f"tensors missing or of another shape, {len(unknown)} unknown)")  # fmt: skip
+    return state
+
+
+def load_coco(model: torch.nn.Module, path: Path, cfg: Config) -> None:
+    """The COCO weights of `path` into `model`, which then is what torchvision's builder makes with
+    weights=COCO_V1 (a test checks it), from any file, not only the torch cache's: v1's ResNet batch norm frozen
+    (FrozenBatchNorm2d, eps 0), and the ResNet stages below the top `trainable_backbone_layers` not trained."""
+    if cfg.model == "fasterrcnn_resnet50_fpn":
+        freeze_batch_norm(model.backbone.body)
+    model.load_state_dict(read_coco_file(path, model, cfg.model))
+    stages = ["layer4", "layer3", "layer2", "layer1", "conv1"][: cfg.trainable_backbone_layers]
+    stages += ["bn1"] * (cfg.trainable_backbone_layers == 5)  # torchvision's rule: the stem's norm with all five
+    for name, parameter in model.backbone.body.named_parameters():
+        parameter.requires_grad_(name.startswith(tuple(stages)))
 
 
 def build_model(cfg: Config) -> torch.nn.Module:
-    """Faster R-CNN with a 2-class box predictor (background, opacity), from the cached COCO weights if any
-    (`coco_weights`), else every layer from scratch, batch norm included."""
+    """Faster R-CNN with a 2-class box predictor (background, opacity), from COCO weights if any (`coco_weights`:
+    cfg.weights or the torch cache's), else every layer from scratch, batch norm included."""
     seed_everything(cfg.seed)  # the same initial weights for the same seed, in every process
-    builder, weights = MODELS[cfg.model]
-    pretrained = coco_weights(cfg) is not None
+    builder, _ = MODELS[cfg.model]
+    start = coco_weights(cfg)
     kwargs = {
         "min_size": cfg.image_size,  # the model's own resize: to our size, i.e. none (it would upsample to 800)
         "max_size": cfg.image_size,
@@ -442,14 +536,12 @@ def build_model(cfg: Config) -> torch.nn.Module:
         "box_batch_size_per_image": cfg.box_batch_size_per_image,
         "box_score_thresh": min(cfg.score_thresholds),  # lower scores can never be kept
     }
-    if pretrained:
-        # The file exists, so torchvision loads it from the cache; v1 freezes its batch norm, as torchvision does.
-        model = builder(weights=weights, trainable_backbone_layers=cfg.trainable_backbone_layers, **kwargs)
-    else:
-        model = builder(weights=None, weights_backbone=None, **kwargs)  # trainable_backbone_layers defaults to 5
+    model = builder(weights=None, weights_backbone=None, **kwargs)  # every layer trainable, COCO's 91 classes
+    if start is not None:
+        load_coco(model, start, cfg)
     # A new predictor for 2 classes (background, opacity) in place of COCO's 91.
     model.roi_heads.box_predictor = FastRCNNPredictor(model.roi_heads.box_predictor.cls_score.in_features, 2)
-    if pretrained and cfg.train_predictor_only:
+    if start is not None and cfg.train_predictor_only:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(name.startswith("roi_heads.box_predictor."))
     return model
@@ -462,7 +554,8 @@ def describe_model(cfg: Config, model: torch.nn.Module) -> str:
     if start is not None:
         origin = f"from the COCO weights in {start}"
     elif cfg.pretrained == "auto":
-        origin = f"from scratch, all layers trainable: COCO weights not found in {cached_weights_path(cfg.model)}"
+        origin = (f"from scratch, all layers trainable: COCO weights not found in {cached_weights_path(cfg.model)} "
+                  "(weights=<file> for a copy downloaded elsewhere)")  # fmt: skip
     else:
         origin = "from scratch, all layers trainable (pretrained='none')"
     return f"{cfg.model}: {trained:,} of {sum(p.numel() for p in model.parameters()):,} parameters trained, {origin}"
@@ -804,11 +897,21 @@ if __name__ == "__main__":
 # Writes predictions/predictions.csv (Kaggle's patientId,PredictionString, boxes in each input's own pixels) and
 # predictions/<name>_boxes.png. Needs only the Imports and Configuration cells and a best_model.pt: the image size
 # and network are the checkpoint's, the score threshold the one chosen on validation with those weights.
-SHARED = ("TEST_IMAGES", "to_uint8", "build_transforms", "outline", "build_model", "detect", "boxes_above")
+SHARED = ("TEST_IMAGES", "to_uint8", "build_transforms", "outline", "build_model", "freeze_batch_norm", "detect",
+          "boxes_above")  # fmt: skip
 if not set(SHARED) <= globals().keys():
     # A fresh kernel that ran only Imports and Configuration: what prediction shares with training (the Data cell's
     # resizing, the network, the Train cell's detection) is imported from this file, whose guards do not run.
-    from pneumonia_detection import TEST_IMAGES, boxes_above, build_model, build_transforms, detect, outline, to_uint8
+    from pneumonia_detection import (
+        TEST_IMAGES,
+        boxes_above,
+        build_model,
+        build_transforms,
+        detect,
+        freeze_batch_norm,
+        outline,
+        to_uint8,
+    )
 
 SAMPLE_SUBMISSION = "stage_2_sample_submission.csv"  # patientId,PredictionString: every test patient, listed once
 
@@ -817,20 +920,10 @@ def build_trained_model(cfg: Config) -> torch.nn.Module:
     """The network of a checkpoint trained with `cfg`, for its weights: built as build_model built it, but never
     from the COCO weights, which the checkpoint's weights replace anyway, so that prediction works on a machine
     that never had them."""
-    model = build_model(replace(cfg, pretrained="none"))
+    model = build_model(replace(cfg, pretrained="none", weights=None))
     if cfg.pretrained == "auto" and cfg.model == "fasterrcnn_resnet50_fpn":  # trained from COCO (fit saves "none"
         freeze_batch_norm(model.backbone.body)  # otherwise): v1 then froze its ResNet's batch norm
     return model
-
-
-def freeze_batch_norm(module: torch.nn.Module) -> None:
-    """Every BatchNorm2d below `module` replaced by a FrozenBatchNorm2d with eps 0, as torchvision's v1 builder
-    makes them from the COCO weights: the trained network's numbers to the last bit (eps 1e-5 shifts its scores)."""
-    for name, child in module.named_children():
-        if isinstance(child, torch.nn.BatchNorm2d):
-            setattr(module, name, FrozenBatchNorm2d(child.num_features, eps=0.0))
-        else:
-            freeze_batch_norm(child)
 
 
 def predict_one(model, path: Path, trained: Config, min_score: float) -> tuple[np.ndarray, dict]:
@@ -929,13 +1022,24 @@ if __name__ == "__main__":
         show(predictions[0])
 
 # %% Summary
+FROM_SCRATCH = "FROM SCRATCH: no COCO weights, scores not comparable with the leaderboard"  # whose entries started
+# from ImageNet or COCO weights and trained for hours at 512 px or more (README: expectations)
+
+
+def summarize(cfg: Config, data: Data, history: History, pictures: list[Path]) -> str:
+    """The closing lines: the data, the best epoch and its scores, the outputs, and where training started (from
+    COCO weights, or FROM SCRATCH, which no score of the leaderboard did)."""
+    best = history.best()
+    outputs = ["best_model.pt", "last_checkpoint.pt", "history.csv", "rsna_metric_per_epoch.png", "batch.png",
+               "val_per_case.csv", "val_predictions.png", "predictions/ (predictions.csv, pictures)"]  # fmt: skip
+    scores = (f"validation RSNA metric {best['val_rsna']:.4f} at score >= {best['score_threshold']:.2f} (predicting "
+              f"nothing: {best['val_rsna_predict_nothing']:.4f}; mAP {best['val_map']:.4f}, mAP@.5 "
+              f"{best['val_map50']:.4f})")  # fmt: skip
+    start = coco_weights(cfg)
+    return "\n".join([run_summary(cfg, data, history, scores, outputs, pictures),
+                      f"  start:   the COCO weights in {start}" if start is not None else FROM_SCRATCH])  # fmt: skip
+
+
 if __name__ == "__main__":
     pictures = readme_pictures(cfg, data, {"val_predictions.png": "pneumonia_detection_predictions.png"})
-    best = history.best()
-    print(run_summary(cfg, data, history,
-                      f"validation RSNA metric {best['val_rsna']:.4f} at score >= {best['score_threshold']:.2f} "
-                      f"(predicting nothing: {best['val_rsna_predict_nothing']:.4f}; mAP {best['val_map']:.4f}, "
-                      f"mAP@.5 {best['val_map50']:.4f})",
-                      ["best_model.pt", "last_checkpoint.pt", "history.csv", "rsna_metric_per_epoch.png", "batch.png",
-                       "val_per_case.csv", "val_predictions.png", "predictions/ (predictions.csv, pictures)"],
-                      pictures))  # fmt: skip
+    print(summarize(cfg, data, history, pictures))

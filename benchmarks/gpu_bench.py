@@ -440,7 +440,7 @@ def plain_loader(pipeline: Pipeline, workers: int) -> torch.utils.data.DataLoade
         transforms = module.build_transforms(cfg)
 
         def load(case):
-            hu, _, mask = module.read_case(case)  # the DICOM series and the mask, read again every time
+            hu, _, mask, _ = module.read_case(case, cfg.mask_orientation)  # the series and the mask, read each time
             prep = module.preprocess(hu, cfg)
             return transforms({"image": prep["image"].float(), "label": module.downsample_mask(mask, prep, cfg)})
 

@@ -387,9 +387,10 @@ def test_pleural_under_torchrun_writes_once_agrees_and_is_close_to_one_process(
     one = pleural.fit(cfg, pleural.load_data(cfg), pleural.build_model(cfg))
     # As for the nerve: the same weights, split and crops per step, other crops (one crop stream per process) and
     # a soft Dice over each process's crops. 4 tiny epochs learn little (Dice about 0.05, measured 0.047 and
-    # 0.063): the losses are what can be compared: to 5% at the first epoch (2.4% measured), 15% later (7% at
-    # most measured), validation loss 10% (3.5%).
-    assert first[0]["train_loss"] == pytest.approx(one[0]["train_loss"], rel=0.05)
+    # 0.063): the losses are what can be compared: to 10% at the first epoch (2.4% measured before, 5.8% since the
+    # labels are block means and the flips left-right only: other crops, other losses), 15% later (7% at most
+    # measured), validation loss 10% (3.5%).
+    assert first[0]["train_loss"] == pytest.approx(one[0]["train_loss"], rel=0.10)
     np.testing.assert_allclose([r["train_loss"] for r in first], [r["train_loss"] for r in one], rtol=0.15)
     validated = [i for i, row in enumerate(one) if not np.isnan(row["val_loss"])]
     assert validated == [1, 3]  # val_interval 2 in the quick run
@@ -462,9 +463,9 @@ def test_pneumonia_under_torchrun_writes_once_agrees_and_gathers_the_predictions
     pneumonia, repo_copy, sample_root, tmp_path
 ):
     repo = repo_copy(f"{PNEUMONIA}.py", {f"sample/{PNEUMONIA_DATA}": sample_root / PNEUMONIA_DATA})
-    # 5 patients of each of the 3 classes: 12 training radiographs (6 per process, 3 steps of 2), 3 validation
-    # (2 and 1), at 64 px.
-    small = dict(patients_per_class=5, image_size=64, rpn_proposals_train=100, rpn_proposals_test=50)
+    # 4 training patients of each of the 3 classes: 12 training radiographs (6 per process, 3 steps of 2), 3
+    # validation at the data's mix (2 and 1), at 64 px.
+    small = dict(patients_per_class=4, image_size=64, rpn_proposals_train=100, rpn_proposals_test=50)
     small |= dict(box_batch_size_per_image=32, max_epochs=2, precise_bn_batches=2, examples=2)
     edit = config_edit(small | {"batch_size": 2, "tensorboard": True})
     stdout, first, second = run_script(repo, f"{PNEUMONIA}.py", edit, tmp_path / "probe", tmp_path)
@@ -511,9 +512,10 @@ def test_pneumonia_under_torchrun_writes_once_agrees_and_gathers_the_predictions
 def pneumonia_split(pneumonia, cfg) -> tuple[list[dict], list[dict]]:
     """The training and validation radiographs of the Data stage (load_data), found again step by step."""
     root, _ = pneumonia.find_dataset(PNEUMONIA_DATA, cfg.data_dir)
-    patients = pneumonia.sample_patients(pneumonia.read_patients(root), cfg.patients_per_class, cfg.seed)
-    items = pneumonia.load_patients(patients, cfg.image_size, Skipped("patient"), progress=False)
-    return pneumonia.split_by_patient(items, cfg.val_fraction, cfg.seed)
+    train, val = pneumonia.choose_patients(pneumonia.read_patients(root), cfg)
+    return tuple(
+        pneumonia.load_patients(part, cfg.image_size, Skipped("patient"), progress=False) for part in (train, val)
+    )
 
 
 PNEUMONIA_WORKER = f"""

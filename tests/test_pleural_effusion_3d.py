@@ -106,7 +106,8 @@ def test_mask_lands_on_the_fluid_not_on_its_mirror_image(pe, pleural_root):
     cases = pe.find_cases(pleural_root, "first", skipped)
     assert [c["case"] for c in cases] == [f"LUNG1-{n:03d}" for n in range(1, 11)] and not skipped.counts
     for case in cases:
-        hu, affine, mask = pe.read_case(case)
+        hu, affine, mask, used = pe.read_case(case)
+        assert used == "header"  # the sample's headers describe their voxels: both placements agree
         assert mask.shape == hu.shape and mask.dtype == bool and mask.sum() > 100
         assert abs(hu[mask].mean() - 15) < 10, case["case"]  # the fluid is drawn at +15 HU, noise 20
         assert (hu[mask] > -300).mean() > 0.99  # no lung inside
@@ -117,7 +118,7 @@ def test_mask_lands_on_the_fluid_not_on_its_mirror_image(pe, pleural_root):
 
 def test_a_mask_stored_with_permuted_and_flipped_axes_is_brought_back(pe, pleural_root, tmp_path):
     case = pe.find_cases(pleural_root, "first", Skipped("case"))[0]
-    hu, affine, mask = pe.read_case(case)
+    hu, affine, mask, _ = pe.read_case(case)
     # Store the mask as (y, x, z) with z running down, with the affine that keeps every voxel in place.
     ornt = np.array([[1, 1], [0, 1], [2, -1]])
     stored = nib.orientations.apply_orientation(mask.astype(np.float32), ornt)
@@ -125,7 +126,48 @@ def test_a_mask_stored_with_permuted_and_flipped_axes_is_brought_back(pe, pleura
     path = tmp_path / "permuted.nii.gz"
     nib.save(nib.Nifti1Image(stored, stored_affine), path)
     assert stored.shape == (mask.shape[1], mask.shape[0], mask.shape[2])
-    np.testing.assert_array_equal(pe.read_mask(path, affine, hu.shape), mask)
+    placed, used, why = pe.read_mask(path, affine, hu)
+    np.testing.assert_array_equal(placed, mask)
+    # The sample is square: read in PleThora's order, the permuted voxels fit too, and land partly on the chest wall's
+    # muscle; the header's placement, more of it fluid-like, wins, and the line says so.
+    assert used == "header" and why.startswith("mask placed by its header, the one on fluid (voxels at -30 to 70 HU: ")
+
+
+def copy_ct_headers_onto_masks(pe, root: Path, cases: list[str]) -> None:
+    """PleThora's masks as a tool that copies the CT's header would write them: the voxels still in PleThora's RPI
+    order, the affine the series' own (so a reader trusting the header mirrors them front to back)."""
+    for case in cases:
+        _, ct_affine = pe.read_dicom_series(series_dir(root, case))
+        img = nib.load(mask_path(root, case))
+        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), ct_affine), mask_path(root, case))
+
+
+def test_a_mask_with_the_cts_header_is_placed_by_plethoras_convention_and_trains_the_same(
+    pe, pleural_root, pleural_copy, tmp_path, capsys
+):
+    cases = [f"LUNG1-{n:03d}" for n in range(1, 5)]
+    copy_ct_headers_onto_masks(pe, pleural_copy, cases)
+    right = {c["case"]: c for c in pe.find_cases(pleural_root, "first", Skipped("case"))}
+    copied = {c["case"]: c for c in pe.find_cases(pleural_copy, "first", Skipped("case"))}
+    capsys.readouterr()
+    for case in cases[:2]:
+        hu, _, truth, _ = pe.read_case(right[case])
+        _, _, placed, used = pe.read_case(copied[case])
+        line = capsys.readouterr().out.strip()
+        assert used == "plethora" and np.array_equal(placed, truth), case
+        assert re.fullmatch(rf"{case}: mask placed by PleThora's RPI convention \(rows reversed\), the one on fluid "
+                            r"\(voxels at -30 to 70 HU: \d+% placed by its header, 9\d% placed by PleThora's RPI "
+                            r"convention \(rows reversed\)\)", line), line  # fmt: skip
+        _, _, mirrored, _ = pe.read_case(copied[case], "header")  # trusting the header: over the lung
+        assert hu[mirrored].mean() < -100 and not (mirrored & truth).any()  # lung and fat, in front
+        np.testing.assert_array_equal(pe.read_case(right[case], "plethora")[2], truth)  # the convention holds
+    # The same labels on the network's grid, so the same training: cached tensors identical.
+    a, b = (pe.load_data(tiny_config(pe, tmp_path / name, root.parent)) for name, root in
+            (("a", pleural_root), ("b", pleural_copy)))  # fmt: skip
+    for group in ("train", "val"):
+        assert [i["case"] for i in getattr(a, group)] == [i["case"] for i in getattr(b, group)]
+        for x, y in zip(getattr(a, group), getattr(b, group)):
+            assert torch.equal(x["label"], y["label"]) and torch.equal(x["image"], y["image"])
 
 
 # %% Bad inputs: each named, skipped and counted
@@ -162,6 +204,14 @@ def damage_mask_geometry(root):
     return "LUNG1-007", "mask geometry mismatch", "9.0 mm off the series"
 
 
+def damage_mask_over_air(root):
+    img = nib.load(mask_path(root, "LUNG1-010"))
+    over_air = np.zeros(img.shape, np.float32)
+    over_air[:8, :8, :4] = 1.0  # a corner of the field of view, outside the body, and its mirror corner as well
+    nib.save(nib.Nifti1Image(over_air, img.affine), mask_path(root, "LUNG1-010"))
+    return "LUNG1-010", "mask not on fluid", "-30 to 70 HU: 0% placed by its header, 0% placed by PleThora's RPI"
+
+
 def damage_no_ct_series(root):
     shutil.rmtree(root / "NSCLC-Radiomics" / "LUNG1-009")  # the mask is there, the CT is not
     return "LUNG1-009", "no CT series", "has no patient folder"
@@ -180,6 +230,7 @@ def damage_unreadable_dicom(root):
         damage_mask_shape,
         damage_no_mask,
         damage_mask_geometry,
+        damage_mask_over_air,
         damage_no_ct_series,
         damage_unreadable_dicom,
     ],
@@ -187,13 +238,20 @@ def damage_unreadable_dicom(root):
 def test_each_bad_input_is_named_skipped_and_counted(pe, pleural_copy, capsys, damage):
     case, problem, detail = damage(pleural_copy)
     skipped = Skipped("case")
-    items = pe.load_cases(pe.find_cases(pleural_copy, "first", skipped), pe.cfg, skipped)
+    # A header that places the mask 9 mm off is rejected when the header is trusted; "auto" would place the mask by
+    # PleThora's convention, on the fluid, and say so.
+    cfg = replace(pe.cfg, mask_orientation="header" if damage is damage_mask_geometry else "auto")
+    items = pe.load_cases(pe.find_cases(pleural_copy, "first", skipped), cfg, skipped)
     out = capsys.readouterr().out
     (line,) = [line for line in out.splitlines() if line.startswith("Skipped")]
     assert line.startswith(f"Skipped case {case}: {problem}: ") and detail in line, line
     assert skipped.counts == {problem: 1}
     assert skipped.summary("sample") == f"sample: skipped 1 case (1 {problem})"
     assert sorted(i["case"] for i in items) == [f"LUNG1-{n:03d}" for n in range(1, 11) if f"LUNG1-{n:03d}" != case]
+    if damage is damage_mask_geometry:  # by the data: the convention puts the voxels on the fluid, and one line says so
+        (item,) = pe.load_cases([c for c in pe.find_cases(pleural_copy, "first", skipped) if c["case"] == case], pe.cfg,
+                                skipped)  # fmt: skip
+        assert item["mask_orientation"] == "plethora" and "its header: LUNG1-007" in capsys.readouterr().out
 
 
 def test_the_data_stage_counts_the_skipped_cases_lists_them_and_splits_the_others(pe, pleural_copy, tmp_path):
@@ -245,8 +303,10 @@ def test_halving_cropping_and_back_keep_the_geometry(pe):
     mask = np.zeros(hu.shape, bool)
     mask[13:19, 10:16, 2:4] = True
     label = pe.downsample_mask(mask, prep, cfg)
-    assert label.dtype == torch.uint8 and set(label.unique().tolist()) == {0, 1} and label.sum() == 3 * 3 * 2
-    np.testing.assert_array_equal(label[0].numpy(), mask[1::2, 1::2][:20, :15][4:16, 3:13])  # nearest neighbour
+    # Blocks x 12-13 and 18-19 hold half the fluid (a tie: background), 14-17 all of it; y 10-15 are whole blocks.
+    assert label.dtype == torch.uint8 and set(label.unique().tolist()) == {0, 1} and label.sum() == 2 * 3 * 2
+    share = mask[:40, :30].reshape(20, 2, 15, 2, 6).mean(axis=(1, 3))[4:16, 3:13]  # the image's block mean
+    np.testing.assert_array_equal(label[0].numpy(), share > 0.5)
 
     # Back to the series' grid: a voxel of the network's grid is the centre of a 2x2 block.
     prob = torch.zeros(prep["image"].shape[1:])
@@ -257,7 +317,34 @@ def test_halving_cropping_and_back_keep_the_geometry(pe):
     # A whole mask down and up again.
     prob = pe.downsample_mask(mask, prep, cfg)[0].float()
     back = pe.to_original_grid(prob, prep, hu.shape, cfg).numpy() > 0.5
-    assert 2 * (back & mask).sum() / (back.sum() + mask.sum()) > 0.8
+    # The box's x edges cut blocks in half: those halves are lost (ties are background), nothing lands outside it.
+    assert 2 * (back & mask).sum() / (back.sum() + mask.sum()) >= 0.8 and not (back & ~mask).any()
+
+
+def test_a_sphere_halved_and_put_back_stays_in_place(pe):
+    """An 8 mm sphere at 1 mm voxels, down to the network's grid and back: labels and predictions on the blocks'
+    centres. Taking one voxel of each block (as before) puts them half a voxel off, which costs Dice."""
+    cfg = pe.Config(in_plane_factor=2, crop_margin=0)
+    hu = np.full((64, 64, 40), 40.0, np.float32)  # all body: no crop
+    x, y, z = np.ogrid[:64, :64, :40]
+    centre = (31.3, 32.6, 19.8)
+    sphere = (x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2 <= 8**2
+    prep = pe.preprocess(hu, cfg)
+    dice = lambda a, b: 2 * (a & b).sum() / (a.sum() + b.sum())  # noqa: E731
+    back = lambda small: pe.to_original_grid(torch.as_tensor(small).float(), prep, hu.shape, cfg).numpy() > 0.5  # noqa: E731
+    # The fluid's share of each block, as the image's block mean, back through to_original_grid: as good as a
+    # calibrated probability can be; half a voxel off would cap it near 0.93.
+    share = sphere.reshape(32, 2, 32, 2, 40).mean(axis=(1, 3))
+    assert dice(back(share), sphere) >= 0.98
+    # The training labels (share > 0.5) put back: centred on the sphere, as good as a binary 2x2 grid allows.
+    label = back(pe.downsample_mask(sphere, prep, cfg)[0])
+    assert dice(label, sphere) >= 0.93
+    np.testing.assert_allclose(np.argwhere(label).mean(axis=0), np.argwhere(sphere).mean(axis=0), atol=0.1)
+    nearest = back(sphere[1::2, 1::2])  # one voxel of each block: the old labels, half a voxel toward smaller x, y
+    offset = np.argwhere(nearest).mean(axis=0) - np.argwhere(sphere).mean(axis=0)
+    assert (
+        dice(nearest, sphere) < min(0.925, dice(label, sphere)) and (offset[:2] < -0.4).all() and abs(offset[2]) < 0.1
+    )
 
 
 def test_split_is_by_case_seeded_and_eight_two(pe):
@@ -280,7 +367,8 @@ def test_positive_crops_hold_fluid_and_augmentation_moves_image_and_label_togeth
     label[0, 5:9, 30:36, 2:5] = 1
     image = torch.rand(1, 40, 40, 12).half() * 0.5
     image[label.bool()] = 0.75  # the fluid has a value nothing else has
-    cfg = pe.Config(roi_size=(16, 16, 8), samples_per_volume=6, pos_neg_ratio=(1.0, 0.0), flip_prob=1.0)
+    cfg = pe.Config(roi_size=(16, 16, 8), samples_per_volume=6, pos_neg_ratio=(1.0, 0.0), flip_prob=1.0,
+                    flip_axes=(0, 1, 2))  # fmt: skip
     transforms = pe.build_transforms(replace(cfg, rot90_prob=1.0))  # seeded with cfg.seed
     crops = transforms({"image": image, "label": label})
     assert len(crops) == 6
@@ -292,6 +380,16 @@ def test_positive_crops_hold_fluid_and_augmentation_moves_image_and_label_togeth
     assert all(torch.equal(a["label"], b["label"]) for a, b in zip(crops, again))  # the same seed, the same crops
     with pytest.raises(ValueError, match="square in-plane roi_size"):
         pe.build_transforms(replace(cfg, roi_size=(16, 8, 8), rot90_prob=0.5))
+
+
+def test_by_default_crops_are_flipped_left_right_only_and_never_turned(pe):
+    # A crop as large as the volume is the volume: with every flip drawn, only x (left-right) is reversed.
+    image = torch.arange(16 * 16 * 8, dtype=torch.float32).reshape(1, 16, 16, 8)
+    label = torch.ones(1, 16, 16, 8, dtype=torch.uint8)
+    cfg = pe.Config(roi_size=(16, 16, 8), samples_per_volume=4, pos_neg_ratio=(1.0, 0.0), flip_prob=1.0)
+    assert cfg.flip_axes == (0,) and cfg.rot90_prob == 0.0
+    for crop in pe.build_transforms(cfg)({"image": image, "label": label}):
+        assert torch.equal(crop["image"], torch.flip(image, dims=[1]))  # dims: channel, x, y, z
 
 
 def test_loss_is_monai_dice_and_weighted_bce_mixed_as_configured(pe):
@@ -391,7 +489,7 @@ def test_the_cells_run_with_tiny_settings_and_write_every_output_in_the_series_g
     np.testing.assert_allclose(pred_img.affine, affine, atol=1e-4)
     assert int(pred_img.header["sform_code"]) == 1 and int(pred_img.header["qform_code"]) == 1
     pred = np.asanyarray(pred_img.dataobj).astype(bool)
-    truth = cells["read_mask"](mask_path(pleural_root, val_case.case), affine, hu.shape)
+    truth, _, _ = cells["read_mask"](mask_path(pleural_root, val_case.case), affine, hu)
     expected = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
     assert val_case.dice == pytest.approx(expected)
     assert val_case.true_ml == pytest.approx(truth.sum() * abs(np.linalg.det(affine[:3, :3])) / 1000)

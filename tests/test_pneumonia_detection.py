@@ -148,6 +148,57 @@ def test_sampling_draws_patients_per_class_and_the_split_is_disjoint_and_seeded(
     assert ids(det.split_by_patient(sampled, 0.2, seed=1)[1]) != ids(val)
 
 
+def real_mix(n: int) -> list[dict]:
+    """n patients at the challenge's class mix: 22.5% Lung Opacity (with boxes), 29% Normal, 48.5% No Lung
+    Opacity / Not Normal (DATASETS.md: 6,012, 8,851 and 11,821 of 26,684)."""
+    counts = {"Lung Opacity": round(0.225 * n), "Normal": round(0.29 * n)}
+    counts["No Lung Opacity / Not Normal"] = n - sum(counts.values())
+    return [
+        {"patient_id": f"{name[:4]}-{i:04d}", "class": name, "boxes": np.ones((1 + i % 2 if name[0] == "L" else 0, 4))}
+        for name, count in counts.items()
+        for i in range(count)
+    ]
+
+
+def test_validation_keeps_the_datas_class_mix_and_training_is_capped_per_class(det):
+    patients = real_mix(2000)
+    share = lambda group: np.mean([len(p["boxes"]) > 0 for p in group])  # noqa: E731
+    ids = lambda group: {p["patient_id"] for p in group}  # noqa: E731
+    assert share(patients) == 0.225
+    for per_class, n_train, n_val in ((100, 300, 75), (None, 1600, 400)):
+        cfg = det.Config(patients_per_class=per_class, val_fraction=0.2, seed=0)
+        train, val = det.choose_patients(patients, cfg)
+        assert len(train) == n_train and abs(len(val) - n_val) <= 1, (len(train), len(val))
+        assert abs(share(val) - 0.225) < 0.02, share(val)  # not the third a draw of 100 per class would give
+        assert ids(train).isdisjoint(ids(val)) and len(ids(train)) == len(train)  # never both sides, never twice
+        if per_class is not None:  # training balanced, capped per class
+            assert pd.Series([p["class"] for p in train]).value_counts().tolist() == [100, 100, 100]
+        again = det.choose_patients(patients, cfg)
+        assert [ids(part) for part in again] == [ids(train), ids(val)]  # seeded
+        assert ids(det.choose_patients(patients, replace(cfg, seed=1))[1]) != ids(val)
+    # Validation is held out before the cap: a larger cap adds training patients, never one from validation.
+    val = ids(det.split_by_patient(patients, 0.2, seed=0)[1])
+    assert all(ids(det.choose_patients(patients, det.Config(patients_per_class=n))[0]).isdisjoint(val)
+               for n in (50, 300))  # fmt: skip
+
+
+def test_class_names_are_read_stripped_and_patients_without_a_class_named(det, rsna_copy, capsys):
+    classes = pd.read_csv(rsna_copy / "stage_2_detailed_class_info.csv")
+    classes["class"] = " " + classes["class"] + "  "  # as an edited CSV may have them
+    missing = sorted(classes["patientId"].unique())[:7]
+    classes[~classes["patientId"].isin(missing)].to_csv(rsna_copy / "stage_2_detailed_class_info.csv", index=False)
+    patients = det.read_patients(rsna_copy)
+    out = capsys.readouterr().out
+    names = {p["patient_id"]: p["class"] for p in patients}
+    assert len(names) == 36 and {names[i] for i in missing} == {"unknown"}
+    assert set(names.values()) == {"Lung Opacity", "Normal", "No Lung Opacity / Not Normal", "unknown"}
+    lines = [line for line in out.splitlines() if "not in stage_2_detailed_class_info.csv" in line]
+    assert lines == [
+        "7 patients of stage_2_train_labels.csv not in stage_2_detailed_class_info.csv, kept with class 'unknown': "
+        + ", ".join(missing[:5]) + ", ..."
+    ]  # fmt: skip
+
+
 # DICOM reading
 
 
@@ -215,7 +266,7 @@ def test_bad_inputs_are_named_skipped_and_counted(det, rsna_copy, capsys):
 def test_no_usable_patient_is_one_clear_error(det, rsna_copy, tmp_path):
     for path in (rsna_copy / "stage_2_train_images").glob("*.dcm"):
         path.unlink()
-    with pytest.raises(DatasetError, match=r"0 usable patients of 12 sampled.*stage_2_train_images/<patientId>\.dcm"):
+    with pytest.raises(DatasetError, match=r"0 usable patients of 15 drawn.*stage_2_train_images/<patientId>\.dcm"):
         det.load_data(tiny_config(det, tmp_path, rsna_copy.parent))
     (rsna_copy / "stage_2_train_labels.csv").unlink()
     with pytest.raises(DatasetError, match="stage_2_train_labels.csv not found"):
@@ -285,7 +336,7 @@ def test_without_cached_weights_it_trains_from_scratch(det, tmp_path, monkeypatc
     n = sum(p.numel() for p in model.parameters())
     assert det.describe_model(cfg, model) == (
         f"fasterrcnn_resnet50_fpn: {n:,} of {n:,} parameters trained, from scratch, all layers trainable: "
-        f"COCO weights not found in {expected}"
+        f"COCO weights not found in {expected} (weights=<file> for a copy downloaded elsewhere)"
     )
     assert all(p.requires_grad for p in model.parameters())
     assert isinstance(model.backbone.body.bn1, torch.nn.BatchNorm2d)  # learns its statistics, unlike frozen BN
@@ -326,6 +377,56 @@ def test_cached_coco_weights_are_loaded_and_layers_frozen_as_configured(det, tmp
     assert det.describe_model(cfg, det.build_model(cfg)).endswith(
         "from scratch, all layers trainable (pretrained='none')"
     )
+
+
+def test_a_weights_file_is_loaded_as_torchvision_loads_its_coco_weights(det, tmp_path, monkeypatch):
+    """weights=<file> (torchvision's COCO file, downloaded elsewhere) is used before the torch cache, and gives the
+    network torchvision's builder gives from its cache: the same weights, the same frozen layers and batch norm."""
+    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights, fasterrcnn_resnet50_fpn
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))  # an empty cache
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
+    coco = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()  # random, COCO-shaped
+    torch.save(coco, tmp_path / "downloaded.pth")
+    cfg = det.Config(image_size=64, weights=tmp_path / "downloaded.pth")
+    assert det.coco_weights(cfg) == tmp_path / "downloaded.pth"
+    model = det.build_model(cfg)
+    assert det.describe_model(cfg, model).endswith(f"from the COCO weights in {tmp_path / 'downloaded.pth'}")
+    state = model.state_dict()
+    backbone = [key for key in coco if key.startswith("backbone.") and not key.endswith("num_batches_tracked")]
+    assert len(backbone) > 200 and all(torch.equal(state[key], coco[key]) for key in backbone)  # the file's weights
+
+    cache = det.cached_weights_path("fasterrcnn_resnet50_fpn")  # torchvision's own loading, from its cache
+    cache.parent.mkdir(parents=True)
+    torch.save(coco, cache)
+    reference = fasterrcnn_resnet50_fpn(weights=FasterRCNN_ResNet50_FPN_Weights.COCO_V1, trainable_backbone_layers=3)
+    ours = dict(model.named_modules())
+    for name, module in reference.named_modules():
+        if not name.startswith("roi_heads.box_predictor"):  # ours predicts 2 classes, COCO's 91
+            assert type(ours[name]) is type(module), name
+            assert getattr(ours[name], "eps", None) == getattr(module, "eps", None), name
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    for name, parameter in reference.named_parameters():
+        if not name.startswith("roi_heads.box_predictor"):
+            assert grads[name] == parameter.requires_grad, name
+            assert torch.equal(state[name], parameter.detach()), name
+
+
+def test_a_missing_or_unfit_weights_file_is_one_line(det, tmp_path, monkeypatch):
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn_v2
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    with pytest.raises(DatasetError, match=r"^weights=\S+nowhere.pth not found: give torchvision's COCO file for "
+                       r"fasterrcnn_resnet50_fpn \(fasterrcnn_resnet50_fpn_coco-258fb6c6.pth\)"):  # fmt: skip
+        det.build_model(det.Config(image_size=64, weights=tmp_path / "nowhere.pth"))
+    (tmp_path / "text.pth").write_text("not weights")
+    with pytest.raises(DatasetError, match=r"text.pth: not a readable PyTorch weights file \(UnpicklingError\)$"):
+        det.build_model(det.Config(image_size=64, weights=tmp_path / "text.pth"))
+    torch.save(fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None).state_dict(), tmp_path / "v2.pth")
+    with pytest.raises(DatasetError, match=r"v2.pth: not the COCO weights of fasterrcnn_resnet50_fpn \(\d+ of"):
+        det.build_model(det.Config(image_size=64, weights=tmp_path / "v2.pth"))
+    with pytest.raises(ValueError, match="ask for opposite starts"):
+        det.build_model(det.Config(image_size=64, weights=tmp_path / "v2.pth", pretrained="none"))
 
 
 # The submission
@@ -382,12 +483,12 @@ def assert_per_case_is_the_best_epoch(per_case: pd.DataFrame, data, best: dict, 
 def test_fit_resumes_then_evaluate_best_and_predict_use_the_best_epoch(det, sample_root, tmp_path, capsys):
     cfg = tiny_config(det, tmp_path, sample_root, max_epochs=1, tensorboard=True)
     data = det.load_data(cfg)
-    assert not data.synthetic and len(data.train) == 9 and len(data.val) == 3  # 4 patients of each class
+    assert not data.synthetic and len(data.train) == 12 and len(data.val) == 3  # 4 per class to training
     assert set(i["patient_id"] for i in data.train).isdisjoint(i["patient_id"] for i in data.val)
     first = det.fit(cfg, data, det.build_model(cfg))
     history = det.fit(replace(cfg, max_epochs=2, resume=True), data, det.build_model(cfg))
     out = capsys.readouterr().out
-    assert "1 epoch(s) done" in out and f"Training on {det.DEVICE.type}: 9 radiographs, 2 steps per epoch" in out
+    assert "1 epoch(s) done" in out and f"Training on {det.DEVICE.type}: 12 radiographs, 2 steps per epoch" in out
     assert [row["epoch"] for row in history] == [1, 2] and history[:1] == first
     assert history[1]["train_loss"] < history[0]["train_loss"]  # it learns something in four steps
     table = pd.read_csv(cfg.output_dir / "history.csv")
@@ -471,12 +572,15 @@ def test_runs_as_a_script_from_another_directory(sample_root, tmp_path, monkeypa
     assert script.read_text().count("\ncfg = Config()\n") == 1
     script.write_text(script.read_text().replace("\ncfg = Config()\n", f"\ncfg = Config({TINY})\n"))
     monkeypatch.setenv("QUICK", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no COCO weights there: from scratch
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"using the SYNTHETIC sample in {repo / 'data' / 'sample' / RSNA}" in result.stdout
     assert "Configuration: QUICK run, with " in result.stdout and "COCO weights" in result.stdout
     output = repo / "output" / "pneumonia_detection"
     assert "  data:    SYNTHETIC sample" in result.stdout  # the closing summary
+    assert "\nFROM SCRATCH: no COCO weights, scores not comparable with the leaderboard\n" in result.stdout
+    assert "validation: 3 radiographs, 1 with opacity (33.3%; of all 36 labelled patients: 33.3%)" in result.stdout
     assert {p.name for p in output.iterdir()} == {
         "best_model.pt", "last_checkpoint.pt", "history.csv", "rsna_metric_per_epoch.png", "batch.png",
         "val_per_case.csv", "val_predictions.png", "predictions",
