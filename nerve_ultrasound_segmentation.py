@@ -279,6 +279,11 @@ def drop_contradictory_pairs(frames: list[dict], train: list[dict], cfg: Config)
     left_out = f"{len(train) - len(kept)} empty-labelled frame(s) left out of training"
     print(f"Near-duplicate frames with contradictory labels: {len(pairs)} pair(s), listed in {listed}; "
           + (left_out if cfg.drop_contradictory else "all kept (drop_contradictory=False)"))  # fmt: skip
+    if len(pairs):  # the threshold was tuned on the synthetic sample only: the distances let a user judge it
+        distances = ", ".join(f"{d:.3f}" for d in sorted(pairs["distance"])[:10])
+        print(f"  their distances: {distances}{', ...' if len(pairs) > 10 else ''} (duplicate_max_distance "
+              f"{cfg.duplicate_max_distance}, tuned on the synthetic sample only: 0 is a copy, about 1.4 unrelated "
+              "frames; look at the pairs before trusting it)")  # fmt: skip
     return kept
 
 

@@ -159,6 +159,9 @@ def test_contradictory_frames_leave_training_by_default_and_stay_when_configured
         assert not read(root / f"train/{subject}_{empty}_mask.tif").any()
     out = capsys.readouterr().out
     assert f"{len(pairs)} pair(s)" in out and "left out of training" in out
+    # Each pair's distance printed (as in the CSV), with the warning that the threshold was tuned on the sample.
+    printed = re.search(r"their distances: ([\d., ]+) \(duplicate_max_distance 0.15, tuned on the synthetic", out)
+    assert printed and printed[1] == ", ".join(f"{d:.3f}" for d in sorted(pairs["distance"]))
 
     train_all, val_all = load(nerve, sample_root, tmp_path, drop_contradictory=False)
     train_subjects = {f["subject"] for f in train_all}
