@@ -599,19 +599,6 @@ def cache_dataset(files: list[dict], transforms, **kwargs):
         return CacheDataset(files, transforms, **kwargs)
 
 
-def transformed_or_skipped(transforms, item: dict, skipped: Skipped) -> dict | None:
-    """`transforms(item)`, or None when its "image" cannot be decoded: that scan is then named, skipped and counted
-    in `skipped`, and the caller goes on with the others (a folder to segment is not stopped by one bad scan)."""
-    try:
-        return transforms(item)
-    except RuntimeError as err:
-        unusable = unusable_cause(err)
-        if unusable is None:
-            raise
-        skipped.skip(item["image"], unusable.problem, unusable.detail.removeprefix(f"{item['image']} "))
-        return None
-
-
 # %% The user's own files: what the Predict cells read and write
 # A Predict cell runs a trained model on files nobody here has seen: any size, bit depth, orientation, slice order,
 # file naming. Each file (or DICOM series) that cannot be used is named on one line, skipped and counted, and the

@@ -120,7 +120,8 @@ def test_radiographs_of_any_bit_depth_and_dicom_with_its_spacing(tmp_path):
     pixels = (np.arange(30 * 40).reshape(30, 40) % 4096).astype(np.uint16)
     Image.fromarray(pixels).save(tmp_path / "a16.png")
     read, spacing = read_radiograph(tmp_path / "a16.png")
-    np.testing.assert_array_equal(read, pixels.astype(np.float32)) and spacing is None
+    np.testing.assert_array_equal(read, pixels.astype(np.float32))
+    assert spacing is None  # a PNG says nothing of its pixels' size
     Image.fromarray((pixels // 16).astype(np.uint8)).save(tmp_path / "a8.jpg", quality=95)
     assert read_radiograph(tmp_path / "a8.jpg")[0].shape == (30, 40)
 
