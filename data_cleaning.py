@@ -82,6 +82,29 @@ class Data:
         return f"Data({self})"
 
 
+def split_groups(groups, val_fraction: float, test_fraction: float, seed: int) -> tuple[set, set, set]:
+    """(train, validation, test) sets of the distinct `groups` (patients: never an image or a slice), drawn by a
+    seeded shuffle. Both fractions are of all groups; each side that asks for some gets at least one group, and
+    training keeps at least one. The test groups are drawn first, so they depend only on the groups, the seed and
+    test_fraction: a new val_fraction (or a new training seed, where a script keeps them apart) keeps the test set.
+
+    The test set is scored once, at the end, by the network validation chose: it alone says how the model does on
+    patients it has never seen. Validation chose the epoch (and any threshold), so its score is optimistic."""
+    names = sorted(set(groups), key=str)
+    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+
+    def share(fraction: float, available: int) -> int:
+        return 0 if fraction <= 0 else min(max(round(fraction * len(names)), 1), available - 1)
+
+    n_test = share(test_fraction, len(names))
+    n_val = share(val_fraction, len(names) - n_test)
+    if len(names) - n_test - n_val < 1 or (val_fraction > 0 and n_val < 1) or (test_fraction > 0 and n_test < 1):
+        raise DatasetError(f"{len(names)} patient(s) cannot be split into training, validation "
+                           f"(val_fraction {val_fraction}) and test (test_fraction {test_fraction}): "
+                           f"need {1 + (val_fraction > 0) + (test_fraction > 0)} at least")
+    return set(order[n_test + n_val:]), set(order[n_test:n_test + n_val]), set(order[:n_test])
+
+
 # %% Bad inputs: named, skipped and counted
 # A real download always holds a few bad items (a truncated file, a mask without its image, a series with a missing
 # slice). One of them must cost that item, not the run, and never go unnoticed: each is named on one line when it

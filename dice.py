@@ -23,6 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -124,6 +125,54 @@ class DiceAccumulator:
             return math.nan
         intersection, total, _ = torch.cat(self._terms, dim=1).sum(dim=1)
         return _global(intersection.item(), total.item())
+
+
+# %% Uncertainty: a held-out score with its 95% bootstrap interval
+# A test set of 20-40 cases gives a mean that moves by several points with the cases drawn; a score without its
+# interval cannot say whether one model beats another. The percentile bootstrap (Efron & Tibshirani 1993) redraws
+# the cases with replacement and reads the interval off the redrawn means. Where several images come from one
+# patient (nerve frames of one subject) they are not independent: whole patients are redrawn (a cluster
+# bootstrap), which widens the interval as it should. scipy.stats.bootstrap does the plain case (tests compare
+# with it) but has no clusters.
+
+
+def bootstrap_ci(values: Sequence[float], groups: Sequence | None = None, confidence: float = 0.95,
+                 resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of `values` (NaN left out) and its percentile bootstrap interval.
+
+    `groups` (one label per value, e.g. the patient) makes each draw take whole groups; the statistic stays the
+    mean over values, as the challenges' per-image means are. low and high are NaN with fewer than 2 groups."""
+    values = np.asarray(values, dtype=np.float64)
+    labels = np.arange(len(values)) if groups is None else np.asarray(groups)
+    if len(labels) != len(values):
+        raise ValueError(f"{len(values)} values but {len(labels)} group labels")
+    keep = ~np.isnan(values)
+    values, labels = values[keep], labels[keep]
+    mean = float(values.mean()) if len(values) else math.nan
+    _, index = np.unique(labels, return_inverse=True)
+    n = int(index.max()) + 1 if len(index) else 0
+    if n < 2:
+        return mean, math.nan, math.nan
+    sums = np.bincount(index, weights=values, minlength=n)  # per group: drawing a group draws all its values
+    counts = np.bincount(index, minlength=n).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    means = []
+    for start in range(0, resamples, 1000):  # 1,000 redraws at a time: 5,000 nerve frames x 10,000 would be 400 MB
+        draws = rng.integers(0, n, size=(min(1000, resamples - start), n))
+        means.append(sums[draws].sum(axis=1) / counts[draws].sum(axis=1))
+    low, high = np.quantile(np.concatenate(means), [(1 - confidence) / 2, (1 + confidence) / 2])
+    return mean, float(low), float(high)
+
+
+def describe_ci(values: Sequence[float], groups: Sequence | None = None, unit: str = "cases", digits: int = 4) -> str:
+    """"0.8123 (95% CI 0.7801-0.8420, 40 cases)": a held-out score as the summaries and the README give it."""
+    mean, low, high = bootstrap_ci(values, groups)
+    n = int(np.sum(~np.isnan(np.asarray(values, dtype=np.float64))))
+    if groups is not None:
+        unit += f" of {len(set(np.asarray(groups)[~np.isnan(np.asarray(values, dtype=np.float64))]))} patients"
+    if math.isnan(low):
+        return f"{mean:.{digits}f} ({n} {unit.removesuffix('s') if n == 1 else unit}: too few for an interval)"
+    return f"{mean:.{digits}f} (95% CI {low:.{digits}f}-{high:.{digits}f}, {n} {unit})"
 
 
 def soft_dice_loss(

@@ -133,3 +133,20 @@ def test_data_is_one_line_saying_real_or_synthetic_the_counts_and_the_skips(tmp_
     assert repr(data) == f"Data({data})"  # a notebook shows the line, not the cached pixels
     real = Data(tmp_path, False, [{}], [{}, {}], test=[{}] * 4, unit="films")
     assert str(real) == f"real dataset {tmp_path}: 1 train, 2 validation, 4 test films"
+
+
+def test_split_groups_keeps_patients_whole_and_the_test_set_fixed():
+    """Sides are disjoint and cover every patient; the fractions are of all patients; the test patients do not
+    move when val_fraction changes; too few patients is one DatasetError naming the fractions."""
+    from data_cleaning import DatasetError, split_groups
+
+    patients = [f"P{i:03d}" for i in range(40) for _ in range(3)]  # 3 images each: split by patient, not image
+    train, val, test = split_groups(patients, 0.2, 0.25, seed=7)
+    assert train | val | test == set(patients) and not (train & val or train & test or val & test)
+    assert (len(train), len(val), len(test)) == (22, 8, 10)
+    assert split_groups(patients, 0.1, 0.25, seed=7)[2] == test
+    assert split_groups(patients, 0.2, 0.25, seed=8)[2] != test
+    assert split_groups(patients, 0.2, 0.0, seed=7)[2] == set()
+    assert [len(side) for side in split_groups(["a", "b", "c"], 0.2, 0.2, seed=0)] == [1, 1, 1]
+    with pytest.raises(DatasetError, match="test_fraction 0.2"):
+        split_groups(["a", "b"], 0.2, 0.2, seed=0)

@@ -206,3 +206,45 @@ def test_save_figure_writes_a_png_and_show_names_it_or_prints_the_table_on_a_ter
     show(pd.DataFrame({"case": ["a", "b"], "dice": [0.5, 0.25]}))
     out = capsys.readouterr().out
     assert f"Figure: {path}" in out and "dice" in out and "0.25" in out  # not in a notebook: said, not drawn
+
+
+def test_bootstrap_interval_matches_scipy_and_the_normal_approximation():
+    """The plain percentile bootstrap against scipy.stats.bootstrap (an independent implementation) and, for 400
+    normal values, against mean +- 1.96 s / sqrt(n)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    from dice import bootstrap_ci
+
+    rng = np.random.default_rng(1)
+    values = rng.beta(5, 2, size=60)  # skewed, as Dice scores are
+    mean, low, high = bootstrap_ci(values, resamples=20_000)
+    ref = bootstrap((values,), np.mean, method="percentile", n_resamples=20_000, random_state=2).confidence_interval
+    assert mean == pytest.approx(values.mean())
+    assert low == pytest.approx(ref.low, abs=0.004) and high == pytest.approx(ref.high, abs=0.004)
+    normal = rng.normal(0.8, 0.1, size=400)
+    half = 1.96 * normal.std(ddof=1) / np.sqrt(len(normal))
+    _, low, high = bootstrap_ci(normal)
+    assert (high - low) / 2 == pytest.approx(half, rel=0.08)
+    assert low < normal.mean() < high
+
+
+def test_bootstrap_by_patient_redraws_whole_patients():
+    """Each value repeated 3 times within its own patient gives exactly the interval of the values alone (same
+    draws of patients); counted as 3 independent images instead, the interval is narrower, wrongly."""
+    import numpy as np
+
+    from dice import bootstrap_ci, describe_ci
+
+    values = np.random.default_rng(3).uniform(0.3, 1.0, size=15)
+    alone = bootstrap_ci(values, seed=5)
+    tripled = np.repeat(values, 3)
+    patients = np.repeat(np.arange(15), 3)
+    assert bootstrap_ci(tripled, groups=patients, seed=5) == pytest.approx(alone)
+    _, low, high = bootstrap_ci(tripled, seed=5)
+    assert high - low < 0.75 * (alone[2] - alone[1])
+    assert bootstrap_ci([0.5, float("nan"), 0.7], resamples=100)[0] == pytest.approx(0.6)  # NaN (skipped) left out
+    assert "too few for an interval" in describe_ci([0.9]) and "1 case:" in describe_ci([0.9])
+    assert "45 frames of 15 patients" in describe_ci(tripled, patients, unit="frames")
+    with pytest.raises(ValueError, match="group labels"):
+        bootstrap_ci([0.1, 0.2], groups=[1])
