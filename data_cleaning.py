@@ -99,10 +99,12 @@ def split_groups(groups, val_fraction: float, test_fraction: float, seed: int) -
     n_test = share(test_fraction, len(names))
     n_val = share(val_fraction, len(names) - n_test)
     if len(names) - n_test - n_val < 1 or (val_fraction > 0 and n_val < 1) or (test_fraction > 0 and n_test < 1):
-        raise DatasetError(f"{len(names)} patient(s) cannot be split into training, validation "
-                           f"(val_fraction {val_fraction}) and test (test_fraction {test_fraction}): "
-                           f"need {1 + (val_fraction > 0) + (test_fraction > 0)} at least")
-    return set(order[n_test + n_val:]), set(order[n_test:n_test + n_val]), set(order[:n_test])
+        raise DatasetError(
+            f"{len(names)} patient(s) cannot be split into training, validation "
+            f"(val_fraction {val_fraction}) and test (test_fraction {test_fraction}): "
+            f"need {1 + (val_fraction > 0) + (test_fraction > 0)} at least"
+        )
+    return set(order[n_test + n_val :]), set(order[n_test : n_test + n_val]), set(order[:n_test])
 
 
 # %% Bad inputs: named, skipped and counted

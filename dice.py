@@ -10,9 +10,10 @@ ultrasound masks are empty), so the convention is always explicit here:
 - `empty="skip"`: images whose truth is empty are left out of the mean (NaN per image). This is MONAI's
   default `DiceMetric(ignore_empty=True)`; it cannot see false positives on empty images.
 
-`global_dice` sums intersections and volumes over a whole set before dividing, as nnU-Net reports
-its validation Dice: large and small cases then weigh by their volume, and empty cases cannot make it
-undefined.
+`global_dice` sums intersections and volumes over a whole set before dividing, as nnU-Net's online
+"pseudo Dice" during training does: large and small cases then weigh by their volume, and empty cases
+cannot make it undefined. Results are reported as the mean over cases (nnU-Net's validation summary,
+the challenges' leaderboards), with the pooled figure beside it.
 """
 
 from __future__ import annotations
@@ -136,8 +137,13 @@ class DiceAccumulator:
 # with it) but has no clusters.
 
 
-def bootstrap_ci(values: Sequence[float], groups: Sequence | None = None, confidence: float = 0.95,
-                 resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_ci(
+    values: Sequence[float],
+    groups: Sequence | None = None,
+    confidence: float = 0.95,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
     """(mean, low, high): the mean of `values` (NaN left out) and its percentile bootstrap interval.
 
     `groups` (one label per value, e.g. the patient) makes each draw take whole groups; the statistic stays the
@@ -165,7 +171,7 @@ def bootstrap_ci(values: Sequence[float], groups: Sequence | None = None, confid
 
 
 def describe_ci(values: Sequence[float], groups: Sequence | None = None, unit: str = "cases", digits: int = 4) -> str:
-    """"0.8123 (95% CI 0.7801-0.8420, 40 cases)": a held-out score as the summaries and the README give it."""
+    """A held-out score as the summaries and the README give it: "0.8123 (95% CI 0.7801-0.8420, 40 cases)"."""
     mean, low, high = bootstrap_ci(values, groups)
     n = int(np.sum(~np.isnan(np.asarray(values, dtype=np.float64))))
     if groups is not None:

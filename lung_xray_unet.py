@@ -75,7 +75,7 @@ from data_cleaning import (
     read_radiograph,
     to_unit_range,
 )
-from dice import DiceAccumulator, SoftDiceLoss, save_figure, show
+from dice import DiceAccumulator, SoftDiceLoss, describe_ci, save_figure, show
 from precision import autocast, grad_scaler
 from sample_data import find_dataset
 
@@ -435,7 +435,7 @@ if __name__ == "__main__":
 
 class Trainer:
     """Trains `model` on the training films, validates every epoch, keeps the epoch with the best validation Dice
-    (summed over all validation films, as nnU-Net does): `fit()`.
+    (pooled over all validation films, as nnU-Net's online "pseudo Dice" that picks its checkpoint): `fit()`.
 
     The per-epoch bookkeeping is checkpoints.TrainingRun's: best_model.pt, last_checkpoint.pt (resume=True goes on
     from it), history.csv, dice_per_epoch.png, and the stop on Ctrl-C or a loss that is not finite, with one line.
@@ -601,9 +601,11 @@ def evaluate_best(cfg: Config, data: Data) -> pd.DataFrame | None:
     save_atomically(cfg.output_dir / "test_per_case.csv", lambda path: per_case.to_csv(path, index=False))
     figure = draw_predictions(data.test[: len(shown)], per_case, shown)
     save_figure(figure, cfg.output_dir / "test_predictions.png")
-    print(f"Best epoch {inferencer.epoch}: validation Dice {inferencer.val_dice:.4f}; test Dice "
-          f"{dice.global_dice():.4f} (mean per film {dice.mean():.4f}) on {len(per_case)} films at their original "
-          "size")  # fmt: skip
+    # The headline is the mean of the films' Dice, as published for Montgomery (each film counts once); the pooled
+    # Dice (all films' pixels at once) beside it weighs the large films more.
+    print(f"Best epoch {inferencer.epoch}: test Dice {describe_ci(per_case['dice'], unit='films')} per film at its "
+          f"original size (pooled {dice.global_dice():.4f}); validation Dice {inferencer.val_dice:.4f} (pooled, "
+          "chose the epoch)")  # fmt: skip
     return per_case
 
 
@@ -696,10 +698,11 @@ PICTURES = {name: f"lung_xray_unet_{name}" for name in ("test_predictions.png", 
 
 
 def best_text(history: History, per_case: pd.DataFrame | None) -> str:
-    """The best epoch's validation Dice, and the test films' (process 0 alone has them)."""
-    text = f"validation Dice {history.best()['val_dice']:.4f}"
+    """The result: the test films' mean Dice with its 95% interval (process 0 alone has them), then the best
+    epoch's validation Dice, which chose that epoch and so is optimistic."""
+    text = f"validation Dice {history.best()['val_dice']:.4f} (pooled; it chose the epoch)"
     if per_case is not None:
-        text += f"; test Dice {per_case['dice'].mean():.4f} (mean of {len(per_case)} films at their original size)"
+        text = f"test Dice {describe_ci(per_case['dice'], unit='films')} at their original size; " + text
     return text
 
 
