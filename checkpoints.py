@@ -18,10 +18,12 @@ survive a kill, resuming, and how training stops. Shared by the five scripts.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
 import random
 import runpy
+import shutil
 import sys
 import time
 import warnings
@@ -41,11 +43,19 @@ BEST_MODEL = "best_model.pt"  # the weights of the best epoch by the validation 
 LAST_CHECKPOINT = "last_checkpoint.pt"  # everything after the last epoch done, to go on from (resume=True)
 PREDICT = os.environ.get("PREDICT") or None  # PREDICT=<folder or file> python <script>.py: predict, no training
 CHECKPOINT = os.environ.get("CHECKPOINT") or None  # ... with these weights (default: output_dir/best_model.pt)
+RESUME = os.environ.get("RESUME", "0") == "1"  # RESUME=1 python <script>.py: go on from last_checkpoint.pt
+README_PICTURES = os.environ.get("README_PICTURES", "0") == "1"  # README_PICTURES=1: rewrite the README's pictures
+PREVIOUS = "previous"  # output_dir/previous/<time>/: an earlier run's outputs, moved there by a fresh run
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, unreadable, another script's, or (resuming) another network's.
     From the command line it ends the run in one line, `Checkpoint problem: <message>` (one_line_data_problems)."""
+
+
+class OutputError(OSError):
+    """An output that cannot be written: the disk is full, or a plain file stands where output_dir (or a folder
+    in it) should be. From the command line it ends the run in one line, `Output problem: <message>`."""
 
 
 # %% The configuration
@@ -116,11 +126,44 @@ def seed_everything(seed: int) -> None:
 # %% Files that survive a kill
 
 
+def make_folder(folder: str | Path) -> Path:
+    """`folder` and its parents, made where missing; a plain file in the way is an OutputError naming it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        in_the_way = next(part for part in [folder, *folder.parents] if part.exists() and not part.is_dir())
+        raise OutputError(f"{in_the_way} is a file, where the folder {folder} is needed: move the file away, or "
+                          "choose another output_dir") from None  # fmt: skip
+    return folder
+
+
+def disk_is_full(err: BaseException) -> bool:
+    """True for a write that failed for want of space: OSError ENOSPC / EDQUOT, or torch.save's RuntimeError (its
+    zip writer reports only "file write failed")."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(err, RuntimeError) and ("file write failed" in str(err) or "No space left" in str(err))
+
+
 def save_atomically(path: str | Path, write: Callable[[Path], object]) -> None:
-    """`write(temporary path)` in `path`'s folder, then rename it over `path`."""
+    """`write(temporary path)` in `path`'s folder (made if missing), then rename it over `path`. A write that fails
+    removes its temporary file and leaves `path` as it was; a full disk is one OutputError naming the file."""
     path = Path(path)
+    make_folder(path.parent)
     partial = path.with_name(f".{path.name}.partial")
-    write(partial)
+    try:
+        write(partial)
+    except BaseException as err:  # Ctrl-C during a save too: no .partial left behind
+        partial.unlink(missing_ok=True)
+        if disk_is_full(err):
+            free = shutil.disk_usage(path.parent).free / 2**20
+            kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+            advice = "free some space (or choose another output_dir) and run again; resume=True goes on"
+            raise OutputError(
+                f"could not write {path}: the disk is full ({free:.0f} MiB free); {kept}; {advice}"
+            ) from None
+        raise
     os.replace(partial, path)
 
 
@@ -321,7 +364,9 @@ class TrainingRun:
         self.first_epoch, self.writer = 1, None
 
     def __enter__(self) -> TrainingRun:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(self.output_dir)
+        if not self.cfg.resume and distributed.is_main():
+            keep_previous_run(self.output_dir)  # a fresh run never overwrites an earlier one's model
         if self.cfg.resume:
             device = next(self.parts["model"].parameters()).device
             self.first_epoch, history = resume(self.output_dir, device, **self.parts)
@@ -383,6 +428,38 @@ class TrainingRun:
             print(self.history.stopped)
             return True  # handled: the epoch under way is dropped, the checkpoints on disk are kept
         return False
+
+
+# What the Data and Transforms cells write before training: they describe this run's data (re-run or not), so a
+# fresh run copies them with the earlier run's outputs and leaves them in place.
+BEFORE_TRAINING = ("batch.png", "contradictory_pairs.csv", "skipped_cases.csv", "skipped.csv")
+
+
+def keep_previous_run(output_dir: Path) -> Path | None:
+    """A fresh run (not a resume) in an output_dir that holds an earlier run's model moves that run's outputs to
+    output_dir/previous/<time>/ and says so in one line: a 2-epoch try must not replace a 20-epoch best_model.pt
+    without a word. Returns the folder they went to (None if there was no earlier run)."""
+    if not any((output_dir / name).exists() for name in (BEST_MODEL, LAST_CHECKPOINT, "history.csv")):
+        return None
+    ended = max((output_dir / name).stat().st_mtime for name in (BEST_MODEL, LAST_CHECKPOINT, "history.csv")
+                if (output_dir / name).exists())  # fmt: skip
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(ended))  # when that run saved its last epoch
+    target = output_dir / PREVIOUS / stamp
+    for n in range(2, 100):
+        if not target.exists():
+            break
+        target = output_dir / PREVIOUS / f"{stamp}_{n}"
+    make_folder(target)
+    for entry in sorted(output_dir.iterdir()):
+        if entry.name == PREVIOUS or entry.name.endswith(".partial"):
+            continue
+        if entry.name in BEFORE_TRAINING:
+            shutil.copy2(entry, target / entry.name)
+        else:
+            os.replace(entry, target / entry.name)  # within one folder tree: a rename, nothing copied
+    print(f"An earlier run's outputs in {output_dir} were moved to {target} (this is a fresh run; resume=True would "
+          "have gone on from it)")  # fmt: skip
+    return target
 
 
 def _is_nan(value) -> bool:
@@ -502,10 +579,12 @@ def run_summary(cfg, data, history: History, best: str, outputs: list[str], pict
 
 def readme_pictures(cfg, data, names: dict[str, str]) -> list[Path]:
     """Copy figures of output_dir to images_dir for the README ({output name: picture name}), from a run on the
-    synthetic sample only: pictures of real patients never land in a folder of the repository. Process 0 only."""
-    if not data.synthetic or not distributed.is_main():
+    synthetic sample only: pictures of real patients never land in a folder of the repository. Process 0 only, and
+    only with README_PICTURES=1 (or checkpoints.README_PICTURES = True): the pictures are tracked files, and a quick
+    run must leave `git status` clean."""
+    if not data.synthetic or not distributed.is_main() or not README_PICTURES:
         return []
-    Path(cfg.images_dir).mkdir(parents=True, exist_ok=True)
+    make_folder(cfg.images_dir)
     pictures = [Path(cfg.images_dir) / picture for picture in names.values()]
     for name, picture in zip(names, pictures):
         figure = (Path(cfg.output_dir) / name).read_bytes()

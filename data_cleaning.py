@@ -26,7 +26,7 @@ from PIL import Image
 from pydicom.pixels import get_decoder
 from tqdm import tqdm
 
-from checkpoints import CheckpointError, save_atomically
+from checkpoints import CheckpointError, OutputError, save_atomically
 
 
 class DatasetError(FileNotFoundError):
@@ -39,7 +39,8 @@ class DatasetError(FileNotFoundError):
 def one_line_data_problems() -> None:
     """From the command line, a DatasetError ends the run with one line, `Data problem: <message>`, and exit status
     1, instead of a traceback through the script's cells: the message already says what was expected where (a
-    CheckpointError likewise, `Checkpoint problem: <message>`). Other errors keep their traceback. In a notebook
+    CheckpointError likewise, `Checkpoint problem: <message>`, and an OutputError, `Output problem: <message>`: a full
+    disk, a file where output_dir should be). Other errors keep their traceback. In a notebook
     IPython shows errors its own way (it does not use sys.excepthook)."""
     previous = sys.excepthook
 
@@ -48,6 +49,8 @@ def one_line_data_problems() -> None:
             sys.stderr.write(f"Data problem: {value}\n")
         elif issubclass(kind, CheckpointError):
             sys.stderr.write(f"Checkpoint problem: {value}\n")
+        elif issubclass(kind, OutputError):
+            sys.stderr.write(f"Output problem: {value}\n")
         else:
             previous(kind, value, trace)
 
@@ -107,6 +110,40 @@ def split_groups(groups, val_fraction: float, test_fraction: float, seed: int) -
     return set(order[n_test + n_val :]), set(order[n_test : n_test + n_val]), set(order[:n_test])
 
 
+def read_table(path: Path, columns: dict[str, str], what: str = "") -> pd.DataFrame:
+    """A label CSV, checked: the `columns` it must have ({name: "str" | "int" | "float" | "number"}; "number" allows
+    blanks, as RSNA's x/y/width/height for patients without a box), names stripped of spaces, each numeric column
+    parsed. Anything else is one DatasetError naming the file, the column and the first bad row (as a spreadsheet
+    numbers it: the header is row 1), never a KeyError or ValueError from pandas. `what` says what the file is."""
+    about = f"{path}{f' ({what})' if what else ''}"
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except FileNotFoundError:
+        raise DatasetError(f"{about} not found") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{about} is not a readable CSV: {str(err).splitlines()[0]}") from None
+    table.columns = [str(name).strip() for name in table.columns]
+    missing = [name for name in columns if name not in table.columns]
+    if missing:
+        raise DatasetError(f"{about} has no column {', '.join(missing)} (it has: {', '.join(table.columns) or 'none'})")
+    for name, kind in columns.items():
+        text = table[name].str.strip()
+        if kind == "str":
+            table[name] = text
+            continue
+        values = pd.to_numeric(text.where(text != ""), errors="coerce")
+        bad = values.isna() & ((text != "") | (kind != "number"))  # unparsable, or blank where a value is needed
+        if kind == "int":
+            bad |= values.notna() & (values != values.round())
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            whole = " (a whole one)" if kind == "int" else ""
+            raise DatasetError(f"{about}: column {name}, row {row + 2}: {text.iloc[row]!r} is not a number{whole}; "
+                               f"{int(bad.sum())} such row(s)")  # fmt: skip
+        table[name] = values.astype("int64") if kind == "int" else values
+    return table
+
+
 # %% Bad inputs: named, skipped and counted
 # A real download always holds a few bad items (a truncated file, a mask without its image, a series with a missing
 # slice). One of them must cost that item, not the run, and never go unnoticed: each is named on one line when it
@@ -134,12 +171,12 @@ class Skipped:
     detail, often a reader's own message with colons of its own, stands apart in parentheses. `counts` holds the
     number skipped per problem, `rows` every skip in order as {noun: name, "problem", "detail"} for a CSV, where
     "detail" is the message as printed after the name, so that a row reads on its own like the printed line.
-    `print_limit`: print only the first so many of each problem (None: all); all are still counted and kept in
-    `rows`. Where one reason skips most of a download (pleural_effusion_3d.py: most NSCLC-Radiomics patients have
-    no PleThora mask), hundreds of identical lines would hide the few that need a look.
+    `print_limit`: print only the first so many of each problem (10; None: all); all are still counted and kept in
+    `rows` (`save` writes them as a CSV). Where one reason skips most of a download (pleural_effusion_3d.py: most
+    NSCLC-Radiomics patients have no PleThora mask), hundreds of identical lines would hide the few that need a look.
     """
 
-    def __init__(self, noun: str, print_limit: int | None = None) -> None:
+    def __init__(self, noun: str, print_limit: int | None = 10) -> None:
         self.noun = noun
         self.print_limit = print_limit
         self.counts: Counter[str] = Counter()
@@ -165,6 +202,12 @@ class Skipped:
             print(f"Skipped {label}: {message}")
         elif self.counts[problem] == self.print_limit + 1:  # said once, so that the silence after it is not a surprise
             print(f"Skipped {label}: {problem} (further {self.noun}s skipped for this reason are not printed)")
+
+    def save(self, path: Path) -> Path:
+        """Every skip as a CSV (noun, problem, detail), atomically: the full list behind the capped lines."""
+        table = pd.DataFrame(self.rows, columns=[self.noun, "problem", "detail"])
+        save_atomically(path, lambda partial: table.to_csv(partial, index=False))
+        return path
 
     def summary(self, what: str) -> str:
         """One line for the end of the pass: `<what>: skipped N <noun>s (<n1> <problem1>, ...)`, most frequent first

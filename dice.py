@@ -19,7 +19,6 @@ the challenges' leaderboards), with the pooled figure beside it.
 from __future__ import annotations
 
 import math
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -287,10 +286,9 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     if not distributed.is_main():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    fig.savefig(partial, format="png", bbox_inches="tight")
-    os.replace(partial, path)
+    from checkpoints import save_atomically  # here: checkpoints imports this module
+
+    save_atomically(path, lambda partial: fig.savefig(partial, format="png", bbox_inches="tight"))
     return path
 
 

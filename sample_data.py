@@ -37,7 +37,7 @@ from pydicom.uid import (
 )
 from scipy import ndimage
 
-from data_cleaning import rle_encode
+from data_cleaning import DatasetError, rle_encode
 
 REPO_ROOT = Path(__file__).resolve().parent
 DATA_DIR = REPO_ROOT / "data"
@@ -795,6 +795,11 @@ def find_dataset(name: str, data_dir: Path = DATA_DIR, say: bool = True) -> Foun
     Prints which one it is, so that nobody mistakes a score on synthetic data for a real result (`say=False`: a
     second look, by a Predict cell, after the Data cell said it).
     """
+    if not Path(data_dir).is_dir():  # the repository's data/ is always there: another folder asked for must be too
+        raise DatasetError(
+            f"{data_dir} (data_dir) is not a folder: give the folder that holds {name}/, or leave "
+            "data_dir as it is for the repository's data/ (the synthetic sample when empty)"
+        )
     real = Path(data_dir) / name
     if real.is_dir() and any(real.iterdir()):
         if say:

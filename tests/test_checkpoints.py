@@ -259,3 +259,91 @@ def test_resuming_with_more_epochs_follows_the_schedule_of_a_fresh_run_that_long
     resumed = learning_rates(RecipeConfig(output_dir=tmp_path / "resumed", max_epochs=4, lr=0.003, resume=True))
     assert resumed[2:] == pytest.approx(fresh[2:], abs=1e-12)  # epochs 3 and 4 as in a 4-epoch run
     assert len(set(fresh)) > 1  # the schedule moves: the comparison means something
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_checkpoint(tmp_path):
+    """OSError(ENOSPC) from any write, and torch.save's own RuntimeError when the disk fills, each end as one
+    OutputError naming the file and the full disk; the .partial file is removed and the previous file kept."""
+    import errno
+
+    from checkpoints import OutputError
+
+    path = tmp_path / BEST_MODEL
+    save_checkpoint({"epoch": 1}, path)
+
+    def fill(partial):
+        partial.write_bytes(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(
+        OutputError, match=f"could not write {path}: the disk is full .*; the previous {BEST_MODEL} is kept"
+    ):
+        save_atomically(path, fill)
+    with pytest.raises(OutputError, match="the disk is full"), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "save", lambda *args: (_ for _ in ()).throw(
+            RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                         "data/0: file write failed")))  # fmt: skip
+        save_checkpoint({"epoch": 2}, path)
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [BEST_MODEL]  # no .best_model.pt.partial left behind
+    with pytest.raises(OSError, match="Permission denied") as other:  # other failures keep their own message
+        save_atomically(path, lambda partial: (_ for _ in ()).throw(PermissionError("Permission denied")))
+    assert not isinstance(other.value, OutputError)
+
+
+def test_a_file_where_output_dir_should_be_is_one_output_error_naming_it(tmp_path):
+    from checkpoints import OutputError
+    from dice import save_figure
+
+    in_the_way = tmp_path / "output"
+    in_the_way.write_text("not a folder")
+    cfg = RecipeConfig(output_dir=in_the_way / "lung", max_epochs=1)
+    with pytest.raises(OutputError, match=f"{in_the_way} is a file, where the folder {in_the_way / 'lung'} is needed"):
+        train(cfg, [{"val_dice": 0.5}])
+    with pytest.raises(OutputError, match=f"{in_the_way} is a file"):
+        save_figure(__import__("matplotlib.figure").figure.Figure(), in_the_way / "batch.png")
+    assert in_the_way.read_text() == "not a folder"
+
+
+def test_a_fresh_run_moves_the_earlier_run_to_previous_and_a_resume_does_not(tmp_path, capsys):
+    """The earlier run's model, history and evaluations go to previous/<time>/, whole; what the Data and Transforms
+    cells already wrote for this run (batch.png) is copied there and stays; a resume moves nothing."""
+    cfg = RecipeConfig(output_dir=tmp_path, max_epochs=2)
+    metrics = [{"val_dice": 0.9}, {"val_dice": 0.95}]
+    train(cfg, metrics)
+    (tmp_path / "val_per_case.csv").write_text("case,dice\na,0.95\n")
+    (tmp_path / "predictions").mkdir()
+    (tmp_path / "predictions" / "a_mask.png").write_bytes(b"png")
+    (tmp_path / "batch.png").write_bytes(b"this run's batch")
+    earlier = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    train(replace(cfg, max_epochs=1), [{"val_dice": 0.5}])  # a 1-epoch try, worse
+    (previous,) = (tmp_path / "previous").iterdir()
+    assert {p.relative_to(previous): p.read_bytes() for p in previous.rglob("*") if p.is_file()} == earlier
+    assert torch.load(previous / BEST_MODEL, weights_only=True)["metric"] == 0.95  # the 2-epoch model, kept
+    assert torch.load(tmp_path / BEST_MODEL, weights_only=True)["metric"] == 0.5
+    assert (tmp_path / "batch.png").read_bytes() == b"this run's batch"
+    assert not (tmp_path / "val_per_case.csv").exists() and not (tmp_path / "predictions").exists()
+    assert f"An earlier run's outputs in {tmp_path} were moved to {previous}" in capsys.readouterr().out
+    train(replace(cfg, resume=True), metrics)  # goes on from the 1-epoch run: nothing moved
+    assert len(list((tmp_path / "previous").iterdir())) == 1 and "moved" not in capsys.readouterr().out
+    train(cfg, metrics)  # a second fresh run: a second folder, the first untouched
+    assert len(list((tmp_path / "previous").iterdir())) == 2
+
+
+def test_readme_pictures_are_rewritten_only_when_asked(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import checkpoints
+    from data_cleaning import Data
+
+    cfg = SimpleNamespace(output_dir=tmp_path / "out", images_dir=tmp_path / "Images")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "val.png").write_bytes(b"new picture")
+    sample = Data(tmp_path, True, [], [])
+    monkeypatch.setattr(checkpoints, "README_PICTURES", False)
+    assert checkpoints.readme_pictures(cfg, sample, {"val.png": "x_val.png"}) == [] and not cfg.images_dir.exists()
+    monkeypatch.setattr(checkpoints, "README_PICTURES", True)
+    assert checkpoints.readme_pictures(cfg, sample, {"val.png": "x_val.png"}) == [cfg.images_dir / "x_val.png"]
+    assert (cfg.images_dir / "x_val.png").read_bytes() == b"new picture"
+    real = Data(tmp_path, False, [], [])  # never pictures of a real dataset, even when asked
+    assert checkpoints.readme_pictures(cfg, real, {"val.png": "y_val.png"}) == []

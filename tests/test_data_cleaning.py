@@ -1,9 +1,11 @@
 """data_cleaning.py: the Kaggle run-length encoding, checked on hand-computed masks and by round trip; the bad-input
 report shared by the scripts (Unusable, Skipped), checked line by line."""
 
+import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from data_cleaning import Skipped, Unusable, rle_decode, rle_encode
@@ -104,7 +106,7 @@ def test_only_the_first_skips_of_a_kind_are_printed_and_all_are_kept(capsys):
 
 
 def test_without_a_print_limit_every_skip_is_printed(capsys):
-    skipped = Skipped("file")
+    skipped = Skipped("file", print_limit=None)
     for n in range(25):
         skipped.skip(f"{n}.tif", "unreadable")
     assert len(capsys.readouterr().out.splitlines()) == 25 == skipped.counts["unreadable"]
@@ -150,3 +152,75 @@ def test_split_groups_keeps_patients_whole_and_the_test_set_fixed():
     assert [len(side) for side in split_groups(["a", "b", "c"], 0.2, 0.2, seed=0)] == [1, 1, 1]
     with pytest.raises(DatasetError, match="test_fraction 0.2"):
         split_groups(["a", "b"], 0.2, 0.2, seed=0)
+
+
+def test_a_bad_label_csv_is_one_data_problem_naming_the_file_the_column_and_the_row(tmp_path):
+    """read_table: a missing column, a value that is not a number, a fraction where a count is needed, a blank where
+    a value is needed, and a file that is not a CSV at all: each one DatasetError naming file, column and row."""
+    from data_cleaning import DatasetError, read_table
+
+    path = tmp_path / "stage_2_train_labels.csv"
+    columns = {"patientId": "str", "x": "number", "Target": "int"}
+    path.write_text("patientId, x ,Target\n a ,1.5,1\nb,,0\n")  # spaces around names and values; blank x: no box
+    table = read_table(path, columns)
+    assert table["patientId"].tolist() == ["a", "b"] and table["Target"].tolist() == [1, 0]
+    assert table["x"].iloc[0] == 1.5 and np.isnan(table["x"].iloc[1])
+    cases = {
+        "patientId,x\na,1\n": " has no column Target (it has: patientId, x)",
+        "patientId,x,Target\na,1,1\nb,abc,0\nc,def,0\n": ": column x, row 3: 'abc' is not a number; 2 such row(s)",
+        "patientId,x,Target\na,1,0.5\n": ": column Target, row 2: '0.5' is not a number (a whole one)",
+        "patientId,x,Target\na,1,\n": ": column Target, row 2: '' is not a number",
+    }
+    for text, message in cases.items():
+        path.write_text(text)
+        with pytest.raises(DatasetError, match=re.escape(f"{path} (labels){message}")):
+            read_table(path, columns, "labels")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe garbage")
+    with pytest.raises(DatasetError, match="is not a readable CSV"):
+        read_table(path, columns)
+    with pytest.raises(DatasetError, match="not found"):
+        read_table(tmp_path / "missing.csv", columns)
+
+
+def test_skips_print_the_first_10_of_each_kind_and_save_every_one(tmp_path, capsys):
+    skipped = Skipped("patient")
+    for i in range(25):
+        skipped.skip(f"P{i}", "no DICOM", "not in stage_2_train_images")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 11 and "not printed" in lines[-1]
+    table = pd.read_csv(skipped.save(tmp_path / "skipped.csv"))
+    assert table["patient"].tolist() == [f"P{i}" for i in range(25)] and set(table["problem"]) == {"no DICOM"}
+
+
+def test_a_data_dir_that_does_not_exist_is_one_data_problem_not_a_sample(tmp_path):
+    from data_cleaning import DatasetError
+    from sample_data import find_dataset
+
+    with pytest.raises(DatasetError, match=re.escape(f"{tmp_path / 'dta'} (data_dir) is not a folder")):
+        find_dataset("MontgomerySet", tmp_path / "dta")
+    assert not (tmp_path / "dta").exists()
+
+
+def test_the_cpu_thread_count_is_half_the_cores_shared_by_torchrun_processes(monkeypatch):
+    import torch
+
+    import distributed
+
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert distributed.cpu_threads() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert distributed.cpu_threads() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert distributed.cpu_threads() == 1
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert distributed.device().type == "cpu" and torch.get_num_threads() == 1
+        torch.set_num_threads(3)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # said by the user: left as it is
+        distributed.device()
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
