@@ -123,3 +123,14 @@ def run_cells(tmp_path):
             sys.excepthook = hook  # the configuration cell makes data problems one line: for its run only
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def readme_pictures_on(monkeypatch):
+    """The scripts' tests check that a run on the synthetic sample copies its figures for the README, which a user
+    asks for with README_PICTURES=1 (off by default: tests/test_checkpoints.py checks that). Scripts run in a
+    subprocess get it from the environment."""
+    import checkpoints
+
+    monkeypatch.setattr(checkpoints, "README_PICTURES", True)
+    monkeypatch.setenv("README_PICTURES", "1")
