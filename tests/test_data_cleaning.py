@@ -224,3 +224,59 @@ def test_the_cpu_thread_count_is_half_the_cores_shared_by_torchrun_processes(mon
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def _prepare_square(path: Path) -> dict:
+    """A stand-in preparation: the file's number squared, as a 2x2 array; a file holding "bad" is unusable."""
+    text = path.read_text()
+    if text == "bad":
+        raise Unusable("unreadable", "holds 'bad'")
+    value = int(text)
+    return {"image": np.full((2, 2), value * value, np.int64), "label": np.array(value % 2, np.uint8)}
+
+
+def test_the_disk_cache_builds_once_and_rebuilds_exactly_what_changed(tmp_path, capsys):
+    """Second run: nothing prepared, every entry read; a touched source rebuilds its entry alone; other settings
+    rebuild everything; a damaged entry and an entry half written by a killed run are rebuilt; arrays equal the
+    preparation's, in parallel too; an unusable source is skipped and tried again next run."""
+    import os
+
+    from data_cleaning import DiskCache, prepare_cached
+
+    sources = []
+    for i in range(6):
+        sources.append(tmp_path / "data" / f"{i}.txt")
+        sources[-1].parent.mkdir(exist_ok=True)
+        sources[-1].write_text("bad" if i == 5 else str(i))
+    folder = tmp_path / "cache"
+
+    def run(settings=None, workers=1):
+        cache = DiskCache(folder, settings or {"size": 2}, ("image", "label"))
+        skipped = Skipped("file")
+        prepared = prepare_cached(sources, lambda s: [s], _prepare_square, cache, skipped, workers=workers)
+        return cache, skipped, prepared
+
+    cache, skipped, prepared = run(workers=2)  # in 2 forked processes
+    assert (cache.built, cache.read, skipped.counts["unreadable"]) == (5, 0, 1)
+    for source, arrays in prepared:
+        expected = _prepare_square(source)
+        assert all(np.array_equal(arrays[name], expected[name]) for name in expected)
+    cache, _, again = run()
+    assert (cache.built, cache.read) == (0, 5) and [s for s, _ in again] == [s for s, _ in prepared]
+    assert isinstance(again[0][1]["image"], np.memmap)  # read, not decoded: memory-mapped
+    os.utime(sources[2], ns=(0, sources[2].stat().st_mtime_ns + 10**9))  # touched: only its entry is redone
+    assert run()[0].built == 1
+    assert run({"size": 3})[0].built == 5  # another setting: every entry built anew, the old ones never read
+    entry = cache.entry([sources[1]])
+    entry.with_name(f"{entry.name}.image.npy").write_bytes(b"\x93NUMPY garbage")  # damaged
+    half = cache.entry([sources[4]])
+    half.with_name(f"{half.name}.label.npy").unlink()  # a kill between the arrays of one entry
+    sources[3].write_text("3")  # same content, new time: rebuilt
+    capsys.readouterr()
+    cache, _, prepared = run()
+    assert cache.built == 3 and not list(folder.rglob("*.partial"))
+    assert f"Cache entry {entry} of {sources[1]} cannot be read" in capsys.readouterr().out
+    assert np.array_equal(dict(prepared)[sources[1]]["image"], np.full((2, 2), 1))
+    sources[5].write_text("5")  # the bad file repaired: taken now
+    cache, skipped, prepared = run()
+    assert (cache.built, len(prepared), skipped.counts.total()) == (1, 6, 0)
