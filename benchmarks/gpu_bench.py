@@ -536,6 +536,7 @@ def run(
     with tempfile.TemporaryDirectory(prefix="gpu_bench_") as scratch, larger_sample(sample_scale):
         # No data folder given: the scripts write their synthetic sample into the scratch folder's sample/.
         data_dir = Path(scratch) / "data" if data_dir is None else data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)  # the benchmark's own folder: the scripts ask for an existing one
         for name in names:
             try:
                 report["pipelines"][name] = measure_pipeline(name, tiny, steps, warmup, epochs, data_dir, workers,

@@ -85,6 +85,8 @@ def repo_copy(tmp_path):
         assert (REPO_ROOT / script).is_file(), script
         for path in REPO_ROOT.glob("*.py"):  # the scripts and every shared module, whatever a script imports
             shutil.copy(path, repo / path.name)
+        (repo / "data").mkdir(exist_ok=True)  # tracked (data/README.md): a clone always has it
+        shutil.copy(REPO_ROOT / "data" / "README.md", repo / "data" / "README.md")
         for folder, source in (datasets or {}).items():
             shutil.copytree(source, repo / "data" / folder)
         return repo

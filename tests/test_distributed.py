@@ -205,7 +205,13 @@ distributed.shutdown()
 
 def torchrun(args: list[str], cwd: Path, tmp_path: Path, **variables: str) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run --standalone --nproc_per_node=2 ...` (torchrun's module), on the CPU."""
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "QUICK": "1", "OMP_NUM_THREADS": "1"}
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "QUICK": "1",
+        "OMP_NUM_THREADS": "1",
+        "README_PICTURES": "1",
+    }  # the tests check the copies
     env |= variables
     env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU, as CI runs it, even on a machine with GPUs
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]

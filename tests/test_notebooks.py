@@ -11,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,8 +136,15 @@ def test_script_runs_as_a_notebook_cell_by_cell(script, sample_root, tmp_path, m
     summary = printed[printed.index("\nSummary (") :]
     assert "QUICK run" in summary and "data:    SYNTHETIC sample" in summary
     assert f"outputs: {repo / 'output' / script}/" in summary
+    # Running the Train cell again is a fresh run: the first run's outputs, evaluation and predictions included,
+    # were moved whole to previous/<time>/, so that the 1-epoch try replaced nothing.
+    out = repo / "output" / script
+    (earlier,) = (out / "previous").iterdir()
+    assert f"An earlier run's outputs in {out} were moved to {earlier}" in printed
     for name in outputs:
-        assert (repo / "output" / script / name).exists(), name
+        assert (earlier / name).exists(), name
+    assert torch.load(earlier / "best_model.pt", weights_only=True)["config"]["max_epochs"] != 1
+    assert len(pd.read_csv(out / "history.csv")) == 1  # the 1-epoch run's own
     pictures = re.findall(r"picture: (\S+)", summary)
     assert pictures and all(Path(p).parent == repo / "Images" and Path(p).is_file() for p in pictures)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # nothing written outside the repository
