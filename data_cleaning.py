@@ -443,6 +443,15 @@ def to_unit_range(pixels: np.ndarray) -> np.ndarray:
     return np.clip((pixels - low) / max(high - low, 1e-6), 0, 1).astype(np.float32)
 
 
+def binary_mask(pixels: np.ndarray) -> np.ndarray:
+    """A mask as stored, binarised at half its range: NLM's 0/255 masks at 127.5, 16-bit ones at 32767.5, 0/1 ones
+    at 0.5. Not `> 0`: a mask saved as JPEG or resized carries faint values along its outline and in the background,
+    which `> 0` would all turn into lung."""
+    top = pixels.max(initial=0)
+    full = 1.0 if top <= 1 else 255.0 if top <= 255 else 65535.0
+    return pixels > full / 2
+
+
 def read_lung_mask(paths: list[Path], shape: tuple[int, int]) -> np.ndarray:
     """The union of the masks in `paths` (left and right lung, or Shenzhen's single mask) as bool `shape`.
 
@@ -450,7 +459,7 @@ def read_lung_mask(paths: list[Path], shape: tuple[int, int]) -> np.ndarray:
     """
     union = np.zeros(shape, dtype=bool)
     for path in paths:
-        mask = read_gray(path) > 0  # 0/255 as written by NLM; 0/1 works too
+        mask = binary_mask(read_gray(path))
         if mask.shape != union.shape:
             raise Unusable(
                 "mask of another size",
@@ -541,6 +550,9 @@ def prepare_lung_segmentation(
         "test_fraction": test_fraction,
         "seed": seed,
         "shenzhen": None if shenzhen_dir is None else Path(shenzhen_dir).name,
+        # every source file's path, size and modification time: a film added, removed, replaced or restored
+        # after a failed read makes the preparation run again
+        "download": download_stamp(montgomery_dir, shenzhen_dir),
     }
     if _prepared_with(out_dir, settings):
         return out_dir
@@ -560,12 +572,21 @@ def prepare_lung_segmentation(
         )
     counts = _split_prepared_cases(rows, partial, test_fraction, seed)
     manifest = {**settings, **counts, "skipped": dict(skipped.counts)}  # problem: number of cases
+    skipped.save(partial / "skipped.csv")  # each case skipped, as named when it was prepared
     (partial / PREPARED_MANIFEST).write_text(json.dumps(manifest, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)  # only ever a folder with our manifest (checked by _prepared_with)
     os.replace(partial, out_dir)
     print(skipped.summary(f"Prepared {len(rows)} cases in {out_dir} ({counts['train']} train, {counts['test']} test)"))
     return out_dir
+
+
+def download_stamp(montgomery_dir: Path, shenzhen_dir: Path | None) -> str:
+    """A hash of the path, size and modification time of every film and mask the preparation reads."""
+    folders = [montgomery_dir / folder for folder in ("CXR_png", *LUNG_MASK_FOLDERS)]
+    folders += [] if shenzhen_dir is None else [Path(shenzhen_dir)]
+    stamp = source_stamp([folder for folder in folders if folder.is_dir()])
+    return hashlib.sha1(json.dumps(stamp).encode()).hexdigest()
 
 
 def _prepared_with(out_dir: Path, settings: dict) -> bool:
@@ -580,7 +601,12 @@ def _prepared_with(out_dir: Path, settings: dict) -> bool:
                 f"{sum(previous['skipped'].values())} skipped at preparation)"
             )
             return True
-        print(f"{out_dir} was prepared with other settings: preparing it again")
+        changed = [key for key, value in settings.items() if previous.get(key) != value]
+        if changed == ["download"]:
+            print(f"{out_dir} was prepared from other files (a film or mask added, removed or changed since): "
+                  "preparing it again")  # fmt: skip
+        else:
+            print(f"{out_dir} was prepared with other settings: preparing it again")
     elif out_dir.exists():
         raise FileExistsError(f"{out_dir} exists but has no {PREPARED_MANIFEST}: it was not written here; move it away")
     return False

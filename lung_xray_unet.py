@@ -14,12 +14,13 @@ and `predictions/`: `<name>_mask.png` (0/255, at the film's own size) and `predi
 test films as downloaded, or for your own films.
 
 Run: `python lung_xray_unet.py` from any directory (`QUICK=1` for a short first try: small images, small network,
-fewer epochs), or cell by cell in VS Code or Jupyter, each cell leaving its result to look at: `cfg`, `data`,
-`batch`, `model`, `history`, `per_case`, `predictions`. Edit the configuration inline (`cfg = Config(max_epochs=10)`)
-and run the cells below again. `DATA_DIR`, `OUTPUT_DIR` and `IMAGES_DIR` in the environment move the data, output
-and picture folders (the tests use them). On several GPUs: `torchrun --nproc_per_node=4 lung_xray_unet.py` (README:
-several GPUs and machines). Predict on your own films (PNG, JPEG, DICOM) with the trained model, without training:
-`PREDICT=<folder or file> python lung_xray_unet.py` (`CHECKPOINT=<best_model.pt>` for other weights).
+fewer epochs; `RESUME=1` to go on from the last epoch saved), or cell by cell in VS Code or Jupyter, each cell
+leaving its result to look at: `cfg`, `data`, `batch`, `model`, `history`, `per_case`, `predictions`. Edit the
+configuration inline (`cfg = Config(max_epochs=10)`) and run the cells below again. `DATA_DIR`, `OUTPUT_DIR` and
+`IMAGES_DIR` in the environment move the data, output and picture folders (the tests use them). On several GPUs:
+`torchrun --nproc_per_node=4 lung_xray_unet.py` (README: several GPUs and machines). Predict on your own films
+(PNG, JPEG, DICOM) with the trained model, without training: `PREDICT=<folder or file> python lung_xray_unet.py`
+(`CHECKPOINT=<best_model.pt>` for other weights).
 """
 
 # %% Imports
@@ -46,6 +47,7 @@ import distributed
 from checkpoints import (
     CHECKPOINT,
     PREDICT,
+    RESUME,
     BaseConfig,
     EpochLoss,
     History,
@@ -53,6 +55,7 @@ from checkpoints import (
     end_if_stopped,
     load_best,
     load_trained,
+    make_folder,
     predict_only,
     readme_pictures,
     run_summary,
@@ -119,7 +122,8 @@ class Config(BaseConfig):
     predict_inputs: Path | None = PREDICT  # the Predict cell's input: a folder or a file (None: the test films)
     checkpoint: Path | None = CHECKPOINT  # the weights the Predict cell uses (None: output_dir/best_model.pt)
     tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
-    resume: bool = False  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs
+    resume: bool = RESUME  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs;
+    # RESUME=1 python lung_xray_unet.py from the command line
     quick: bool = QUICK  # the quick run below; recorded in the checkpoint: a quick model is not a result
     # Read by prediction from the checkpoint, whatever the fields above say now: a film is shrunk, normalised and
     # thresholded as the training films were, and the default inputs are the test films of the split it trained on.
@@ -224,10 +228,16 @@ def decode(cases: list[dict], size: int) -> list[dict]:
     ]
 
 
-def skipped_at_preparation(prepared: Path) -> Skipped:
-    """The cases the preparation named and skipped (on the run that prepared the folder), counted by problem."""
+def skipped_at_preparation(prepared: Path, cfg: Config) -> Skipped:
+    """The cases the preparation named and skipped (on the run that prepared the folder), counted by problem, and
+    listed in output_dir/skipped.csv (process 0)."""
     skipped = Skipped("case")
     skipped.counts.update(json.loads((prepared / PREPARED_MANIFEST).read_text())["skipped"])
+    listed = prepared / "skipped.csv"
+    if listed.is_file():  # a folder prepared before skipped.csv was written there has the counts only
+        skipped.rows = pd.read_csv(listed, dtype=str, keep_default_na=False).to_dict("records")
+    if distributed.is_main():
+        skipped.save(cfg.output_dir / "skipped.csv")
     return skipped
 
 
@@ -240,7 +250,7 @@ def load_data(cfg: Config) -> Data:
         prepared = prepare_data(cfg, root)
     train, val, test = split_cases(prepared, cfg)
     train, val = decode(train, cfg.image_size), decode(val, cfg.image_size)
-    return Data(root, synthetic, train, val, test, unit="films", skipped=skipped_at_preparation(prepared))
+    return Data(root, synthetic, train, val, test, unit="films", skipped=skipped_at_preparation(prepared, cfg))
 
 
 if __name__ == "__main__":
@@ -671,8 +681,7 @@ def predict(cfg: Config, inputs=None) -> list[Path]:
         return []
     inferencer = Inferencer(cfg, for_prediction=True)
     paths = expand_inputs(inputs) if inputs is not None else held_out_films(inferencer.trained)
-    out_dir = cfg.output_dir / "predictions"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_folder(cfg.output_dir / "predictions")
     skipped, rows, taken = Skipped("file", print_limit=10), [], set()
     for path in tqdm(paths, desc="predict", leave=False, disable=None):
         try:
@@ -692,7 +701,7 @@ if __name__ == "__main__":
     predictions = predict(cfg, cfg.predict_inputs)
 
 # %% Summary
-OUTPUTS = ["best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "batch.png",
+OUTPUTS = ["best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "batch.png", "skipped.csv",
            "test_per_case.csv", "test_predictions.png", "predictions/ (<film>_mask.png, predictions.csv)"]  # fmt: skip
 PICTURES = {name: f"lung_xray_unet_{name}" for name in ("test_predictions.png", "dice_per_epoch.png")}
 

@@ -160,7 +160,7 @@ def test_shenzhen_films_join_when_asked_8_bit_rgb_and_all(lx, download, tmp_path
         union = Image.fromarray(expected_mask(download, name)).resize(film.size, Image.Resampling.NEAREST)
         union.save(shenzhen / "masks" / f"CHNCXR_{number:04d}_0_mask.png")
 
-    data = lx.load_data(replace(lx.cfg, data_dir=tmp_path, include_shenzhen=True))
+    data = lx.load_data(replace(lx.cfg, data_dir=tmp_path, output_dir=tmp_path / "out", include_shenzhen=True))
     prepared = tmp_path / "segmentation"
     cases = pd.read_csv(prepared / "cases.csv")
     assert sorted(cases["source"].value_counts().items()) == [("Montgomery", 12), ("Shenzhen", 3)]
@@ -207,9 +207,68 @@ def test_a_bad_case_is_named_skipped_and_counted(lx, problem, download, tmp_path
     assert manifest["skipped"] == {problem: 1} and manifest["train"] + manifest["test"] == 11
     assert not list(prepared.rglob(f"{name}.png"))
     assert_masks_paired_by_name(prepared, broken)  # the films after the gap keep their own masks
-    data = lx.load_data(replace(lx.cfg, data_dir=tmp_path))  # the Data stage counts it too, from prepared.json
+    cfg = replace(lx.cfg, data_dir=tmp_path, output_dir=tmp_path / "out")
+    data = lx.load_data(cfg)  # the Data stage counts it too, from prepared.json, and lists it in skipped.csv
     assert data.skipped.counts == {problem: 1} and str(data).endswith("films; 1 case skipped")
     assert name not in {case["name"] for case in data.train + data.val + data.test}
+    listed = pd.read_csv(cfg.output_dir / "skipped.csv")
+    assert listed["case"].tolist() == [name] and listed["problem"].tolist() == [problem]
+
+
+def test_a_film_restored_after_a_failed_read_is_prepared_again_and_used(lx, download, tmp_path, capsys):
+    """The prepared folder notices a changed download (a file's size or modification time): restoring a truncated
+    film redoes the preparation, says why, and the film is then used; an unchanged download is reused."""
+    broken = tmp_path / "MontgomerySet"
+    shutil.copytree(download, broken)
+    name = names_in(broken / "CXR_png")[4]
+    film = broken / "CXR_png" / f"{name}.png"
+    truncate(film)
+    cfg = replace(lx.cfg, data_dir=tmp_path, output_dir=tmp_path / "out")
+    assert lx.load_data(cfg).skipped.counts == {"unreadable PNG": 1}
+    shutil.copy2(download / "CXR_png" / f"{name}.png", film)  # the user downloads the film again
+    capsys.readouterr()
+    data = lx.load_data(cfg)
+    assert "was prepared from other files (a film or mask added, removed or changed since)" in capsys.readouterr().out
+    assert data.skipped.counts.total() == 0 and name in {case["name"] for case in data.train + data.val + data.test}
+    lx.load_data(cfg)
+    assert "Reusing the prepared cases" in capsys.readouterr().out
+
+
+def test_masks_are_binarised_at_half_their_range_not_above_zero():
+    """A mask saved as JPEG carries faint values off the lung and dips inside it: half the range keeps the lung,
+    `> 0` would mark the whole background. 0/1 and 16-bit masks are halved by their own range."""
+    rng = np.random.default_rng(0)
+    truth = np.zeros((64, 64), bool)
+    truth[16:48, 10:30] = True
+    noisy = np.clip(truth * 255.0 + rng.normal(0, 12, truth.shape), 0, 255).round()
+    assert (noisy[~truth] > 0).mean() > 0.3  # what `> 0` would call lung
+    np.testing.assert_array_equal(data_cleaning.binary_mask(noisy), truth)
+    np.testing.assert_array_equal(data_cleaning.binary_mask(truth.astype(np.float32)), truth)  # 0/1
+    np.testing.assert_array_equal(data_cleaning.binary_mask(truth * 65535.0), truth)  # 16-bit
+    assert not data_cleaning.binary_mask(np.zeros((4, 4))).any()
+
+
+def test_resume_from_the_command_line_and_a_file_in_place_of_output_dir(tmp_path):
+    """RESUME=1 sets cfg.resume; OUTPUT_DIR naming a plain file ends the run with one `Output problem:` line
+    naming it, exit status 1, the file untouched."""
+    for value, expected in (("1", "True"), ("0", "False")):  # importing the script runs no cell: only its Config
+        check = [sys.executable, "-c", "import lung_xray_unet as script; print(script.cfg.resume)"]
+        run = subprocess.run(check, cwd=REPO_ROOT, env={**os.environ, "RESUME": value}, capture_output=True, text=True)
+        assert run.stdout.strip() == expected, run.stderr
+    in_the_way = tmp_path / "output"
+    in_the_way.write_text("keep me")
+    env = {k: v for k, v in os.environ.items() if k not in ("DATA_DIR", "IMAGES_DIR", "RESUME")}
+    env |= {"OUTPUT_DIR": str(in_the_way / "lung"), "QUICK": "1", "OMP_NUM_THREADS": "1",
+            "DATA_DIR": str(tmp_path / "data"), "IMAGES_DIR": str(tmp_path / "Images")}  # fmt: skip
+    (tmp_path / "data").mkdir()
+    result = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"Output problem: {in_the_way} is a file, where the folder {in_the_way / 'lung'} is needed: move the file "
+        "away, or choose another output_dir"
+    ]
+    assert in_the_way.read_text() == "keep me"
 
 
 def test_no_usable_case_is_one_clear_error(lx, tmp_path, capsys):
@@ -299,7 +358,8 @@ def test_data_stage_splits_by_patient_and_decodes_the_films_at_the_network_size(
         lungs = np.asarray(Image.fromarray(read_png(case["seg"])).resize(size, Image.Resampling.NEAREST)) > 0
         assert mean_dice(case["lungs"].bool(), torch.from_numpy(lungs)[None]) > 0.97
     assert "film" not in data.test[0]  # read by the Inferencer, at the size its network was trained at
-    assert not list(tmp_path.iterdir())  # the Data stage writes nothing to the outputs
+    assert [p.name for p in tmp_path.iterdir()] == ["skipped.csv"]  # the Data stage's one output: no case skipped
+    assert pd.read_csv(tmp_path / "skipped.csv").empty
 
 
 def tiny_data(value: float | None = None) -> data_cleaning.Data:
@@ -679,7 +739,7 @@ def test_predict_from_the_command_line_trains_nothing_and_a_bad_checkpoint_is_on
     assert "Predicted 3 lung mask(s)" in run.stdout and "epoch" not in run.stdout.replace("(epoch ", "")
     out = repo / "output" / "lung_xray_unet"
     assert sorted(p.name for p in out.iterdir()) == ["best_model.pt", "predictions"]  # no history.csv, no training
-    assert not (repo / "data").exists()  # no data looked for, no sample written
+    assert [p.name for p in (repo / "data").iterdir()] == ["README.md"]  # no data looked for, no sample written
 
     env["CHECKPOINT"] = str(tmp_path / "mine" / "film_a.jpg")
     run = subprocess.run([sys.executable, str(repo / "lung_xray_unet.py")], env=env, capture_output=True, text=True,
