@@ -58,13 +58,13 @@ def test_every_pipeline_is_measured_three_ways_with_consistent_ratios_and_target
         assert r["real"]["epochs_timed"] == 1 and r["real"]["first_epoch_s"] > 0
 
 
-def test_the_real_loop_counts_the_samples_the_script_trained_on(tiny_run, gpu_bench):
+def test_the_real_loop_counts_the_samples_the_script_trained_on(tiny_run, gpu_bench, tmp_path):
     """The lung script trains on every training film once per epoch (no batch dropped): the benchmark, counting
     the batches its train_one_epoch drew, must have seen exactly that many in the one timed epoch. The 3D scripts
     take `num_samples` / `samples_per_volume` crops per case (1 each with --tiny) per epoch."""
     tmp, _, report = tiny_run
     lung = gpu_bench.load_script("lung_xray_unet", quick=True)
-    cfg = gpu_bench.configure("lung", lung, True, tmp / "data", tmp / "output", epochs=2)
+    cfg = gpu_bench.configure("lung", lung, True, tmp / "data", tmp_path / "output", epochs=2)  # skipped.csv there
     train = lung.load_data(cfg).train
     assert report["pipelines"]["lung"]["real"]["samples_timed"] == len(train) > 0
     sys.modules.pop("lung_xray_unet", None)
