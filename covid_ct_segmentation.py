@@ -3,13 +3,15 @@
 Segments the ground-glass opacities and consolidations of COVID-19 pneumonia in chest CT volumes. Reads the
 challenge's NIfTI files as downloaded and checks their headers first (a CT without its mask, image and mask on
 different grids, 2D or 4D files and truncated files are named, skipped and counted), splits the labelled cases by
-case with a seed, and trains the challenge baseline recipe with today's MONAI: fixed orientation, 1.25x1.25x5 mm
-voxels, HU window -1000..500, random lesion/background crops of 192x192x16, affine/noise/flip augmentation, a
-BasicUNet, Dice + cross-entropy, Adam. Every `val_interval` epochs it segments the validation cases with a sliding
-window, maps the predictions back onto each scan's own grid and scores them there (Dice per case, the challenge
-metric, and global Dice); the best epoch by mean Dice is kept. Finally it segments the unlabelled `Validation/`
-scans and writes one `NNN.nii.gz` mask per case with the scan's exact shape and affine, as the challenge expects;
-the same Predict cell segments your own CTs (NIfTI files or DICOM series) with the trained model.
+case with a seed into training, validation and test, and trains the challenge baseline recipe with today's MONAI:
+fixed orientation, 1.25x1.25x5 mm voxels, HU window -1000..500, random lesion/background crops of 192x192x16,
+affine/noise/flip augmentation, a BasicUNet, Dice + cross-entropy, Adam. Every `val_interval` epochs it segments the
+validation cases with a sliding window, maps the predictions back onto each scan's own grid and scores them there
+(Dice per case, the challenge metric, and global Dice); the best epoch by mean Dice is kept. Validation then decides
+whether flip test-time augmentation helps, and the held-out test cases are scored once, with that choice: the
+result, with a 95% bootstrap interval. Finally it segments the unlabelled `Validation/` scans and writes one
+`NNN.nii.gz` mask per case with the scan's exact shape and affine, as the challenge expects; the same Predict cell
+segments your own CTs (NIfTI files or DICOM series) with the trained model.
 Challenge: https://covid-segmentation.grand-challenge.org/ ; baseline:
 https://github.com/Project-MONAI/tutorials/tree/main/3d_segmentation/challenge_baseline
 
@@ -17,8 +19,9 @@ Data: `data/COVID-19-20_v2/` as unzipped (`Train/volume-covid19-A-XXXX_ct.nii.gz
 `Validation/volume-covid19-A-XXXX_ct.nii.gz`). Without it the synthetic stand-in under `data/sample/` is used
 (written when missing), and the script says so.
 Outputs: `output/covid_ct_segmentation/`: `best_model.pt`, `last_checkpoint.pt`, `history.csv`, `dice_per_epoch.png`,
-`batch.png`, `val_per_case.csv`, `val_predictions.png` (true and predicted outlines; copied to `Images/` for the
-README when the synthetic sample was used), `predictions/NNN.nii.gz` (one mask per `Validation/` scan: the
+`batch.png`, `val_per_case.csv`, `test_per_case.csv` (Dice per held-out test case: the result),
+`val_predictions.png` (true and predicted outlines; copied to `Images/` for the README when the synthetic sample was
+used), `predictions/NNN.nii.gz` (one mask per `Validation/` scan: the
 submission) and `predictions/predictions.csv` (lesion volume per scan in mL).
 
 Run: `python covid_ct_segmentation.py` (`QUICK=1` for a short first try), or cell by cell in VS Code or Jupyter,
@@ -35,7 +38,7 @@ import os
 import sys
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import ClassVar
@@ -69,6 +72,7 @@ from tqdm import tqdm
 
 import distributed
 from checkpoints import (
+    BEST_MODEL,
     CHECKPOINT,
     PREDICT,
     BaseConfig,
@@ -83,6 +87,7 @@ from checkpoints import (
     readme_pictures,
     run_summary,
     save_atomically,
+    save_checkpoint,
     seed_everything,
 )
 from data_cleaning import (
@@ -98,9 +103,10 @@ from data_cleaning import (
     mask_name,
     one_line_data_problems,
     segment_cts,
+    split_groups,
     undecodable_named,
 )
-from dice import DiceAccumulator, save_figure, show
+from dice import DiceAccumulator, describe_ci, save_figure, show
 from precision import autocast, grad_scaler
 from sample_data import find_dataset
 
@@ -122,8 +128,12 @@ class Config(BaseConfig):
     output_dir: Path = ROOT / "output" / "covid_ct_segmentation"  # weights, history, plots, predicted masks
     images_dir: Path = ROOT / "Images"  # the README's pictures: val_predictions.png is copied there, from runs on
     # the synthetic sample only (pictures of real patients never land in a folder of the repository)
-    seed: int = 0  # one seed for the split, the initial weights and the augmentation
-    val_fraction: float = 0.2  # of the labelled cases, drawn by case (the baseline took the last 20% by name)
+    seed: int = 0  # the initial weights, the augmentation and the order of the training cases
+    split_seed: int = 0  # which cases are validation and test: kept apart from `seed`, so a new seed keeps the test set
+    val_fraction: float = 0.2  # of the labelled cases (one per patient), to choose the epoch and flip TTA; the
+    # baseline took the last 20% by name
+    test_fraction: float = 0.2  # of the labelled cases, held out and scored once at the end: the result (0: no test
+    # set, and the only score is validation's, which chose the model and is optimistic)
     max_cases: int | None = None  # labelled cases used, the first by name (None: all 199)
     max_infer_cases: int | None = None  # Validation/ scans segmented by default (None: all 50, a submission)
     pixdim: tuple[float, float, float] = (1.25, 1.25, 5.0)  # voxel size (mm) the network sees, the baseline's
@@ -193,24 +203,22 @@ if __name__ == "__main__":
 # %% Data
 
 
-def split_by_case(cases: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, validation): a seeded shuffle of the cases, at least one on each side.
+def split_by_case(cases: list[dict], cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, validation, test): the cases drawn by data_cleaning.split_groups with `split_seed`, the test cases
+    first (they stay when val_fraction or seed change), at least one on each side asked for.
 
     Each case is one patient's scan, so splitting by case keeps a patient on one side. The baseline took the last
-    20% in name order, which ties validation to however the ids were assigned.
+    20% in name order, which ties validation to however the ids were assigned; and it had no test set: the challenge's
+    Validation/ scans have no masks, so the labelled Train/ cases provide it.
     """
-    if len(cases) < 2:
-        raise DatasetError(f"Need at least 2 usable labelled cases to split, found {len(cases)}")
-    order = np.random.default_rng(seed).permutation(len(cases))
-    n_val = min(max(1, round(val_fraction * len(cases))), len(cases) - 1)
-    val = sorted((cases[i] for i in order[:n_val]), key=lambda c: c["case"])
-    train = sorted((cases[i] for i in order[n_val:]), key=lambda c: c["case"])
-    return train, val
+    sides = split_groups([c["case"] for c in cases], cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    return tuple(sorted((c for c in cases if c["case"] in side), key=lambda c: c["case"]) for side in sides)
 
 
 def load_data(cfg: Config) -> Data:
     """The labelled cases of Train/ (or of the sample), {"case", "image", "label"} with file paths: paired by case
-    id, their headers checked (data_cleaning.py), the first max_cases, split by case with the seed."""
+    id, their headers checked (data_cleaning.py), the first max_cases, split by case into train, validation and test
+    with split_seed."""
     with distributed.main_first():  # process 0 writes the synthetic sample if missing, the others then read it
         root, synthetic = find_dataset("COVID-19-20_v2", cfg.data_dir)
     train_dir = root / "Train"
@@ -222,14 +230,16 @@ def load_data(cfg: Config) -> Data:
     if cfg.max_cases is not None and len(cases) > cfg.max_cases:
         print(f"Using the first {cfg.max_cases} of {len(cases)} labelled cases (max_cases)")
         cases = cases[: cfg.max_cases]
-    if len(cases) < 2:
+    needed = 1 + (cfg.val_fraction > 0) + (cfg.test_fraction > 0)  # a case for each side asked for
+    if len(cases) < needed:
         raise DatasetError(
-            f"{len(cases)} usable labelled case(s) in {train_dir}: need 2 at least, as "
-            "volume-covid19-A-XXXX_ct.nii.gz with its volume-covid19-A-XXXX_seg.nii.gz (3D, on the same grid)"
+            f"{len(cases)} usable labelled case(s) in {train_dir}: need {needed} at least (training, validation, "
+            "test), as volume-covid19-A-XXXX_ct.nii.gz with its volume-covid19-A-XXXX_seg.nii.gz (3D, on the same grid)"
         )
-    train, val = split_by_case(cases, cfg.val_fraction, cfg.seed)
-    print(f"Split by case (seed {cfg.seed}): validation cases {', '.join(c['case'] for c in val)}")
-    return Data(root, synthetic, train, val, unit="cases", skipped=skipped)
+    train, val, test = split_by_case(cases, cfg)
+    print(f"Split by case (split_seed {cfg.split_seed}): validation cases {', '.join(c['case'] for c in val)}; "
+          f"test cases {', '.join(c['case'] for c in test) if len(test) <= 20 else len(test)}")  # fmt: skip
+    return Data(root, synthetic, train, val, test, unit="cases", skipped=skipped)
 
 
 if __name__ == "__main__":
@@ -507,28 +517,73 @@ if __name__ == "__main__":
 # %% Evaluate
 
 
+def validate_best(model, cases: list[dict], transforms: Compose, cfg: Config):
+    """(per_case, flips, dice, predictions): the best weights on every validation case, on its scan's own grid
+    (val_per_case.csv); with tta_flips, also with flip test-time augmentation, which is then used (flips=True) only
+    where it raises validation's mean Dice. `dice` and `predictions` are those of the setting chosen."""
+    val_ds = cache_dataset(cases, transforms, progress=False)  # every validation case, read once for both passes
+    dice, predictions = score_cases(model, val_ds, transforms, cfg, keep=cfg.examples)
+    per_case = pd.DataFrame({"case": [c["case"] for c in cases], "dice": dice.per_image().numpy()})
+    flips = False
+    if cfg.tta_flips:
+        flipped, flipped_predictions = score_cases(model, val_ds, transforms, cfg, tta=True, keep=cfg.examples)
+        per_case["dice_tta"] = flipped.per_image().numpy()
+        # 3x the inference time, and not always better: chosen here, on validation, never on the test cases.
+        flips = flipped.mean() > dice.mean()
+        print(f"Flip test-time augmentation: validation Dice {flipped.mean():.4f} with flips, {dice.mean():.4f} "
+              f"without: {'used' if flips else 'not used'} for the test cases and the submission")  # fmt: skip
+        if flips:
+            dice, predictions = flipped, flipped_predictions
+    save_atomically(cfg.output_dir / "val_per_case.csv", lambda path: per_case.to_csv(path, index=False))
+    return per_case, flips, dice, predictions
+
+
+def save_choice(cfg: Config, checkpoint: dict, flips: bool) -> None:
+    """best_model.pt again (atomically), with the flip TTA choice beside the weights: the Predict cell, in a fresh
+    kernel too, then segments the submission as the test cases were scored."""
+    made = "validation" if cfg.tta_flips else "not compared: tta_flips=False"
+    checkpoint["choices"] = {"tta_flips": bool(flips), "chosen_on": made}
+    save_checkpoint(checkpoint, cfg.output_dir / BEST_MODEL)
+
+
+def score_test(model, cases: list[dict], transforms: Compose, cfg: Config, flips: bool) -> pd.DataFrame:
+    """The held-out test cases, scored once with the weights and the TTA validation chose: Dice per case on each
+    scan's own grid (test_per_case.csv), their mean with a 95% bootstrap interval over cases, and the global Dice."""
+    test_ds = cache_dataset(cases, transforms, progress=False)
+    dice, _ = score_cases(model, test_ds, transforms, cfg, tta=flips)
+    per_case = pd.DataFrame({"case": [c["case"] for c in cases], "dice": dice.per_image().numpy()})
+    save_atomically(cfg.output_dir / "test_per_case.csv", lambda path: per_case.to_csv(path, index=False))
+    print(f"Test Dice {describe_ci(per_case['dice'], unit='cases')} per case on each scan's grid (global "
+          f"{dice.global_dice():.4f}){', with flip TTA' if flips else ''}: the result")  # fmt: skip
+    return per_case
+
+
 def evaluate_best(cfg: Config, data: Data) -> pd.DataFrame | None:
-    """The best epoch's weights, read back from best_model.pt, on every validation case on its scan's own grid:
-    Dice per case (val_per_case.csv; with tta_flips also with flip test-time augmentation) and the outlines
-    (val_predictions.png). Process 0 only (None in the others)."""
+    """The best epoch's weights, read back from best_model.pt: on every validation case, where flip TTA is chosen
+    (validate_best; the choice saved in best_model.pt), then once on the held-out test cases with that choice
+    (test_per_case.csv), all on each scan's own grid; the outlines of validation cases (val_predictions.png).
+
+    Returns the test cases' Dice (the validation cases' when test_fraction is 0), with `attrs` saying which cases
+    ("scored"), the TTA choice ("tta_flips", "tta_compared") and validation's mean Dice with it ("val_dice"), for
+    the Summary.
+    Process 0 only (None in the others)."""
     if not distributed.is_main():
         return None
     model, checkpoint = load_best(cfg, build_model, DEVICE)
     cfg = as_trained(cfg, checkpoint)
     transforms = build_transforms(cfg, "val")
-    val_ds = cache_dataset(data.val, transforms, progress=False)  # every validation case, read once for both passes
-    dice, predictions = score_cases(model, val_ds, transforms, cfg, keep=cfg.examples)
-    per_case = pd.DataFrame({"case": [c["case"] for c in data.val], "dice": dice.per_image().numpy()})
-    scores = f"validation Dice {dice.mean():.4f} (mean over {len(per_case)} cases on each scan's grid; global "
-    scores += f"{dice.global_dice():.4f})"
-    if cfg.tta_flips:
-        dice, predictions = score_cases(model, val_ds, transforms, cfg, tta=True, keep=cfg.examples)
-        per_case["dice_tta"] = dice.per_image().numpy()
-        scores += f"; with flip test-time augmentation {dice.mean():.4f} (global {dice.global_dice():.4f})"
-    save_atomically(cfg.output_dir / "val_per_case.csv", lambda path: per_case.to_csv(path, index=False))
+    val_per_case, flips, dice, predictions = validate_best(model, data.val, transforms, cfg)
+    save_choice(cfg, checkpoint, flips)
     figure = draw_predictions(data.val, predictions, dice.per_image(), cfg)
     save_figure(figure, cfg.output_dir / "val_predictions.png")
-    print(f"Best epoch {checkpoint['epoch']}: {scores}")
+    print(f"Best epoch {checkpoint['epoch']}: validation Dice {dice.mean():.4f} (mean over {len(data.val)} cases on "
+          f"each scan's grid; global {dice.global_dice():.4f}{'; with flip TTA' if flips else ''}): it chose the "
+          "epoch, so it is optimistic")  # fmt: skip
+    per_case = score_test(model, data.test, transforms, cfg, flips) if data.test else val_per_case
+    if not data.test:
+        print("No test set (test_fraction 0): the only score is validation's, which chose the model: optimistic")
+    per_case.attrs = {"scored": "test" if data.test else "validation", "tta_flips": flips, "val_dice": dice.mean(),
+                      "tta_compared": cfg.tta_flips}  # fmt: skip
     return per_case
 
 
@@ -638,6 +693,19 @@ def predict_volume(model, ct: nib.Nifti1Image, path: Path, trained: Config) -> n
     return mask
 
 
+def flips_for_prediction(cfg: Config, checkpoint: dict) -> bool:
+    """Flip TTA on or off as the Evaluate cell chose it on validation (saved in best_model.pt); without that choice
+    (Evaluate has not run on these weights), cfg.tta_flips, said in one line."""
+    choice = checkpoint.get("choices", {})
+    if "tta_flips" not in choice:
+        print(f"No flip TTA choice in the checkpoint (the Evaluate cell makes it on validation): tta_flips="
+              f"{cfg.tta_flips}, from the configuration")  # fmt: skip
+        return cfg.tta_flips
+    print(f"Flip test-time augmentation {'on' if choice['tta_flips'] else 'off'}, as chosen by the Evaluate cell "
+          f"({choice['chosen_on']})")  # fmt: skip
+    return bool(choice["tta_flips"])
+
+
 def predict(cfg: Config, inputs=None) -> list[Path]:
     """The lesion masks of `inputs` (a NIfTI CT, a folder holding one DICOM series, a folder of these, or a list;
     None: the challenge's Validation/ scans) in output_dir/predictions/, each on its CT's own grid (shape, affine),
@@ -646,7 +714,8 @@ def predict(cfg: Config, inputs=None) -> list[Path]:
     skipped and counted. Returns the files written (none if no input could be used). Process 0 only."""
     if not distributed.is_main():
         return []
-    model, trained, _ = load_trained(cfg, build_model, DEVICE)
+    model, trained, checkpoint = load_trained(cfg, build_model, DEVICE)
+    trained = replace(trained, tta_flips=flips_for_prediction(trained, checkpoint))
     paths = default_inputs(cfg) if inputs is None else ct_inputs(inputs)
     skipped = Skipped("file", print_limit=10)
     out_dir = cfg.output_dir / "predictions"
@@ -665,19 +734,26 @@ if __name__ == "__main__":
 
 
 def best_scores(history: History, per_case: pd.DataFrame | None) -> str:
-    """The best epoch's validation scores, and with flip test-time augmentation where the Evaluate cell had it."""
+    """The result: the test cases' mean Dice with its 95% interval (process 0 alone has them), then the best epoch's
+    validation Dice, which chose that epoch (and the flip TTA) and so is optimistic."""
     best = history.best()
     text = f"validation Dice {best['val_dice']:.4f} (mean over cases on each scan's grid; global "
-    text += f"{best['val_global_dice']:.4f})"
-    if per_case is not None and "dice_tta" in per_case:
-        text += f"; with flip test-time augmentation {per_case['dice_tta'].mean():.4f}"
-    return text
+    text += f"{best['val_global_dice']:.4f}; it chose the epoch)"
+    if per_case is None:  # under torchrun, the other processes: process 0 scored the test cases
+        return text
+    flips = per_case.attrs.get("tta_flips", False)
+    chosen = f"flip TTA {'on' if flips else 'off'} as validation chose ({per_case.attrs.get('val_dice', 0):.4f} so)"
+    if not per_case.attrs.get("tta_compared", True):
+        chosen = "no flip TTA (tta_flips=False)"
+    if per_case.attrs.get("scored") != "test":
+        return text + f"; {chosen}; no test set (test_fraction 0): this score chose the model and is optimistic"
+    return f"test Dice {describe_ci(per_case['dice'], unit='cases')} on each scan's grid, {chosen}; " + text
 
 
 if __name__ == "__main__":
     pictures = readme_pictures(cfg, data, {"val_predictions.png": "covid_ct_segmentation_predictions.png"})
     print(run_summary(cfg, data, history, best_scores(history, per_case),
                       ["best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "batch.png",
-                       "val_per_case.csv", "val_predictions.png",
+                       "val_per_case.csv", "test_per_case.csv", "val_predictions.png",
                        f"predictions/ ({max(len(predictions) - 1, 0)} masks and predictions.csv)"],
                       pictures))  # fmt: skip

@@ -31,16 +31,18 @@ from monai.transforms import Compose, Orientationd, Spacingd
 from PIL import Image
 from test_predict_inputs import write_series
 
-from checkpoints import CheckpointError
+from checkpoints import CheckpointError, History
 from data_cleaning import DatasetError, Skipped, check_volume, find_covid_cases, read_dicom_series, save_mask_nifti
-from dice import soft_dice_loss
+from dice import bootstrap_ci, describe_ci, soft_dice_loss
 
 # MONAI's LoadImage warns on every set-up that its GPU DICOM decoder is missing (the script silences it; pytest
 # resets warning filters per test).
 pytestmark = [pytest.mark.filterwarnings("ignore:NvImgCodecPydicomReader"), pytest.mark.usefixtures("one_torch_thread")]
 COVID = "COVID-19-20_v2"
 TRAIN_IDS = ["0017", "0075", "0175", "0268", "0306", "0507", "0631", "0649"]  # the sample's labelled cases
-VAL_IDS = ["0175", "0306"]  # the validation cases of the split with seed 0
+VAL_IDS = ["0268", "0631"]  # the validation cases of the split with split_seed 0
+TEST_IDS = ["0175", "0306"]  # its held-out test cases
+TRAIN_SPLIT = ["0017", "0075", "0507", "0649"]  # and its training cases
 FLIPPED = {"0175": ("L", "P", "I"), "0306": ("L", "A", "S")}  # slices feet to head, rows flipped
 INFER_IDS = ["0041", "0812", "0842"]  # Validation/: the first two are stored LAS
 
@@ -108,16 +110,31 @@ def test_cases_are_paired_by_id_and_named_as_the_challenge_expects(covid, sample
     assert covid.submission_name("1234") == "1234.nii.gz"  # unique even past 999, where cutting a prefix is not
 
 
-def test_split_is_by_case_seeded_and_never_empty(covid):
+def test_split_is_by_case_seeded_and_the_test_cases_stay_when_val_fraction_or_seed_change(covid):
     cases = [{"case": f"{i:04d}"} for i in range(20)]
     ids = lambda group: [c["case"] for c in group]  # noqa: E731
-    train, val = covid.split_by_case(cases, 0.2, seed=0)
-    assert len(val) == 4 and sorted(ids(train) + ids(val)) == ids(cases) and not set(ids(train)) & set(ids(val))
-    assert ids(covid.split_by_case(cases, 0.2, seed=0)[1]) == ids(val)
-    assert ids(covid.split_by_case(cases, 0.2, seed=1)[1]) != ids(val)
-    assert [len(g) for g in covid.split_by_case(cases[:2], 0.01, seed=0)] == [1, 1]  # one on each side at least
-    with pytest.raises(DatasetError, match="at least 2"):
-        covid.split_by_case(cases[:1], 0.2, seed=0)
+    split = lambda **changes: [ids(side) for side in covid.split_by_case(cases, replace(covid.cfg, **changes))]  # noqa: E731
+    train, val, test = split()
+    assert (len(train), len(val), len(test)) == (12, 4, 4)  # 20% of the cases each for validation and test
+    assert sorted(train + val + test) == ids(cases) and not (set(train) & set(val) or set(val) & set(test))
+    assert not set(train) & set(test)  # each case one patient: no patient on two sides
+    assert split() == [train, val, test]  # seeded
+    assert split(val_fraction=0.4)[2] == test and len(split(val_fraction=0.4)[1]) == 8  # test drawn first
+    assert split(seed=5) == [train, val, test]  # the training seed leaves the split alone
+    assert split(split_seed=1)[2] != test  # the split's own seed draws another test set
+    assert split(test_fraction=0)[2] == [] and len(split(test_fraction=0)[1]) == 4  # no test set asked for
+    tiny = replace(covid.cfg, val_fraction=0.01, test_fraction=0.01)
+    assert [len(side) for side in covid.split_by_case(cases[:3], tiny)] == [1, 1, 1]  # one on each side at least
+    with pytest.raises(DatasetError, match="cannot be split"):
+        covid.split_by_case(cases[:2], covid.cfg)
+
+
+def test_the_samples_split_has_cases_on_all_three_sides(covid, sample_root, tmp_path, capsys):
+    data = covid.load_data(tiny_config(covid, tmp_path, sample_root))
+    assert [[c["case"] for c in side] for side in (data.train, data.val, data.test)] == [TRAIN_SPLIT, VAL_IDS, TEST_IDS]
+    out = capsys.readouterr().out
+    assert "Split by case (split_seed 0): validation cases 0268, 0631; test cases 0175, 0306" in out
+    assert str(data).endswith("4 train, 2 validation, 2 test cases; 0 files skipped")
 
 
 # Bad inputs: each named, skipped and counted
@@ -174,7 +191,9 @@ def test_bad_inputs_are_named_skipped_and_counted(covid, covid_copy, tmp_path, c
 
     # The Data stage on that folder: the same skips, counted in `data`; one usable case is too few to split, a
     # single clear error (one line from the command line) before anything trains.
-    with pytest.raises(DatasetError, match=r"1 usable labelled case\(s\) in .*Train: need 2 at least"):
+    with pytest.raises(
+        DatasetError, match=r"1 usable labelled case\(s\) in .*Train: need 3 at least \(training, validation, test\)"
+    ):
         covid.load_data(tiny_config(covid, tmp_path, covid_copy.parent))
     assert f"{train}: 1 usable labelled cases: skipped 9 files (2 not 3D, " in capsys.readouterr().out
     shutil.rmtree(train)
@@ -320,7 +339,8 @@ def test_quick_run_of_the_cells_from_another_directory_reaches_the_dice_bar(
     assert "nvImageCodec" not in out + err  # MONAI's DICOM-decoder noise is silenced
     assert "Configuration: QUICK run, with " in out and str(data) in out
     assert f"using the SYNTHETIC sample in {root / 'data' / 'sample' / COVID}" in out
-    assert data.synthetic and [c["case"] for c in data.val] == VAL_IDS and len(data.train) == 6
+    assert data.synthetic and [c["case"] for c in data.val] == VAL_IDS and len(data.train) == 4
+    assert [c["case"] for c in data.test] == TEST_IDS
     assert batch["image"].shape == (cfg.batch_size * cfg.num_samples, 1, *cfg.roi_size)
     assert batch["image"].dtype == torch.float32 and set(batch["label"].unique().tolist()) <= {0, 1}
     assert batch["label"].flatten(1).any(1).any()  # lesion-centred crops: some lesion in the batch
@@ -338,13 +358,18 @@ def test_quick_run_of_the_cells_from_another_directory_reaches_the_dice_bar(
     assert checkpoint["config"]["pixdim"] == (4.0, 4.0, 5.0) and checkpoint["config"]["quick"]
     cells["build_model"](cfg).load_state_dict(checkpoint["model"])  # strict: every weight is there
 
-    # Evaluate: the best weights read back score every validation case as the best epoch did.
-    assert list(per_case.columns) == ["case", "dice"]  # no test-time augmentation in a quick run
-    assert per_case["case"].tolist() == VAL_IDS and per_case["dice"].mean() == pytest.approx(best["val_dice"])
-    pd.testing.assert_frame_equal(pd.read_csv(output / "val_per_case.csv", dtype={"case": str}), per_case)
+    # Evaluate: the best weights read back score every validation case as the best epoch did, then the test cases.
+    val_per_case = pd.read_csv(output / "val_per_case.csv", dtype={"case": str})
+    assert list(val_per_case.columns) == ["case", "dice"]  # no test-time augmentation in a quick run
+    assert val_per_case["case"].tolist() == VAL_IDS and val_per_case["dice"].mean() == pytest.approx(best["val_dice"])
+    assert list(per_case.columns) == ["case", "dice"] and per_case["case"].tolist() == TEST_IDS
+    pd.testing.assert_frame_equal(pd.read_csv(output / "test_per_case.csv", dtype={"case": str}), per_case)
+    assert per_case.attrs == {"scored": "test", "tta_flips": False, "val_dice": pytest.approx(best["val_dice"]),
+                              "tta_compared": False}  # fmt: skip
+    assert f"Test Dice {describe_ci(per_case['dice'], unit='cases')} per case" in out
     assert {p.name for p in output.iterdir()} == {
         "best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "batch.png", "val_per_case.csv",
-        "val_predictions.png", "predictions",
+        "test_per_case.csv", "val_predictions.png", "predictions",
     }  # fmt: skip
     for name in ("dice_per_epoch.png", "batch.png", "val_predictions.png"):
         with Image.open(output / name) as figure:
@@ -353,7 +378,9 @@ def test_quick_run_of_the_cells_from_another_directory_reaches_the_dice_bar(
     assert picture.read_bytes() == (output / "val_predictions.png").read_bytes()
     summary = out[out.index("\nSummary (") :]
     assert "QUICK run" in summary and f"data:    SYNTHETIC sample {root / 'data' / 'sample' / COVID}" in summary
-    assert f"best:    epoch {best['epoch']} of 14, validation Dice {best['val_dice']:.4f}" in summary
+    headline = f"test Dice {describe_ci(per_case['dice'], unit='cases')} on each scan's grid, no flip TTA"
+    assert f"best:    epoch {best['epoch']} of 14, {headline}" in summary
+    assert f"; validation Dice {best['val_dice']:.4f} (mean over cases" in summary  # after the test figure
     assert f"outputs: {output}/" in summary and "predictions/ (3 masks and predictions.csv)" in summary
     assert f"picture: {picture}" in summary
 
@@ -420,10 +447,19 @@ def test_fit_resumes_stops_on_ctrl_c_or_nan_and_the_best_weights_segment_on_the_
     assert ended.value.code == 1
 
     per_case = covid.evaluate_best(cfg, data)
-    assert list(per_case.columns) == ["case", "dice", "dice_tta"] and per_case["case"].tolist() == VAL_IDS
-    assert per_case["dice"].mean() == pytest.approx(best["val_dice"])  # the checkpoint scores as it did
-    assert f"Best epoch {best['epoch']}: validation Dice {best['val_dice']:.4f}" in capsys.readouterr().out
-    pd.testing.assert_frame_equal(pd.read_csv(cfg.output_dir / "val_per_case.csv", dtype={"case": str}), per_case)
+    val_per_case = pd.read_csv(cfg.output_dir / "val_per_case.csv", dtype={"case": str})
+    assert list(val_per_case.columns) == ["case", "dice", "dice_tta"] and val_per_case["case"].tolist() == VAL_IDS
+    assert val_per_case["dice"].mean() == pytest.approx(best["val_dice"])  # the checkpoint scores as it did
+    out = capsys.readouterr().out
+    flips = val_per_case["dice_tta"].mean() > val_per_case["dice"].mean()
+    chosen = val_per_case["dice_tta" if flips else "dice"].mean()
+    assert f"Best epoch {best['epoch']}: validation Dice {chosen:.4f}" in out
+    assert (f"Flip test-time augmentation: validation Dice {val_per_case['dice_tta'].mean():.4f} with flips, "
+            f"{val_per_case['dice'].mean():.4f} without: {'used' if flips else 'not used'}") in out  # fmt: skip
+    assert per_case["case"].tolist() == TEST_IDS and per_case.attrs["tta_flips"] == flips
+    pd.testing.assert_frame_equal(pd.read_csv(cfg.output_dir / "test_per_case.csv", dtype={"case": str}), per_case)
+    saved = torch.load(best_path, weights_only=True)
+    assert saved["choices"] == {"tta_flips": flips, "chosen_on": "validation"} and saved["epoch"] == best["epoch"]
     with Image.open(cfg.output_dir / "val_predictions.png") as figure:
         assert figure.format == "PNG" and figure.width > 2 * 200  # two cases side by side
     assert covid.readme_pictures(cfg, data, {"val_predictions.png": "x.png"}) == [] and not cfg.images_dir.exists()
@@ -454,7 +490,7 @@ def test_same_seed_same_split_and_same_first_epoch_on_the_cpu(covid, sample_root
         history = covid.fit(cfg, data, covid.build_model(cfg))
         runs.append(([c["case"] for c in data.val], history[0]))
     (split_a, first_a), (split_b, first_b), (split_c, other) = runs
-    assert split_a == split_b == VAL_IDS and split_c != split_a
+    assert split_a == split_b == split_c == VAL_IDS  # the training seed does not move the split (split_seed does)
     assert first_a["train_loss"] == first_b["train_loss"]  # bitwise
     assert first_a["val_dice"] == first_b["val_dice"] and other["train_loss"] != first_a["train_loss"]
 
@@ -508,8 +544,10 @@ def test_a_gz_damaged_inside_stops_training_in_one_line_and_is_skipped_when_segm
 def trained_once(covid, sample_root, tmp_path_factory, one_torch_thread):
     """The tiny configuration and its best_model.pt, trained once for this module (8 epochs at 6 mm, about 10 s on
     a CPU; it finds some lesion)."""
+    # No test set here (test_fraction 0): the 6 training cases of 8 find lesion in 8 epochs; the 4 left beside a
+    # test set do not (measured: validation Dice 0.000 at epochs 4 and 8), and these tests need a network that does.
     cfg = tiny_config(covid, tmp_path_factory.mktemp("covid_trained"), sample_root, max_epochs=8, val_interval=4,
-                      tta_flips=False)  # fmt: skip
+                      tta_flips=False, test_fraction=0.0)  # fmt: skip
     covid.fit(cfg, covid.load_data(cfg), covid.build_model(cfg))
     return replace(cfg, checkpoint=cfg.output_dir / "best_model.pt")
 
@@ -518,6 +556,102 @@ def trained_once(covid, sample_root, tmp_path_factory, one_torch_thread):
 def trained(trained_once, tmp_path):
     """That configuration, its `checkpoint` the module's best_model.pt, writing to this test's own output_dir."""
     return replace(trained_once, output_dir=tmp_path / "output")
+
+
+def full_masks(cases: list[dict], folder: Path) -> list[dict]:
+    """The cases with their masks replaced by all-lesion ones on the same grid: other labels for those scans (any
+    voxel predicted scores above 0)."""
+    folder.mkdir()
+    swapped = []
+    for case in cases:
+        seg = nib.load(case["label"])
+        path = folder / Path(case["label"]).name
+        nib.save(nib.Nifti1Image(np.ones(seg.shape, np.uint8), seg.affine), path)
+        swapped.append(case | {"label": str(path)})
+    return swapped
+
+
+def test_the_test_cases_choose_nothing_and_are_scored_once_into_test_per_case(
+    covid, trained, tmp_path, monkeypatch, capsys
+):
+    """Validation alone chooses flip TTA: the test cases are scored once, with the choice made, and other labels
+    for them change their score but neither the choice nor anything validation wrote. test_per_case.csv holds one
+    row per test case, its mean is the printed and summarised headline, and the interval holds it."""
+    # The module's network, trained without a test set: evaluated here with the sample's test set, as a run with one
+    # would evaluate (what chooses what is under test here, not the score).
+    cfg = replace(trained, tta_flips=True, checkpoint=None, test_fraction=0.2)
+    cfg.output_dir.mkdir(parents=True)
+    shutil.copy(trained.checkpoint, cfg.output_dir / "best_model.pt")
+    data = covid.load_data(cfg)
+    calls, score_cases = [], covid.score_cases
+
+    def spy(model, ds, transforms, cfg, tta=False, keep=0):
+        calls.append(([ds[i]["case"] for i in range(len(ds))], tta))
+        return score_cases(model, ds, transforms, cfg, tta, keep)
+
+    monkeypatch.setattr(covid, "score_cases", spy)
+    capsys.readouterr()
+    first = covid.evaluate_best(cfg, data)
+    out = capsys.readouterr().out
+    flips = first.attrs["tta_flips"]
+    assert calls == [(VAL_IDS, False), (VAL_IDS, True), (TEST_IDS, flips)]  # the test cases once, never compared
+    val_table = pd.read_csv(cfg.output_dir / "val_per_case.csv", dtype={"case": str})
+    assert flips == (val_table["dice_tta"].mean() > val_table["dice"].mean())
+    table = pd.read_csv(cfg.output_dir / "test_per_case.csv", dtype={"case": str})
+    assert list(table.columns) == ["case", "dice"] and table["case"].tolist() == TEST_IDS
+    mean, low, high = bootstrap_ci(table["dice"])
+    assert mean == pytest.approx(first["dice"].mean()) and low <= mean <= high
+    assert f"Test Dice {describe_ci(table['dice'], unit='cases')} per case on each scan's grid (global " in out
+    history = History([{"epoch": 8, "val_dice": 0.5, "val_global_dice": 0.6}])
+    history.best_epoch = 8
+    summary = covid.best_scores(history, first)
+    assert summary.startswith(f"test Dice {describe_ci(table['dice'], unit='cases')} on each scan's grid, flip TTA ")
+    assert summary.endswith("; validation Dice 0.5000 (mean over cases on each scan's grid; global 0.6000; it chose "
+                            "the epoch)")  # fmt: skip
+
+    kept = {name: (cfg.output_dir / name).read_bytes() for name in ("val_per_case.csv", "val_predictions.png")}
+    choice = torch.load(cfg.output_dir / "best_model.pt", weights_only=True)["choices"]
+    calls.clear()
+    # Another test set: a scan the network finds lesion in (a training case: predict's tests), with other labels.
+    second = covid.evaluate_best(cfg, replace(data, test=full_masks(data.train[:1], tmp_path / "other")))
+    assert calls == [(VAL_IDS, False), (VAL_IDS, True), (TRAIN_SPLIT[:1], flips)]
+    assert second.attrs == first.attrs  # the same choice, the same validation Dice
+    assert torch.load(cfg.output_dir / "best_model.pt", weights_only=True)["choices"] == choice
+    assert {name: (cfg.output_dir / name).read_bytes() for name in kept} == kept
+    assert 0 < second["dice"][0] and second["dice"].mean() != first["dice"].mean()  # the test score saw them
+    assert pd.read_csv(cfg.output_dir / "test_per_case.csv")["dice"].tolist() == second["dice"].tolist()
+
+    no_test = covid.evaluate_best(cfg, replace(data, test=[]))  # test_fraction 0: validation's, said so
+    assert no_test["case"].tolist() == VAL_IDS and no_test.attrs["scored"] == "validation"
+    assert "No test set (test_fraction 0)" in capsys.readouterr().out
+    assert "no test set (test_fraction 0): this score chose the model" in covid.best_scores(history, no_test)
+
+
+def test_predict_uses_the_flip_choice_saved_with_the_weights_else_the_configuration(
+    covid, trained, user_cts, tmp_path, monkeypatch, capsys
+):
+    checkpoint = torch.load(trained.checkpoint, weights_only=True)
+    used, predict_probability = [], covid.predict_probability
+
+    def spy(model, image, cfg, tta=False):
+        used.append(tta)
+        return predict_probability(model, image, cfg, tta)
+
+    monkeypatch.setattr(covid, "predict_probability", spy)
+    inputs = [user_cts[0] / "lps.nii.gz"]
+    for choices, tta_flips, expected, line in (
+        ({"tta_flips": False, "chosen_on": "validation"}, True, False, "Flip test-time augmentation off, as chosen "
+         "by the Evaluate cell (validation)"),
+        ({"tta_flips": True, "chosen_on": "validation"}, False, True, "Flip test-time augmentation on, as chosen by "
+         "the Evaluate cell (validation)"),
+        (None, True, True, "No flip TTA choice in the checkpoint (the Evaluate cell makes it on validation): "
+         "tta_flips=True, from the configuration"),
+    ):  # fmt: skip
+        path = tmp_path / "best_model.pt"
+        torch.save(checkpoint | ({"choices": choices} if choices else {}), path)
+        used.clear()
+        assert covid.predict(replace(trained, checkpoint=path, tta_flips=tta_flips), inputs)
+        assert used == [expected] and line in capsys.readouterr().out
 
 
 def rotation_about_z(degrees: float) -> np.ndarray:

@@ -424,7 +424,7 @@ def test_lung_under_torchrun_writes_once_and_both_processes_agree(lung, repo_cop
     )
     output = repo / "output" / LUNG
     names = {"best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "tensorboard", "batch.png"}
-    names |= {"predictions", "test_per_case.csv", "test_predictions.png"}
+    names |= {"predictions", "test_per_case.csv", "test_predictions.png", "skipped.csv"}
     images = repo / "Images"
     assert_written_once(
         stdout, output, names, images / f"{LUNG}_test_predictions.png", images / f"{LUNG}_dice_per_epoch.png"
@@ -442,18 +442,19 @@ def test_covid_under_torchrun_caches_its_share_writes_once_and_both_processes_ag
     covid, repo_copy, sample_root, tmp_path
 ):
     repo = repo_copy(f"{COVID}.py", {f"sample/{COVID_DATA}": sample_root / COVID_DATA})
-    # 5 training cases: shares of 3 (one case repeated); 1 validation case: process 1's share is empty.
-    small = dict(max_cases=6, pixdim=(6.0, 6.0, 6.0), roi_size=(48, 48, 16), features=(4, 4, 8, 8, 16, 4))
+    # 5 training cases: shares of 3 (one case repeated); 1 validation case: process 1's share is empty; 1 test case.
+    small = dict(max_cases=7, pixdim=(6.0, 6.0, 6.0), roi_size=(48, 48, 16), features=(4, 4, 8, 8, 16, 4))
     small |= dict(num_samples=2, max_epochs=2, val_interval=1, tta_flips=False, max_infer_cases=1, examples=1)
     stdout, first, second = run_script(
         repo, f"{COVID}.py", config_edit(small | {"batch_size": 1, "tensorboard": True}), tmp_path / "probe", tmp_path
     )
     output = repo / "output" / COVID
     names = {"best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "tensorboard", "batch.png"}
-    names |= {"val_per_case.csv", "val_predictions.png", "predictions"}
+    names |= {"val_per_case.csv", "test_per_case.csv", "val_predictions.png", "predictions"}
     assert_written_once(stdout, output, names, repo / "Images" / f"{COVID}_predictions.png")
     assert_both_processes_agree(first, second, output / "history.csv", keys=("train_loss", "val_dice"))
-    assert "5 train, 1 validation" in stdout and "3 steps per epoch" in stdout  # each process its 3 cases
+    assert "5 train, 1 validation, 1 test" in stdout and "3 steps per epoch" in stdout  # each process its 3 cases
+    assert len(pd.read_csv(output / "test_per_case.csv")) == 1  # process 0 alone scored the test case
     assert len(pd.read_csv(output / "val_per_case.csv")) == 1  # process 0 validated the best epoch on all
     assert sorted(path.name for path in (output / "predictions").iterdir()) == ["041.nii.gz", "predictions.csv"]
     checkpoint = torch.load(output / "best_model.pt", weights_only=True)

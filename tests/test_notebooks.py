@@ -34,7 +34,7 @@ PIPELINES = {
     "covid_ct_segmentation": (
         "COVID-19-20_v2",
         {"max_epochs": 2, "pixdim": (6.0, 6.0, 6.0), "features": (4, 4, 8, 8, 16, 4), "num_samples": 2, "examples": 1},
-        COMMON + ["dice_per_epoch.png", "val_per_case.csv", "val_predictions.png", "predictions"],
+        COMMON + ["dice_per_epoch.png", "val_per_case.csv", "test_per_case.csv", "val_predictions.png", "predictions"],
     ),
     "pneumonia_detection": (
         "rsna-pneumonia-detection-challenge",
