@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from data_cleaning import split_groups
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = ["lung", "nerve", "pneumonia", "covid", "pleural"]
 
@@ -68,14 +70,14 @@ def test_the_real_loop_counts_the_samples_the_script_trained_on(tiny_run, gpu_be
     train = lung.load_data(cfg).train
     assert report["pipelines"]["lung"]["real"]["samples_timed"] == len(train) > 0
     sys.modules.pop("lung_xray_unet", None)
-    # COVID: the first max_cases labelled cases, a fifth of them (at least 1) for validation, the rest trained on
-    # with num_samples crops each per epoch.
+    # COVID: the first max_cases labelled cases, a fifth of them (at least 1) for validation and a fifth for test,
+    # the rest trained on with num_samples crops each per epoch.
     covid = gpu_bench.load_script("covid_ct_segmentation", quick=True)
     cfg = gpu_bench.configure("covid", covid, True, tmp / "data", tmp / "output", epochs=2)
     sys.modules.pop("covid_ct_segmentation", None)
     cases = min(cfg.max_cases, len(list((tmp / "data" / "sample" / "COVID-19-20_v2" / "Train").glob("*_ct.nii.gz"))))
-    validation = min(max(1, round(cfg.val_fraction * cases)), cases - 1)
-    assert report["pipelines"]["covid"]["real"]["samples_timed"] == (cases - validation) * cfg.num_samples > 0
+    train, _, _ = split_groups(range(cases), cfg.val_fraction, cfg.test_fraction, cfg.split_seed)  # as load_data
+    assert report["pipelines"]["covid"]["real"]["samples_timed"] == len(train) * cfg.num_samples > 0
 
 
 def test_the_table_and_the_json_say_the_same_and_nothing_lands_in_the_repository(tiny_run):
