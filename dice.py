@@ -174,7 +174,8 @@ def describe_ci(values: Sequence[float], groups: Sequence | None = None, unit: s
     mean, low, high = bootstrap_ci(values, groups)
     n = int(np.sum(~np.isnan(np.asarray(values, dtype=np.float64))))
     if groups is not None:
-        unit += f" of {len(set(np.asarray(groups)[~np.isnan(np.asarray(values, dtype=np.float64))]))} patients"
+        k = len(set(np.asarray(groups)[~np.isnan(np.asarray(values, dtype=np.float64))]))
+        unit += f" of {k} patient{'' if k == 1 else 's'}"
     if math.isnan(low):
         return f"{mean:.{digits}f} ({n} {unit.removesuffix('s') if n == 1 else unit}: too few for an interval)"
     return f"{mean:.{digits}f} (95% CI {low:.{digits}f}-{high:.{digits}f}, {n} {unit})"

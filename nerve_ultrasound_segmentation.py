@@ -2,17 +2,19 @@
 
 Outlines the brachial plexus in 580x420 ultrasound frames of the neck, or says there is none (most frames):
 reads the download as it is, checks `train_masks.csv` against the mask files, reports (and by default leaves
-out of training) near-duplicate frames whose labels contradict, splits train/validation by subject, trains a
+out of training) near-duplicate frames whose labels contradict, splits train/validation/test by subject, trains a
 MONAI UNet, keeps the epoch with the best Kaggle metric (mean Dice per image, an empty prediction on an empty
-mask scoring 1), chooses on the validation set the smallest predicted area worth keeping, and predicts nerve masks
-on frames it has never seen (TIFF or PNG, any size, 8 or 16 bits): by default Kaggle's `test/`, as a submission.
+mask scoring 1), chooses on the validation set the smallest predicted area worth keeping, scores the held-out test
+subjects once with both (the result, with a 95% bootstrap interval over subjects), and predicts nerve masks on
+frames it has never seen (TIFF or PNG, any size, 8 or 16 bits): by default Kaggle's `test/`, as a submission.
 Challenge: https://www.kaggle.com/c/ultrasound-nerve-segmentation
 
 Data: `data/ultrasound-nerve-segmentation/` as unzipped from Kaggle (`train/<subject>_<img>.tif` and
 `train/<subject>_<img>_mask.tif`, `test/<img>.tif`, `train_masks.csv`, `sample_submission.csv`). Without it
 the synthetic stand-in under `data/sample/` is used (written when missing), and the script says so.
 Outputs: `output/nerve_ultrasound_segmentation/`: `best_model.pt`, `last_checkpoint.pt`, `history.csv`,
-`dice_per_epoch.png`, `batch.png`, `contradictory_pairs.csv`, `val_per_case.csv`, `val_predictions.png` (true and
+`dice_per_epoch.png`, `batch.png`, `contradictory_pairs.csv`, `val_per_case.csv`, `test_per_case.csv` (Kaggle Dice
+per held-out test frame: the result), `val_predictions.png` (true and
 predicted outlines; copied to `Images/` for the README when the synthetic sample was used), `predictions/`
 (`<name>_mask.png`, 0/255 at each frame's own size, and `submission.csv`, Kaggle's `img,pixels`).
 
@@ -73,8 +75,9 @@ from data_cleaning import (
     one_line_data_problems,
     rle_decode,
     rle_encode,
+    split_groups,
 )
-from dice import DiceAccumulator, SoftDiceLoss, dice_per_image, save_figure, show
+from dice import DiceAccumulator, SoftDiceLoss, describe_ci, dice_per_image, save_figure, show
 from precision import autocast, grad_scaler
 from sample_data import find_dataset
 
@@ -91,8 +94,12 @@ class Config(BaseConfig):
     output_dir: Path = ROOT / "output" / "nerve_ultrasound_segmentation"  # weights, plots, history, predictions/
     images_dir: Path = ROOT / "Images"  # the README's pictures: val_predictions.png is copied there, from runs on
     # the synthetic sample only (pictures of real patients never land in a folder of the repository)
-    seed: int = 0  # one seed for the split, the initial weights and the augmentation
-    val_fraction: float = 0.2  # of subjects, not frames: one subject's frames on both sides inflate the score
+    seed: int = 0  # the initial weights, the augmentation and the order of the training frames
+    split_seed: int = 0  # which subjects are validation and test: kept apart from `seed`, so a new seed keeps the test
+    val_fraction: float = 0.2  # of subjects, not frames (one subject's frames on both sides inflate the score): they
+    # choose the epoch and the min area
+    test_fraction: float = 0.2  # of subjects, held out and scored once at the end: the result (0: no test set, and the
+    # only score is validation's, which chose the model and is optimistic)
     max_subjects: int | None = None  # the first N subjects (None: all 47)
     max_test_images: int | None = None  # the first N test frames (None: all 5,508, a complete submission)
     image_size: tuple[int, int] = (128, 176)  # (H, W): 420x580's shape, multiples of 16
@@ -182,18 +189,16 @@ def find_train_cases(train_dir: Path, skipped: Skipped) -> list[dict]:
     ]
 
 
-def split_by_subject(subjects, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train subjects, validation subjects): a seeded shuffle of the distinct subjects, at least one on each side.
+def split_by_subject(subjects, cfg: Config) -> tuple[list[int], list[int], list[int]]:
+    """(train, validation, test) subjects, sorted: the distinct subjects drawn by data_cleaning.split_groups with
+    `split_seed`, the test subjects first (they stay when val_fraction or seed change), at least one on each side
+    asked for.
 
     By subject, not by frame: the frames of one subject are one video, and near copies of a training frame in
-    validation would measure memory, not segmentation.
+    validation or test would measure memory, not segmentation.
     """
-    unique = sorted({int(s) for s in subjects})
-    if len(unique) < 2:
-        raise ValueError(f"Need at least 2 subjects to split by subject, found {len(unique)}: {unique}")
-    shuffled = [int(s) for s in np.random.default_rng(seed).permutation(unique)]
-    n_val = min(max(1, round(val_fraction * len(unique))), len(unique) - 1)
-    return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
+    sides = split_groups([int(s) for s in subjects], cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    return tuple(sorted(side) for side in sides)
 
 
 def read_masks_csv(path: Path, cases: list[dict]) -> dict[tuple[int, int], str] | None:
@@ -300,26 +305,29 @@ def load_data(cfg: Config) -> Data:
     masks_csv = read_masks_csv(root / "train_masks.csv", cases)
     subjects = sorted({c["subject"] for c in cases})[: cfg.max_subjects]
     cases = [c for c in cases if c["subject"] in subjects]
-    if len(subjects) < 2:
+    needed = 1 + (cfg.val_fraction > 0) + (cfg.test_fraction > 0)  # a subject for each side asked for
+    if len(subjects) < needed:
         raise DatasetError(
             f"Found {len(cases)} image/mask pairs of {len(subjects)} subject(s) in {train_dir}: expected "
-            "<subject>_<img>.tif with <subject>_<img>_mask.tif (580x420, 8-bit) for at least 2 subjects"
+            f"<subject>_<img>.tif with <subject>_<img>_mask.tif (580x420, 8-bit) for at least {needed} subjects "
+            "(training, validation, test)"
         )
-    train_subjects, val_subjects = split_by_subject(subjects, cfg.val_fraction, cfg.seed)
-    frames = load_frames(cases, cfg, masks_csv, set(val_subjects), skipped)
+    sides = dict(zip(("training", "validation", "test"), split_by_subject(subjects, cfg)))
+    # Validation and test are scored as Kaggle does, at 420x580: their frames keep the full-size mask.
+    frames = load_frames(cases, cfg, masks_csv, set(sides["validation"]) | set(sides["test"]), skipped)
     print(skipped.summary(f"Training folder {train_dir}"))
-    train = [f for f in frames if f["subject"] in train_subjects]
-    val = [f for f in frames if f["subject"] in val_subjects]
-    if not train or not val:
-        raise DatasetError(
-            f"No usable frame left for {'training' if not train else 'validation'} in {train_dir} "
-            f"(subjects {train_subjects if not train else val_subjects}): expected readable 580x420 "
-            "<subject>_<img>.tif with its _mask.tif, agreeing with train_masks.csv"
-        )
-    train = drop_contradictory_pairs(frames, train, cfg)
-    print(f"Split by subject (seed {cfg.seed}): subjects {train_subjects} for training, {val_subjects} for "
-          f"validation ({sum(not f['has_nerve'] for f in val)} of its {len(val)} frames without nerve)")  # fmt: skip
-    return Data(root, synthetic, train, val, unit="frames", skipped=skipped)
+    train, val, test = ([f for f in frames if f["subject"] in side] for side in map(set, sides.values()))
+    for name, side_frames in zip(sides, (train, val, test)):
+        if sides[name] and not side_frames:
+            raise DatasetError(
+                f"No usable frame left for {name} in {train_dir} (subjects {sides[name]}): expected readable "
+                "580x420 <subject>_<img>.tif with its _mask.tif, agreeing with train_masks.csv"
+            )
+    train = drop_contradictory_pairs(frames, train, cfg)  # validation and test keep every frame, as Kaggle scores
+    print(f"Split by subject (split_seed {cfg.split_seed}): subjects {sides['training']} for training, "
+          f"{sides['validation']} for validation ({sum(not f['has_nerve'] for f in val)} of its {len(val)} frames "
+          f"without nerve), {sides['test']} for test ({len(test)} frames)")  # fmt: skip
+    return Data(root, synthetic, train, val, test, unit="frames", skipped=skipped)
 
 
 if __name__ == "__main__":
@@ -590,33 +598,54 @@ def predict_masks(model, images: list[torch.Tensor], cfg: Config, min_area: int)
     return apply_min_area(full_size_probability(logits) > cfg.threshold, min_area).cpu()
 
 
+def score_frames(model, frames: list[dict], cfg: Config, min_area: int, shown=()) -> tuple[pd.DataFrame, dict]:
+    """(per_case, shown_masks): the Kaggle Dice of each frame at 420x580 with `min_area` (a row per frame: subject,
+    img, has_nerve, predicted_area, dice), and {index: (mask, Dice)} of the frames at the indices in `shown`."""
+    rows, shown_masks = [], {}
+    for start in tqdm(range(0, len(frames), cfg.val_batch_size), desc="evaluating", leave=False, disable=None):
+        batch = frames[start : start + cfg.val_batch_size]
+        pred = predict_masks(model, [f["image"] for f in batch], cfg, min_area)
+        scores = dice_per_image(pred, torch.stack([f["full_label"] for f in batch]), empty="one")
+        for i, (frame, mask, score) in enumerate(zip(batch, pred, scores.tolist())):
+            rows.append({"subject": frame["subject"], "img": frame["img"], "has_nerve": frame["has_nerve"],
+                         "predicted_area": int(mask.sum()), "dice": score})  # fmt: skip
+            if start + i in shown:
+                shown_masks[start + i] = (mask, score)
+    return pd.DataFrame(rows), shown_masks
+
+
 def evaluate_best(cfg: Config, data: Data) -> pd.DataFrame | None:
-    """The best epoch's weights, read back from best_model.pt, on every validation frame with the minimum area
-    chosen with them: the Kaggle Dice per frame (val_per_case.csv) and the outlines (val_predictions.png).
-    Process 0 only (None in the others)."""
+    """The best epoch's weights, read back from best_model.pt, with the minimum area validation chose for them: on
+    every validation frame (val_per_case.csv, the outlines in val_predictions.png), then once on the held-out test
+    frames (test_per_case.csv): the Kaggle Dice per frame, the result, with a 95% bootstrap interval that redraws
+    whole subjects (the frames of one subject are one video, not independent).
+
+    Returns the test frames' rows (the validation frames' when test_fraction is 0), `attrs["scored"]` saying which,
+    for the Summary. Process 0 only (None in the others)."""
     if not distributed.is_main():
         return None
     model, checkpoint = load_best(cfg, build_model, DEVICE)
     min_area = checkpoint["metrics"]["min_area"]
     shown = figure_frames(data.val, cfg.figure_frames)
-    rows, shown_masks = [], {}
-    for start in tqdm(range(0, len(data.val), cfg.val_batch_size), desc="evaluating", leave=False, disable=None):
-        frames = data.val[start : start + cfg.val_batch_size]
-        pred = predict_masks(model, [f["image"] for f in frames], cfg, min_area)
-        scores = dice_per_image(pred, torch.stack([f["full_label"] for f in frames]), empty="one")
-        for i, (frame, mask, score) in enumerate(zip(frames, pred, scores.tolist())):
-            rows.append({"subject": frame["subject"], "img": frame["img"], "has_nerve": frame["has_nerve"],
-                         "predicted_area": int(mask.sum()), "dice": score})  # fmt: skip
-            if start + i in shown:
-                shown_masks[start + i] = (mask, score)
-    per_case = pd.DataFrame(rows)
-    save_atomically(cfg.output_dir / "val_per_case.csv", lambda path: per_case.to_csv(path, index=False))
+    val_per_case, shown_masks = score_frames(model, data.val, cfg, min_area, shown)
+    save_atomically(cfg.output_dir / "val_per_case.csv", lambda path: val_per_case.to_csv(path, index=False))
     figure = draw_predictions([data.val[i] for i in shown], [shown_masks[i] for i in shown])
     save_figure(figure, cfg.output_dir / "val_predictions.png")
-    baseline = per_case["has_nerve"].eq(False).mean()  # all-empty: 1 on the frames without nerve, 0 elsewhere
-    print(f"Best epoch {checkpoint['epoch']}: validation Dice {per_case['dice'].mean():.4f} (Kaggle metric, mean "
-          f"over {len(per_case)} frames at 420x580) with min area {min_area} px; all-empty baseline on the same "
-          f"frames {baseline:.4f}")  # fmt: skip
+    baseline = val_per_case["has_nerve"].eq(False).mean()  # all-empty: 1 on the frames without nerve, 0 elsewhere
+    print(f"Best epoch {checkpoint['epoch']}: validation Dice {val_per_case['dice'].mean():.4f} (Kaggle metric, "
+          f"mean over {len(val_per_case)} frames at 420x580) with min area {min_area} px; all-empty baseline on the "
+          f"same frames {baseline:.4f}: validation chose the epoch and the min area, so it is optimistic")  # fmt: skip
+    if not data.test:
+        print("No test set (test_fraction 0): the only score is validation's, which chose the model: optimistic")
+        val_per_case.attrs = {"scored": "validation"}
+        return val_per_case
+    # The test frames, scored once with the weights and the min area validation chose: nothing tuned on them.
+    per_case, _ = score_frames(model, data.test, cfg, min_area)
+    save_atomically(cfg.output_dir / "test_per_case.csv", lambda path: per_case.to_csv(path, index=False))
+    baseline = per_case["has_nerve"].eq(False).mean()
+    print(f"Test Dice {describe_ci(per_case['dice'], per_case['subject'], unit='frames')} (Kaggle metric at "
+          f"420x580, min area {min_area} px; all-empty baseline {baseline:.4f}): the result")  # fmt: skip
+    per_case.attrs = {"scored": "test", "all_empty": baseline}
     return per_case
 
 
@@ -808,13 +837,26 @@ if __name__ == "__main__":
     predictions = predict(cfg, cfg.predict_inputs)
 
 # %% Summary
+
+
+def best_scores(history: History, per_case: pd.DataFrame | None) -> str:
+    """The result: the test frames' Kaggle Dice with its 95% interval over subjects (process 0 alone has them), then
+    the best epoch's validation Dice, which chose that epoch and the min area, and so is optimistic."""
+    best = history.best()
+    text = f"validation Dice {best['val_dice']:.4f} (Kaggle metric; all-empty baseline "
+    text += f"{best['val_dice_all_empty']:.4f}), min area {best['min_area']} px: they chose the epoch"
+    if per_case is None:  # under torchrun, the other processes: process 0 scored the test frames
+        return text
+    if per_case.attrs.get("scored") != "test":
+        return text + "; no test set (test_fraction 0): this score chose the model and is optimistic"
+    test = describe_ci(per_case["dice"], per_case["subject"], unit="frames")
+    return f"test Dice {test} (Kaggle metric; all-empty baseline {per_case.attrs['all_empty']:.4f}); " + text
+
+
 if __name__ == "__main__":
     pictures = readme_pictures(cfg, data, {"val_predictions.png": "nerve_ultrasound_segmentation_predictions.png"})
-    best = history.best()
-    print(run_summary(cfg, data, history,
-                      f"validation Dice {best['val_dice']:.4f} (Kaggle metric; all-empty baseline "
-                      f"{best['val_dice_all_empty']:.4f}), min area {best['min_area']} px",
+    print(run_summary(cfg, data, history, best_scores(history, per_case),
                       ["best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "batch.png",
-                       "contradictory_pairs.csv", "val_per_case.csv", "val_predictions.png",
+                       "contradictory_pairs.csv", "val_per_case.csv", "test_per_case.csv", "val_predictions.png",
                        "predictions/ (<name>_mask.png, submission.csv)"],
                       pictures))  # fmt: skip

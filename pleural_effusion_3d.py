@@ -4,10 +4,11 @@ Outlines the fluid that collects between the lung and the chest wall: reads each
 sorted by position, Hounsfield units, the affine from the DICOM geometry), places the PleThora mask on the image's
 grid (by its header or by PleThora's documented voxel order, whichever puts it on fluid), windows, halves in-plane
 (image and mask by the same 2x2 blocks), crops the body, and caches every case in memory; splits by case with a
-seed, trains a MONAI UNet 3D on random crops (half centred on fluid, flipped left-right) with Dice + weighted BCE,
-validates with gaussian-blended sliding windows, keeps the epoch with the best validation Dice, and
-writes the validation predictions as NIfTI in each series' geometry; then predicts the effusion, and its volume in
-mL, on CTs nobody outlined (a NIfTI file or a DICOM series folder), each mask on its CT's own voxel grid.
+seed into training, validation and test, trains a MONAI UNet 3D on random crops (half centred on fluid, flipped
+left-right) with Dice + weighted BCE, validates with gaussian-blended sliding windows, keeps the epoch with the best
+validation Dice, and writes the validation predictions as NIfTI in each series' geometry; scores the held-out test
+cases once at full resolution (the result, with a 95% bootstrap interval); then predicts the effusion, and its
+volume in mL, on CTs nobody outlined (a NIfTI file or a DICOM series folder), each mask on its CT's own voxel grid.
 Data: NSCLC-Radiomics (Aerts et al. 2014) https://www.cancerimagingarchive.net/collection/nsclc-radiomics/ and
 PleThora (Kiser et al. 2020) https://doi.org/10.7937/tcia.2020.6c7y-gq39.
 
@@ -15,7 +16,8 @@ Data: `data/pleural_effusion/` holding `NSCLC-Radiomics/LUNG1-xxx/<study>/<serie
 downloader writes it, and `Effusions/LUNG1-xxx/LUNG1-xxx_effusion_first_reviewer.nii.gz` from PleThora. Without
 it the synthetic stand-in under `data/sample/` is used (written when missing), and the script says so.
 Outputs: `output/pleural_effusion_3d/`: `best_model.pt`, `last_checkpoint.pt`, `history.csv`, `dice_per_epoch.png`,
-`batch.png`, `skipped_cases.csv`, `val_per_case.csv`, `val_predictions/<case>_effusion_predicted.nii.gz`,
+`batch.png`, `skipped_cases.csv`, `val_per_case.csv`, `test_per_case.csv` (Dice and volumes per held-out test case:
+the result), `val_predictions/<case>_effusion_predicted.nii.gz`,
 `val_predictions.png` (true and predicted outlines; copied to `Images/` for the README when the synthetic sample
 was used), `predictions/<name>_effusion.nii.gz` and `predictions/predictions.csv` (input, mask, effusion_ml, voxels,
 shape) from the Predict cell.
@@ -81,8 +83,9 @@ from data_cleaning import (
     read_dicom_series,
     save_mask_nifti,
     segment_cts,
+    split_groups,
 )
-from dice import DiceAccumulator, save_figure, show, soft_dice_loss
+from dice import DiceAccumulator, describe_ci, save_figure, show, soft_dice_loss
 from precision import autocast, grad_scaler
 from sample_data import find_dataset
 
@@ -99,12 +102,16 @@ class Config(BaseConfig):
     output_dir: Path = ROOT / "output" / "pleural_effusion_3d"  # weights, history, plots, predictions
     images_dir: Path = ROOT / "Images"  # the README's pictures: val_predictions.png is copied there, from runs on
     # the synthetic sample only (pictures of real patients never land in a folder of the repository)
-    seed: int = 0  # one seed for the split, the initial weights, the crops and the augmentation
+    seed: int = 0  # the initial weights, the crops and the augmentation
+    split_seed: int = 0  # which cases are validation and test: kept apart from `seed`, so a new seed keeps the test set
     reviewer: str = "first"  # PleThora mask to learn: "first" outlined every case, "second" only some
     mask_orientation: str = "auto"  # where a mask's voxels go: "header" (its affine), "plethora" (PleThora's RPI
     # voxel order, whatever the header says), "auto": the one of the two under which the mask covers fluid (read_mask)
     max_cases: int | None = None  # the first N cases with a mask (the original used 10); None: all (78 in PleThora)
-    val_fraction: float = 0.2  # of cases, drawn with `seed`: 10 cases -> 8 train / 2 validation, as the original
+    val_fraction: float = 0.2  # of cases, drawn with `split_seed`, to choose the epoch (the original: 8 train / 2
+    # validation of 10 cases, and its validation Dice was its result)
+    test_fraction: float = 0.2  # of cases, held out and scored once at the end: the result. 10 cases -> 6 train / 2
+    # validation / 2 test (0: no test set, and the only score is validation's, which chose the model: optimistic)
     hu_window: tuple[float, float] = (-160.0, 240.0)  # HU mapped to 0..1, clipped: the soft-tissue window (W 400,
     # L 40), see `window_hu`
     in_plane_factor: int = 2  # in-plane downsampling: 512 x 512 -> 256 x 256 (the sample's 160 -> 80); 1: none
@@ -124,7 +131,8 @@ class Config(BaseConfig):
     num_res_units: int = 2  # residual units per block, as MONAI's spleen tutorial
     initial_logit: float = -2.0  # output bias at the start: logit(0.12), a guess at the fluid share of a real crop
     # (the sample's effusions are small: about 1% of its crops)
-    bce_weight: float = 0.5  # loss = (1 - bce_weight) x Dice + bce_weight x BCE; 0.5 is the original's sum, halved
+    bce_weight: float = 0.5  # loss = (1 - bce_weight) x Dice + bce_weight x BCE; 0.5: the original's Dice + BCE,
+    # halved, the same balance (and AdamW's steps do not depend on the loss's scale)
     pos_weight: float = 3.0  # BCE weight of fluid voxels, as the original: see DiceBCELoss
     lr: float = 1e-3  # AdamW
     weight_decay: float = 1e-4  # AdamW's decoupled weight decay
@@ -139,7 +147,7 @@ class Config(BaseConfig):
     # they would compete with the model for the same cores
     amp: bool = True  # mixed precision on CUDA (bfloat16 where supported, else float16); ignored on the CPU
     predict_inputs: Path | None = PREDICT  # the Predict cell's input: a NIfTI CT, a DICOM series folder, or a folder
-    # of such (None: the download's patients without a PleThora mask; the sample's validation patients)
+    # of such (None: the download's patients without a PleThora mask; the sample's test patients)
     checkpoint: Path | None = CHECKPOINT  # the weights the Predict cell uses (None: output_dir/best_model.pt)
     tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
     resume: bool = False  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs
@@ -413,17 +421,13 @@ def load_cases(cases: list[dict], cfg: Config, skipped: Skipped) -> list[dict]:
     return items
 
 
-def split_by_case(items: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, validation) cases: a seeded shuffle of the case names, at least one case on each side.
+def split_by_case(items: list[dict], cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, validation, test) cases, drawn by data_cleaning.split_groups with `split_seed`: the test cases first
+    (they stay when val_fraction or seed change), at least one on each side asked for, in the order of `items`.
 
-    A case is one patient's scan, so no patient is on both sides; seeded, so that a run can be repeated."""
-    names = sorted(item["case"] for item in items)
-    if len(names) < 2:
-        raise DatasetError(f"Need at least 2 usable cases to split, found {len(names)}: {names}")
-    order = np.random.default_rng(seed).permutation(len(names))
-    n_val = min(max(round(val_fraction * len(names)), 1), len(names) - 1)
-    val_names = {names[i] for i in order[:n_val]}
-    return [i for i in items if i["case"] not in val_names], [i for i in items if i["case"] in val_names]
+    A case is one patient's scan, so no patient is on two sides; seeded, so that a run can be repeated."""
+    sides = split_groups([item["case"] for item in items], cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    return tuple([item for item in items if item["case"] in side] for side in sides)
 
 
 def load_data(cfg: Config) -> Data:
@@ -444,12 +448,17 @@ def load_data(cfg: Config) -> Data:
         table = pd.DataFrame(skipped.rows, columns=["case", "problem", "detail"])
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
         save_atomically(cfg.output_dir / "skipped_cases.csv", lambda path: table.to_csv(path, index=False))
-    train, val = split_by_case(items, cfg.val_fraction, cfg.seed)
+    needed = 1 + (cfg.val_fraction > 0) + (cfg.test_fraction > 0)  # a case for each side asked for
+    if len(items) < needed:
+        raise DatasetError(f"{len(items)} usable case(s) in {root}: need {needed} at least (training, validation, "
+                           "test), each a CT series with its PleThora mask")  # fmt: skip
+    train, val, test = split_by_case(items, cfg)
     shapes = ", ".join(f"{i['case']} {tuple(i['image'].shape[1:])}" for i in items[:3])
     more = ", ..." if len(items) > 3 else ""
-    print(f"Split by case (seed {cfg.seed}): {len(train)} train, {len(val)} validation "
-          f"({', '.join(i['case'] for i in val)}); network grid (x, y, z) {shapes}{more}")  # fmt: skip
-    return Data(root, synthetic, train, val, unit="cases", skipped=skipped)
+    print(f"Split by case (split_seed {cfg.split_seed}): {len(train)} train, {len(val)} validation "
+          f"({', '.join(i['case'] for i in val)}), {len(test)} test ({', '.join(i['case'] for i in test)}); "
+          f"network grid (x, y, z) {shapes}{more}")  # fmt: skip
+    return Data(root, synthetic, train, val, test, unit="cases", skipped=skipped)
 
 
 if __name__ == "__main__":
@@ -561,8 +570,9 @@ class DiceBCELoss(torch.nn.Module):
 
     Dice over the batch, not per crop: the negative crops hold no fluid, and per crop each would add a loss of
     about 1 whatever the prediction. BCE gives every voxel a gradient from the start, where Dice alone is flat;
-    pos_weight 3 makes a missed fluid voxel cost as much as three false alarms made as confidently (the original's
-    value): fluid is rare even in the positive crops, and unweighted BCE trades it away for the background.
+    it is the mean over all voxels, and pos_weight multiplies the fluid voxels' term: with 3 (the original's
+    value), a fluid voxel called background costs three times a background voxel called fluid with the same
+    confidence. Fluid is rare even in the positive crops, and unweighted BCE trades it away for the background.
     """
 
     def __init__(self, bce_weight: float = 0.5, pos_weight: float = 3.0):
@@ -629,7 +639,8 @@ def predict_logits(model, image: torch.Tensor, cfg: Config) -> torch.Tensor:
 
 def evaluate(model, items: list[dict], loss_fn, cfg: Config) -> dict:
     """The validation row: loss and Dice on the network's grid, over whole volumes: the mean of the cases' Dice (as
-    the original's 0.628 over 2 volumes) and the global Dice (all voxels at once, as nnU-Net reports).
+    the original's 0.628 over 2 volumes, and as nnU-Net reports its results) and the global Dice (all voxels at once,
+    as nnU-Net's online "pseudo Dice" during training).
 
     Under torchrun each process predicts its share of the cases, and the scores of all are gathered: every process
     returns the same numbers, those of all `items`."""
@@ -693,8 +704,8 @@ def predict_case(model, hu: np.ndarray, cfg: Config) -> np.ndarray:
 
 
 def score_case(case: str, pred: np.ndarray, truth: np.ndarray, affine: np.ndarray) -> dict:
-    """A row of val_per_case.csv: the Dice at the series' full resolution, against the PleThora mask as read, and
-    the effusion's volume, true and predicted."""
+    """A row of val_per_case.csv or test_per_case.csv: the Dice at the series' full resolution, against the PleThora
+    mask as read, and the effusion's volume, true and predicted."""
     dice = DiceAccumulator(empty="one")
     dice.update(torch.from_numpy(pred)[None], torch.from_numpy(truth)[None])
     ml = abs(np.linalg.det(affine[:3, :3])) / 1000  # mL per voxel
@@ -702,29 +713,52 @@ def score_case(case: str, pred: np.ndarray, truth: np.ndarray, affine: np.ndarra
             "shape": "x".join(map(str, pred.shape))}  # fmt: skip
 
 
-def evaluate_best(cfg: Config, data: Data) -> pd.DataFrame | None:
-    """The best epoch's weights, read back from best_model.pt, on every validation case read again at full
-    resolution: the prediction written as NIfTI in the series' geometry (val_predictions/), its Dice and volumes
-    (val_per_case.csv), the slices with most fluid (val_predictions.png). Process 0 only (None in the others)."""
-    if not distributed.is_main():
-        return None
-    model, checkpoint = load_best(cfg, build_model, DEVICE)
+def score_cases(model, items: list[dict], cfg: Config, masks_dir: Path | None = None) -> tuple[pd.DataFrame, list]:
+    """(per_case, views): every case of `items` read again at full resolution, predicted and scored (`score_case`),
+    and its slice with most fluid for the figure; each prediction written as NIfTI in the series' geometry into
+    `masks_dir` if given."""
     rows, views = [], []
-    for item in tqdm(data.val, desc="predicting validation cases", leave=False, disable=None):
+    for item in tqdm(items, desc="predicting cases", leave=False, disable=None):
         hu, affine, truth, _ = read_case(item, item["mask_orientation"])
         pred = predict_case(model, hu, cfg)
-        save_mask_nifti(cfg.output_dir / "val_predictions" / f"{item['case']}_effusion_predicted.nii.gz", pred, affine)
+        if masks_dir is not None:
+            save_mask_nifti(masks_dir / f"{item['case']}_effusion_predicted.nii.gz", pred, affine)
         rows.append(score_case(item["case"], pred, truth, affine))
         k = int(truth.sum(axis=(0, 1)).argmax())  # the slice with most fluid
         views.append({"case": item["case"], "hu": hu[:, :, k], "truth": truth[:, :, k], "pred": pred[:, :, k],
                       "slice": k, "dice": rows[-1]["dice"]})  # fmt: skip
-    per_case = pd.DataFrame(rows)
-    save_atomically(cfg.output_dir / "val_per_case.csv", lambda path: per_case.to_csv(path, index=False))
+    return pd.DataFrame(rows), views
+
+
+def evaluate_best(cfg: Config, data: Data) -> pd.DataFrame | None:
+    """The best epoch's weights, read back from best_model.pt, on every validation case read again at full
+    resolution: the prediction written as NIfTI in the series' geometry (val_predictions/), its Dice and volumes
+    (val_per_case.csv), the slices with most fluid (val_predictions.png). Then, once, on the held-out test cases:
+    their Dice and volumes (test_per_case.csv), the result, with a 95% bootstrap interval over cases.
+
+    Returns the test cases' rows (the validation cases' when test_fraction is 0), `attrs["scored"]` saying which,
+    for the Summary. Process 0 only (None in the others)."""
+    if not distributed.is_main():
+        return None
+    model, checkpoint = load_best(cfg, build_model, DEVICE)
+    val_per_case, views = score_cases(model, data.val, cfg, cfg.output_dir / "val_predictions")
+    save_atomically(cfg.output_dir / "val_per_case.csv", lambda path: val_per_case.to_csv(path, index=False))
     title = "Validation: PleThora (green) and predicted (red) effusion"
     save_figure(draw_predictions(views[:3], cfg, title), cfg.output_dir / "val_predictions.png")
-    on_grid = f"{checkpoint['metric']:.4f} on the network's grid, which chose the epoch"
-    print(f"Best epoch {checkpoint['epoch']}: validation Dice {per_case['dice'].mean():.4f} at the series' full "
-          f"resolution (mean over {len(per_case)} cases; {on_grid})")  # fmt: skip
+    on_grid = f"{checkpoint['metric']:.4f} on the network's grid"
+    print(f"Best epoch {checkpoint['epoch']}: validation Dice {val_per_case['dice'].mean():.4f} at the series' full "
+          f"resolution (mean over {len(val_per_case)} cases; {on_grid}): it chose the epoch, so it is "
+          "optimistic")  # fmt: skip
+    if not data.test:
+        print("No test set (test_fraction 0): the only score is validation's, which chose the model: optimistic")
+        val_per_case.attrs = {"scored": "validation"}
+        return val_per_case
+    # The test cases, scored once with the weights validation chose and nothing else tuned on them.
+    per_case, _ = score_cases(model, data.test, cfg)
+    save_atomically(cfg.output_dir / "test_per_case.csv", lambda path: per_case.to_csv(path, index=False))
+    print(f"Test Dice {describe_ci(per_case['dice'], unit='cases')} per case at the series' full resolution: "
+          "the result")  # fmt: skip
+    per_case.attrs = {"scored": "test"}
     return per_case
 
 
@@ -790,24 +824,24 @@ TRAINED_AXES = ("L", "P", "S")
 
 def default_inputs(cfg: Config, checkpoint: dict, skipped: Skipped) -> list[Path]:
     """The CT series to predict when none are given: the download's patients without a PleThora mask, the scans no one
-    outlined, which a model like this is for. In the synthetic sample every patient has a mask: then the validation
-    patients of the checkpoint's own seeded split, which it never trained on. A patient without a usable CT series is
-    skipped."""
+    outlined, which a model like this is for. In the synthetic sample every patient has a mask: then the test
+    patients of the checkpoint's own seeded split (validation's if it had none), which it never trained on. A patient
+    without a usable CT series is skipped."""
     root = find_dataset("pleural_effusion", cfg.data_dir, say=False).root  # as load_data finds it (and says)
     if not (root / CT_DIR).is_dir():
         raise DatasetError(f"{root / CT_DIR} not found: no CT to predict by default (give predict_inputs)")
-    trained = Config.from_dict(checkpoint["config"])  # the reviewer, max_cases, val_fraction and seed it was trained on
+    trained = Config.from_dict(checkpoint["config"])  # the reviewer, max_cases, fractions, split_seed it trained on
     patients = sorted(p for p in (root / CT_DIR).iterdir() if p.is_dir())
     chosen = [p for p in patients if not plethora_mask(root / MASK_DIR, p.name, trained.reviewer).is_file()]
     if chosen:
         print(f"Predicting the {len(chosen)} patients of {root / CT_DIR} without a PleThora mask")
     else:
         cases = find_cases(root, trained.reviewer, skipped)[: trained.max_cases]
-        _, val = split_by_case(cases, trained.val_fraction, trained.seed)
-        chosen = [case["patient_dir"] for case in val]
-        print(f"Every patient of {root} has a PleThora mask (as in the synthetic sample): predicting the {len(val)} "
-              f"validation patients of the trained model's split (seed {trained.seed}): "
-              f"{', '.join(p.name for p in chosen)}")  # fmt: skip
+        _, val, test = split_by_case(cases, trained)
+        chosen = [case["patient_dir"] for case in test or val]
+        print(f"Every patient of {root} has a PleThora mask (as in the synthetic sample): predicting the {len(chosen)} "
+              f"{'test' if test else 'validation'} patients of the trained model's split (split_seed "
+              f"{trained.split_seed}): {', '.join(p.name for p in chosen)}")  # fmt: skip
     series = []
     for patient_dir in chosen:
         try:
@@ -872,24 +906,29 @@ if __name__ == "__main__":
 
 
 def best_text(history: History, per_case: pd.DataFrame | None) -> str:
-    """The summary's words on the best epoch: its validation Dice on the network's grid (which chose it), and at
-    full resolution per case where this process evaluated (process 0)."""
+    """The summary's words on the result: the test cases' mean Dice at full resolution with its 95% interval (where
+    this process evaluated: process 0), their volumes, then the best epoch's validation Dice on the network's grid,
+    which chose that epoch and so is optimistic."""
     best = history.best()
     text = f"validation Dice {best['val_dice']:.4f} (mean over cases on the network's grid; global "
-    text += f"{best['val_global_dice']:.4f})"
-    if per_case is not None:
-        text += "; at full resolution " + ", ".join(
-            f"{r.case} {r.dice:.4f} ({r.true_ml:.0f} mL true, {r.predicted_ml:.0f} predicted)"
-            for r in per_case.itertuples()
-        )
-    return text
+    text += f"{best['val_global_dice']:.4f}; it chose the epoch)"
+    if per_case is None:  # under torchrun, the other processes: process 0 scored the test cases
+        return text
+    volumes = ", ".join(
+        f"{r.case} {r.dice:.4f} ({r.true_ml:.0f} mL true, {r.predicted_ml:.0f} predicted)"
+        for r in per_case.head(5).itertuples()
+    ) + (", ..." if len(per_case) > 5 else "")  # fmt: skip
+    if per_case.attrs.get("scored") != "test":
+        return text + f"; at full resolution {volumes}; no test set (test_fraction 0): optimistic"
+    test = describe_ci(per_case["dice"], unit="cases")
+    return f"test Dice {test} at the series' full resolution ({volumes}); " + text
 
 
 if __name__ == "__main__":
     pictures = readme_pictures(cfg, data, {"val_predictions.png": "pleural_effusion_3d_predictions.png"})
     print(run_summary(cfg, data, history, best_text(history, per_case),
                       ["best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "batch.png",
-                       "skipped_cases.csv", "val_per_case.csv", "val_predictions.png",
+                       "skipped_cases.csv", "val_per_case.csv", "test_per_case.csv", "val_predictions.png",
                        f"val_predictions/ ({len(data.val)} NIfTI masks)",
                        f"predictions/ ({max(len(predictions) - 1, 0)} NIfTI masks, predictions.csv)"],
                       pictures))  # fmt: skip

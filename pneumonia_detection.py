@@ -1,19 +1,21 @@
 """Pneumonia detection on chest radiographs: the RSNA Pneumonia Detection Challenge (Kaggle, 2018) with Faster R-CNN.
 
 Finds the lung opacities of pneumonia as boxes: groups the label rows by patient (one radiograph, zero or more
-boxes), splits train/validation by patient with a seed at the data's own class mix, caps the training patients per
-class, trains torchvision's Faster R-CNN (COCO weights from `weights=` or the local torch cache, else from scratch,
+boxes), splits train/validation/test by patient with a seed at the data's own class mix, caps the training patients
+per class, trains torchvision's Faster R-CNN (COCO weights from `weights=` or the local torch cache, else from scratch,
 said in the summary), scores every epoch with the
 challenge metric and with COCO mAP, keeps the best epoch by the challenge metric, chooses on the validation set the
-score above which a box is kept, and predicts boxes on radiographs it has never seen (DICOM, PNG or JPEG, any
-size): by default the challenge's `stage_2_test_images/`, in Kaggle's submission format.
+score above which a box is kept, scores the held-out test patients once with both (the result, with a 95% bootstrap
+interval over radiographs), and predicts boxes on radiographs it has never seen (DICOM, PNG or JPEG, any size): by
+default the challenge's `stage_2_test_images/`, in Kaggle's submission format.
 Challenge and metric: https://www.kaggle.com/c/rsna-pneumonia-detection-challenge (Overview > Evaluation).
 
 Data: `data/rsna-pneumonia-detection-challenge/` as unzipped from Kaggle (`stage_2_train_labels.csv`,
 `stage_2_detailed_class_info.csv`, `stage_2_train_images/<patientId>.dcm`, `stage_2_test_images/<patientId>.dcm`).
 Without it the synthetic stand-in under `data/sample/` is used (written when missing), and the script says so.
 Outputs: `output/pneumonia_detection/`: `best_model.pt`, `last_checkpoint.pt`, `history.csv`,
-`rsna_metric_per_epoch.png`, `batch.png`, `val_per_case.csv`, `val_predictions.png` (true and predicted boxes;
+`rsna_metric_per_epoch.png`, `batch.png`, `val_per_case.csv`, `test_per_case.csv` (RSNA precision per held-out test
+radiograph: the result), `val_predictions.png` (true and predicted boxes;
 copied to `Images/` for the README when the synthetic sample was used), `predictions/` (`predictions.csv`: the
 Kaggle submission, `patientId,PredictionString`, boxes in each input's own pixels; `<name>_boxes.png` per input).
 
@@ -85,8 +87,9 @@ from data_cleaning import (
     mask_name,
     one_line_data_problems,
     read_radiograph,
+    split_groups,
 )
-from dice import save_figure, show
+from dice import describe_ci, save_figure, show
 from precision import autocast, grad_scaler
 from sample_data import find_dataset
 
@@ -103,12 +106,17 @@ class Config(BaseConfig):
     output_dir: Path = ROOT / "output" / "pneumonia_detection"  # weights, history, plots, predictions/
     images_dir: Path = ROOT / "Images"  # the README's picture: val_predictions.png is copied there, from runs on
     # the synthetic sample only (pictures of real patients never land in a folder of the repository)
-    seed: int = 0  # one seed for the sampling, the split, the initial weights and the flips
+    seed: int = 0  # the training sample per class, the initial weights and the flips
+    split_seed: int = 0  # which patients are validation and test: kept apart from `seed`, so a new seed keeps the test
     patients_per_class: int | None = 500  # cap on the TRAINING patients per class of the detailed class CSV (balanced
-    # training, as the original's sample), drawn after the split; validation keeps the data's own mix (22.5% with
-    # opacity), val_fraction / (1 - val_fraction) as many as training (375 for 1,500, 84 with opacity); None: all
-    val_fraction: float = 0.2  # of each class's patients held out, split first, by patient (one radiograph, all its
-    # label rows: split by row, one patient could land on both sides), stratified by class: the data's mix
+    # training, as the original's sample), drawn after the split; validation and test keep the data's own mix (22.5%
+    # with opacity), each val_fraction (test_fraction) / (1 - val_fraction - test_fraction) as many as training (500
+    # each for 1,500, 113 with opacity); None: all
+    val_fraction: float = 0.2  # of each class's patients, to choose the epoch and the score threshold; split by
+    # patient (one radiograph, all its label rows: split by row, one patient could land on both sides), stratified by
+    # class: the data's mix
+    test_fraction: float = 0.2  # of each class's patients, held out and scored once at the end: the result (0: no
+    # test set, and the only score is validation's, which chose the model and is optimistic)
     image_size: int = 512  # side the 1024-px radiographs are resized to; the opacities are large (150-350 px),
     # and 512 px is what most challenge solutions trained at
     model: str = "fasterrcnn_resnet50_fpn"  # or "fasterrcnn_resnet50_fpn_v2" (Li et al. 2021: better, slower)
@@ -152,7 +160,7 @@ class Config(BaseConfig):
     # The quick run (QUICK=1, or Config(quick=True)): a first try in a few minutes on a CPU, from scratch. These
     # replace the defaults above; a setting given explicitly, as in Config(quick=True, max_epochs=5), wins.
     QUICK_RUN: ClassVar[dict] = dict(
-        patients_per_class=12,  # the sample's 36 patients (12 per class): 30 training radiographs, 6 validation
+        patients_per_class=12,  # the sample's 36 patients (12 per class): 24 training radiographs, 6 validation, 6 test
         image_size=128,  # 128 px still shows the opacities, with 16x fewer pixels than 512
         rpn_proposals_train=300,  # the box head runs on every proposal: a few hundred cover a 128-px image
         rpn_proposals_test=300,
@@ -223,39 +231,49 @@ def sample_patients(patients: list[dict], per_class: int | None, seed: int) -> l
     return sorted(sampled, key=lambda p: p["patient_id"])
 
 
-def split_by_patient(patients: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, validation): `val_fraction` of each class's patients to validation, drawn with `seed`.
+def split_by_patient(
+    patients: list[dict], val_fraction: float, test_fraction: float, seed: int
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, validation, test): each class's patients drawn by data_cleaning.split_groups with `seed`, the test
+    patients first, at least one of each class on each side asked for. A class too small for that (fewer patients
+    than sides) goes to training whole.
 
-    Each patient is one radiograph with all its boxes, so no patient is on both sides. Stratifying by class keeps
-    the data's class mix in validation (to rounding), and positives and both kinds of negatives in a small one.
+    Each patient is one radiograph with all its boxes, so no patient is on two sides. Stratifying by class keeps
+    the data's class mix in validation and test (to rounding), and positives and both kinds of negatives in small
+    ones.
     """
-    rng = np.random.default_rng(seed)
-    train, val = [], []
+    sides = ([], [], [])
+    needed = 1 + (val_fraction > 0) + (test_fraction > 0)
     for name in sorted({p["class"] for p in patients}):
-        members = [p for p in patients if p["class"] == name]
-        order = rng.permutation(len(members))
-        # At least one of each class in validation, at least one left for training.
-        n_val = min(max(round(val_fraction * len(members)), 1), len(members) - 1)
-        val += [members[i] for i in order[:n_val]]
-        train += [members[i] for i in order[n_val:]]
-    return sorted(train, key=lambda p: p["patient_id"]), sorted(val, key=lambda p: p["patient_id"])
+        members = {p["patient_id"]: p for p in patients if p["class"] == name}
+        if len(members) < needed:
+            sides[0].extend(members.values())
+            continue
+        for side, ids in zip(sides, split_groups(members, val_fraction, test_fraction, seed)):
+            side.extend(members[i] for i in ids)
+    return tuple(sorted(side, key=lambda p: p["patient_id"]) for side in sides)
 
 
-def choose_patients(patients: list[dict], cfg: Config) -> tuple[list[dict], list[dict]]:
-    """(train, validation) patients: split by patient first, at the data's class mix, then (patients_per_class)
-    training capped per class and validation drawn down to val_fraction / (1 - val_fraction) of training's size,
-    stratified by class again, so still at the data's mix.
+def choose_patients(patients: list[dict], cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, validation, test) patients: split by patient first, at the data's class mix (`split_seed`), then
+    (patients_per_class) training capped per class and validation and test each drawn down to its fraction /
+    (1 - val_fraction - test_fraction) of training's size, stratified by class again, so still at the data's mix.
 
-    Drawing the same number per class for both sides, as the original did, made validation a third positive against
+    Drawing the same number per class for every side, as the original did, made validation a third positive against
     22.5% in the data: the score threshold chosen there kept boxes too readily, and the metric came out inflated.
     A balanced training set is kept: positives are where a detector learns its boxes."""
-    train, val = split_by_patient(patients, cfg.val_fraction, cfg.seed)
+    train, val, test = split_by_patient(patients, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
     train = sample_patients(train, cfg.patients_per_class, cfg.seed)
     if cfg.patients_per_class is not None:
-        n_val = round(len(train) * cfg.val_fraction / (1 - cfg.val_fraction))
-        if n_val < len(val):  # the same stratified draw, keeping n_val of them
-            val = split_by_patient(val, n_val / len(val), cfg.seed)[1]
-    return train, val
+        kept = 1 - cfg.val_fraction - cfg.test_fraction  # training's share of the split
+        drawn = []
+        for side, fraction in ((val, cfg.val_fraction), (test, cfg.test_fraction)):
+            n = round(len(train) * fraction / kept)
+            if 0 < n < len(side):  # the same stratified draw, keeping n of them
+                side = split_by_patient(side, n / len(side), 0, cfg.split_seed)[1]
+            drawn.append(side)
+        val, test = drawn
+    return train, val, test
 
 
 def with_opacity(items: list[dict]) -> tuple[int, float]:
@@ -326,24 +344,25 @@ def load_data(cfg: Config) -> Data:
     per_class = Counter(p["class"] for p in patients)
     print(f"{len(patients)} labelled patients ({', '.join(f'{n} {name}' for name, n in sorted(per_class.items()))})")
     skipped = Skipped("patient")
-    train_patients, val_patients = choose_patients(patients, cfg)
-    drawn = len(train_patients) + len(val_patients)
+    chosen = choose_patients(patients, cfg)
+    drawn = sum(map(len, chosen))
     # Every process decodes the same patients (uint8 at image_size: 0.26 MB a radiograph at 512 px), so all find the
     # same usable ones and the same split; each then trains on its own shard of it (build_train_loader).
-    train, val = (load_patients(part, cfg.image_size, skipped) for part in (train_patients, val_patients))
+    train, val, test = (load_patients(part, cfg.image_size, skipped) for part in chosen)
     print(skipped.summary(f"{root / TRAIN_IMAGES} ({drawn} patients drawn)"))
-    if not train or not val:
+    wanted = {"training": train, "validation": val} | ({"test": test} if cfg.test_fraction > 0 else {})
+    if not all(wanted.values()):
         raise DatasetError(
-            f"{len(train) + len(val)} usable patients of {drawn} drawn: need one for training and one for "
-            f"validation at least, with their DICOMs in {root / TRAIN_IMAGES}/<patientId>.dcm and their boxes in "
-            f"{root / LABELS_CSV}"
+            f"{len(train) + len(val) + len(test)} usable patients of {drawn} drawn: need one for "
+            f"{', '.join(wanted)} at least, with their DICOMs in {root / TRAIN_IMAGES}/<patientId>.dcm and their "
+            f"boxes in {root / LABELS_CSV}"
         )
-    (n_train, train_share), (n_val, val_share) = with_opacity(train), with_opacity(val)
-    print(f"Split by patient (seed {cfg.seed}), stratified by class, all at {cfg.image_size} px: training "
-          f"{len(train)} radiographs, {n_train} with opacity ({train_share:.1%}); validation: {len(val)} "
-          f"radiographs, {n_val} with opacity ({val_share:.1%}; of all {len(patients)} labelled patients: "
-          f"{with_opacity(patients)[1]:.1%})")  # fmt: skip
-    return Data(root, synthetic, train, val, unit="radiographs", skipped=skipped)
+    mix = ", ".join(f"{name} {len(items)} radiographs, {with_opacity(items)[0]} with opacity "
+                    f"({with_opacity(items)[1]:.1%})" for name, items in (("training", train), ("validation", val),
+                                                                          ("test", test)))  # fmt: skip
+    print(f"Split by patient (split_seed {cfg.split_seed}), stratified by class, all at {cfg.image_size} px: {mix} "
+          f"(of all {len(patients)} labelled patients: {with_opacity(patients)[1]:.1%})")  # fmt: skip
+    return Data(root, synthetic, train, val, test, unit="radiographs", skipped=skipped)
 
 
 if __name__ == "__main__":
@@ -850,18 +869,11 @@ def draw_predictions(items: list[dict], predictions: list[dict], threshold: floa
     return fig
 
 
-def evaluate_best(cfg: Config, data: Data) -> pd.DataFrame | None:
-    """The best epoch's weights, read back from best_model.pt, on every validation radiograph with the score
-    threshold chosen with them: the RSNA precision per radiograph (val_per_case.csv; NaN where a radiograph does
-    not count: no opacity, no box predicted), and the boxes (val_predictions.png). Process 0 only (None in the
-    others)."""
-    if not distributed.is_main():
-        return None
-    model, checkpoint = load_best(cfg, build_model, DEVICE)
-    threshold = checkpoint["metrics"]["score_threshold"]
-    predictions = [boxes_above(pred, threshold) for pred in predict_items(model, data.val, cfg)]
+def score_radiographs(items: list[dict], predictions: list[dict]) -> pd.DataFrame:
+    """A row per radiograph: patient_id, class, true and predicted boxes, and its RSNA precision (NaN where it does
+    not count: no opacity, no box predicted)."""
     rows = []
-    for item, pred in zip(data.val, predictions):
+    for item, pred in zip(items, predictions):
         precision = rsna_image_precision(pred["boxes"], pred["scores"], item["boxes"])
         rows.append(
             {
@@ -872,18 +884,56 @@ def evaluate_best(cfg: Config, data: Data) -> pd.DataFrame | None:
                 "rsna_precision": math.nan if precision is None else precision,  # NaN: does not count
             }
         )
-    per_case = pd.DataFrame(rows)
-    save_atomically(cfg.output_dir / "val_per_case.csv", lambda path: per_case.to_csv(path, index=False))
+    return pd.DataFrame(rows)
+
+
+def evaluate_best(cfg: Config, data: Data) -> pd.DataFrame | None:
+    """The best epoch's weights, read back from best_model.pt, with the score threshold validation chose for them:
+    on every validation radiograph (val_per_case.csv, the boxes in val_predictions.png), then once on the held-out
+    test radiographs (test_per_case.csv): the RSNA precision per radiograph, their mean (the challenge metric) the
+    result, with a 95% bootstrap interval over the radiographs that count, and COCO mAP.
+
+    Returns the test radiographs' rows (the validation ones' when test_fraction is 0), `attrs` saying which
+    ("scored") and the baseline and mAP of those radiographs, for the Summary. Process 0 only (None in the others)."""
+    if not distributed.is_main():
+        return None
+    model, checkpoint = load_best(cfg, build_model, DEVICE)
+    threshold = checkpoint["metrics"]["score_threshold"]
+    predictions = [boxes_above(pred, threshold) for pred in predict_items(model, data.val, cfg)]
+    val_per_case = score_radiographs(data.val, predictions)
+    save_atomically(cfg.output_dir / "val_per_case.csv", lambda path: val_per_case.to_csv(path, index=False))
     shown = pick_examples(data.val, cfg.examples)
     by_patient = {item["patient_id"]: pred for item, pred in zip(data.val, predictions)}
     figure = draw_predictions(shown, [by_patient[item["patient_id"]] for item in shown], threshold)
     save_figure(figure, cfg.output_dir / "val_predictions.png")
-    counted, best = per_case["rsna_precision"].dropna(), checkpoint["metrics"]
+    counted, best = val_per_case["rsna_precision"].dropna(), checkpoint["metrics"]
     print(f"Best epoch {checkpoint['epoch']}: validation RSNA metric {counted.mean():.4f} with score >= "
-          f"{threshold:.2f} (mean over the {len(counted)} of {len(per_case)} radiographs that count; predicting "
+          f"{threshold:.2f} (mean over the {len(counted)} of {len(val_per_case)} radiographs that count; predicting "
           f"nothing scores {best['val_rsna_predict_nothing']:.4f}; mAP {best['val_map']:.4f}, mAP@.5 "
-          f"{best['val_map50']:.4f})")  # fmt: skip
+          f"{best['val_map50']:.4f}): validation chose the epoch and the threshold, so it is optimistic")  # fmt: skip
+    if not data.test:
+        print("No test set (test_fraction 0): the only score is validation's, which chose the model: optimistic")
+        val_per_case.attrs = {"scored": "validation"}
+        return val_per_case
+    # The test radiographs, scored once with the weights and the score threshold validation chose.
+    raw = predict_items(model, data.test, cfg)
+    per_case = score_radiographs(data.test, [boxes_above(pred, threshold) for pred in raw])
+    save_atomically(cfg.output_dir / "test_per_case.csv", lambda path: per_case.to_csv(path, index=False))
+    truths = [item["boxes"] for item in data.test]
+    test_map, test_map50 = coco_map(raw, truths)
+    nothing = rsna_metric([NO_BOX] * len(truths), truths)
+    per_case.attrs = {"scored": "test", "threshold": threshold, "predict_nothing": nothing, "map": test_map,
+                      "map50": test_map50}  # fmt: skip
+    print(f"Test {held_out_scores(per_case)}: the result")
     return per_case
+
+
+def held_out_scores(per_case: pd.DataFrame) -> str:
+    """The test radiographs' RSNA metric with its interval, as the Evaluate cell prints it and the Summary gives it."""
+    a = per_case.attrs
+    metric = describe_ci(per_case["rsna_precision"], unit="radiographs that count")
+    return (f"RSNA metric {metric} at score >= {a['threshold']:.2f} of {len(per_case)} radiographs (predicting "
+            f"nothing: {a['predict_nothing']:.4f}; mAP {a['map']:.4f}, mAP@.5 {a['map50']:.4f})")  # fmt: skip
 
 
 if __name__ == "__main__":
@@ -1026,15 +1076,21 @@ FROM_SCRATCH = "FROM SCRATCH: no COCO weights, scores not comparable with the le
 # from ImageNet or COCO weights and trained for hours at 512 px or more (README: expectations)
 
 
-def summarize(cfg: Config, data: Data, history: History, pictures: list[Path]) -> str:
-    """The closing lines: the data, the best epoch and its scores, the outputs, and where training started (from
-    COCO weights, or FROM SCRATCH, which no score of the leaderboard did)."""
+def summarize(cfg: Config, data: Data, history: History, pictures: list[Path], per_case=None) -> str:
+    """The closing lines: the data, the result (the test radiographs' RSNA metric with its interval, where this
+    process scored them: process 0) and the best epoch's validation scores, which chose it, the outputs, and where
+    training started (from COCO weights, or FROM SCRATCH, which no score of the leaderboard did)."""
     best = history.best()
     outputs = ["best_model.pt", "last_checkpoint.pt", "history.csv", "rsna_metric_per_epoch.png", "batch.png",
-               "val_per_case.csv", "val_predictions.png", "predictions/ (predictions.csv, pictures)"]  # fmt: skip
+               "val_per_case.csv", "test_per_case.csv", "val_predictions.png",
+               "predictions/ (predictions.csv, pictures)"]  # fmt: skip
     scores = (f"validation RSNA metric {best['val_rsna']:.4f} at score >= {best['score_threshold']:.2f} (predicting "
               f"nothing: {best['val_rsna_predict_nothing']:.4f}; mAP {best['val_map']:.4f}, mAP@.5 "
-              f"{best['val_map50']:.4f})")  # fmt: skip
+              f"{best['val_map50']:.4f}; it chose the epoch and the threshold)")  # fmt: skip
+    if per_case is not None and per_case.attrs.get("scored") == "test":
+        scores = f"test {held_out_scores(per_case)}; " + scores
+    elif per_case is not None:
+        scores += "; no test set (test_fraction 0): this score chose the model and is optimistic"
     start = coco_weights(cfg)
     return "\n".join([run_summary(cfg, data, history, scores, outputs, pictures),
                       f"  start:   the COCO weights in {start}" if start is not None else FROM_SCRATCH])  # fmt: skip
@@ -1042,4 +1098,4 @@ def summarize(cfg: Config, data: Data, history: History, pictures: list[Path]) -
 
 if __name__ == "__main__":
     pictures = readme_pictures(cfg, data, {"val_predictions.png": "pneumonia_detection_predictions.png"})
-    print(summarize(cfg, data, history, pictures))
+    print(summarize(cfg, data, history, pictures, per_case))

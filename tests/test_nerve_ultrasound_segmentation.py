@@ -54,8 +54,10 @@ def nerve_copy(sample_root, tmp_path):
 @pytest.fixture(scope="module")
 def trained(nerve, sample_root, tmp_path_factory):
     """The configuration of a short run trained once for this module (8 epochs, seconds): its output_dir holds
-    best_model.pt, which finds the sample's nerves (validation Dice above the all-empty baseline)."""
+    best_model.pt, which finds the sample's nerves (validation Dice above the all-empty baseline). Without a test
+    set: these tests are about prediction, and 4 training subjects of the sample's 5 learn it more surely than 3."""
     cfg = replace(nerve.cfg, data_dir=sample_root, output_dir=tmp_path_factory.mktemp("trained"), max_epochs=8)
+    cfg = replace(cfg, test_fraction=0)
     history = nerve.fit(cfg, nerve.load_data(cfg), nerve.build_model(cfg))
     assert history.best()["val_dice"] > history.best()["val_dice_all_empty"]
     return cfg
@@ -106,16 +108,21 @@ def test_submission_round_trip_through_the_csv(nerve, tmp_path):
 # %% Split, near-duplicates, minimum area
 
 
-def test_split_is_by_subject_seeded_and_deterministic(nerve):
+def test_split_is_by_subject_seeded_and_the_test_subjects_stay_put(nerve):
     subjects = [s for s in range(1, 48) for _ in range(3)]  # 47 subjects, several frames each
-    train, val = nerve.split_by_subject(subjects, 0.2, seed=0)
-    assert not set(train) & set(val) and set(train) | set(val) == set(range(1, 48))
-    assert len(val) == 9
-    assert nerve.split_by_subject(subjects, 0.2, seed=0) == (train, val)
-    assert nerve.split_by_subject(subjects, 0.2, seed=1)[1] != val
-    assert nerve.split_by_subject([7, 7, 3], 0.5, seed=0) in [([3], [7]), ([7], [3])]  # one each side, at least
-    with pytest.raises(ValueError, match="at least 2 subjects"):
-        nerve.split_by_subject([4, 4], 0.2, seed=0)
+    cfg = nerve.Config()
+    train, val, test = nerve.split_by_subject(subjects, cfg)
+    assert [len(train), len(val), len(test)] == [29, 9, 9]  # round(0.2 x 47) = 9 each, of all subjects
+    assert sorted(train + val + test) == list(range(1, 48))  # each subject on one side only
+    assert nerve.split_by_subject(subjects, cfg) == (train, val, test)
+    # The test subjects depend on split_seed and test_fraction only: a new training seed or val_fraction keeps them.
+    for changed in (replace(cfg, seed=3), replace(cfg, val_fraction=0.3)):
+        assert nerve.split_by_subject(subjects, changed)[2] == test
+    assert nerve.split_by_subject(subjects, replace(cfg, split_seed=1))[2] != test
+    assert [len(side) for side in nerve.split_by_subject([7, 7, 3, 9], cfg)] == [1, 1, 1]  # one each, at least
+    assert nerve.split_by_subject([7, 3], replace(cfg, test_fraction=0))[2] == []
+    with pytest.raises(DatasetError, match="cannot be split"):
+        nerve.split_by_subject([4, 4, 5], cfg)
 
 
 def test_near_duplicates_are_found_within_a_subject_and_different_frames_are_not():
@@ -141,16 +148,17 @@ def test_near_duplicates_are_found_within_a_subject_and_different_frames_are_not
 
 
 def load(nerve, data_dir, tmp_path, **settings):
-    """The Data stage on the download in data_dir/ultrasound-nerve-segmentation: (train frames, validation frames)."""
+    """The Data stage on the download in data_dir/ultrasound-nerve-segmentation: (train frames, validation and test
+    frames)."""
     data = nerve.load_data(replace(nerve.cfg, data_dir=data_dir, output_dir=tmp_path / "out", **settings))
-    return data.train, data.val
+    return data.train, data.val + data.test
 
 
 def test_contradictory_frames_leave_training_by_default_and_stay_when_configured(nerve, sample_root, tmp_path, capsys):
     root = sample_root / NERVE
     cfg = replace(nerve.cfg, data_dir=sample_root, output_dir=tmp_path)
     data = nerve.load_data(cfg)
-    train, val = data.train, data.val
+    train, val = data.train, data.val + data.test
     assert data.root == root and not data.synthetic  # data_dir holds the dataset: used as a real one
     pairs = pd.read_csv(tmp_path / "contradictory_pairs.csv")
     assert len(pairs) >= 2  # the sample plants a near copy with an empty mask in 2-3 subjects
@@ -169,7 +177,7 @@ def test_contradictory_frames_leave_training_by_default_and_stay_when_configured
     assert expected  # at least one pair lies in the training subjects
     assert frame_keys(train_all) - frame_keys(train) == expected
     assert frame_keys(train) < frame_keys(train_all)
-    assert frame_keys(val) == frame_keys(val_all)  # validation keeps every frame, as Kaggle scores them
+    assert frame_keys(val) == frame_keys(val_all)  # validation and test keep every frame, as Kaggle scores them
     assert not {f["subject"] for f in val} & train_subjects
 
 
@@ -302,7 +310,9 @@ def test_quick_run_of_the_cells_learns_and_writes_checkpoint_plots_history_and_s
     out = capsys.readouterr().out
     assert cfg.quick and cfg.max_epochs == 20 and cfg.image_size == (64, 96)  # the quick run's settings
     assert "Configuration: QUICK run, with " in out and "SYNTHETIC" in out and "all-empty baseline" in out
-    assert data.synthetic and len(data.train) == 38 and len(data.val) == 10  # 2 contradictory frames left out
+    # 5 subjects of 10 frames: 3 for training (a contradictory frame left out), 1 for validation, 1 for test.
+    assert data.synthetic and [len(data.train), len(data.val), len(data.test)] == [29, 10, 10]
+    assert not {f["subject"] for f in data.train} & {f["subject"] for f in data.val + data.test}
     assert batch["image"].shape == (cfg.batch_size, 1, *cfg.image_size) and batch["image"].dtype == torch.uint8
     assert set(batch["label"].unique().tolist()) <= {0, 1}  # masks stay binary through resizing and flips
     assert isinstance(cells["model"], torch.nn.Module)
@@ -327,11 +337,22 @@ def test_quick_run_of_the_cells_learns_and_writes_checkpoint_plots_history_and_s
     assert checkpoint["config"]["image_size"] == cfg.image_size
     cells["build_model"](cfg).load_state_dict(checkpoint["model"])  # strict: every weight is there
 
-    # Evaluate: the best weights read back score every validation frame as the best epoch did.
-    assert list(per_case.columns) == ["subject", "img", "has_nerve", "predicted_area", "dice"]
-    assert len(per_case) == len(data.val) and per_case["dice"].mean() == pytest.approx(best["val_dice"], abs=1e-9)
-    assert ((per_case["predicted_area"] == 0) | (per_case["predicted_area"] >= best["min_area"])).all()
-    pd.testing.assert_frame_equal(pd.read_csv(out_dir / "val_per_case.csv"), per_case)
+    # Evaluate: the best weights read back score every validation frame as the best epoch did; then the test
+    # frames, once, with the min area validation chose: test_per_case.csv, the cell's per_case.
+    val_per_case = pd.read_csv(out_dir / "val_per_case.csv")
+    assert list(val_per_case.columns) == ["subject", "img", "has_nerve", "predicted_area", "dice"]
+    assert len(val_per_case) == len(data.val)
+    assert val_per_case["dice"].mean() == pytest.approx(best["val_dice"], abs=1e-9)
+    pd.testing.assert_frame_equal(pd.read_csv(out_dir / "test_per_case.csv"), per_case)
+    assert list(zip(per_case["subject"], per_case["img"])) == [(f["subject"], f["img"]) for f in data.test]
+    for table in (val_per_case, per_case):  # the filter was applied to both
+        assert ((table["predicted_area"] == 0) | (table["predicted_area"] >= best["min_area"])).all()
+    # Scored as Kaggle does: the test frames' own masks at 420x580, an empty prediction on an empty mask scoring 1.
+    for area, frame, score in zip(per_case["predicted_area"], data.test, per_case["dice"]):
+        if not area:
+            assert score == (0.0 if frame["has_nerve"] else 1.0)
+        elif not frame["has_nerve"]:
+            assert score == 0.0  # a false alarm on an empty frame
 
     for name in ("dice_per_epoch.png", "batch.png", "val_predictions.png"):
         with Image.open(out_dir / name) as figure:
@@ -343,7 +364,9 @@ def test_quick_run_of_the_cells_learns_and_writes_checkpoint_plots_history_and_s
     assert len(list((out_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
     summary = out[out.index("\nSummary (") :]
     assert f"data:    SYNTHETIC sample {data_dir / 'sample' / NERVE}" in summary
-    assert f"best:    epoch {best['epoch']} of {cfg.max_epochs}, validation Dice {best['val_dice']:.4f}" in summary
+    test = f"test Dice {per_case['dice'].mean():.4f} ({len(per_case)} frames of 1 patient: too few for an interval)"
+    assert f"best:    epoch {best['epoch']} of {cfg.max_epochs}, {test} (Kaggle metric" in summary  # the result
+    assert f"validation Dice {best['val_dice']:.4f} (Kaggle metric" in summary
     assert f"outputs: {out_dir}/" in summary and f"picture: {picture}" in summary
 
     assert "predictions/ (<name>_mask.png, submission.csv)" in summary
@@ -399,11 +422,12 @@ def test_same_seed_same_split_and_same_first_epoch_on_the_cpu(nerve, sample_root
         cfg = replace(nerve.cfg, data_dir=sample_root, output_dir=tmp_path / name, max_epochs=1, seed=seed)
         data = nerve.load_data(cfg)
         history = nerve.fit(cfg, data, nerve.build_model(cfg))
-        runs.append(([(f["subject"], f["img"]) for f in data.train + data.val], history[0]))
-    (split_a, first_a), (split_b, first_b), (_, other) = runs
+        runs.append(([(f["subject"], f["img"]) for f in data.train + data.val + data.test], history[0]))
+    (split_a, first_a), (split_b, first_b), (split_c, other) = runs
     assert split_a == split_b and first_a["train_loss"] == first_b["train_loss"]  # bitwise
     assert first_a["val_dice_no_filter"] == first_b["val_dice_no_filter"]
-    assert other["train_loss"] != first_a["train_loss"]  # the seed reaches the split, the weights, the shuffling
+    assert split_c == split_a  # the split is split_seed's: a new training seed keeps it
+    assert other["train_loss"] != first_a["train_loss"]  # the seed reaches the weights and the shuffling
 
 
 # %% Predict: the user's own frames

@@ -29,7 +29,7 @@ PIPELINES = {
     "nerve_ultrasound_segmentation": (
         "ultrasound-nerve-segmentation",
         {"max_epochs": 2},
-        COMMON + ["dice_per_epoch.png", "val_per_case.csv", "val_predictions.png", "predictions"],
+        COMMON + ["dice_per_epoch.png", "val_per_case.csv", "test_per_case.csv", "val_predictions.png", "predictions"],
     ),
     "covid_ct_segmentation": (
         "COVID-19-20_v2",
@@ -39,13 +39,15 @@ PIPELINES = {
     "pneumonia_detection": (
         "rsna-pneumonia-detection-challenge",
         {"max_epochs": 2, "max_steps_per_epoch": 2, "patients_per_class": 3, "image_size": 64, "examples": 2},
-        COMMON + ["rsna_metric_per_epoch.png", "val_per_case.csv", "val_predictions.png", "predictions"],
+        COMMON + ["rsna_metric_per_epoch.png", "val_per_case.csv", "test_per_case.csv", "val_predictions.png",
+                  "predictions"],
     ),
     "pleural_effusion_3d": (
         "pleural_effusion",
         {"max_epochs": 2, "max_cases": 3, "roi_size": (16, 16, 8), "channels": (4, 8), "strides": (2,),
          "samples_per_volume": 1, "val_interval": 1},
-        COMMON + ["dice_per_epoch.png", "val_per_case.csv", "val_predictions.png", "val_predictions", "predictions"],
+        COMMON + ["dice_per_epoch.png", "val_per_case.csv", "test_per_case.csv", "val_predictions.png",
+                  "val_predictions", "predictions"],
     ),
 }  # fmt: skip
 STAGES = {"Data": "data", "Transforms": "batch", "Model and loss": "model", "Train": "history", "Evaluate": "per_case"}

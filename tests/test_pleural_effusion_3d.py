@@ -262,11 +262,12 @@ def test_the_data_stage_counts_the_skipped_cases_lists_them_and_splits_the_other
     assert data.skipped.counts == {"missing slice": 1, "no mask": 1}
     listed = pd.read_csv(cfg.output_dir / "skipped_cases.csv")
     assert list(listed.columns) == ["case", "problem", "detail"] and sorted(listed["case"]) == damaged
-    names = {group: {item["case"] for item in getattr(data, group)} for group in ("train", "val")}
-    assert not names["train"] & names["val"] and len(names["train"]) == 6 and len(names["val"]) == 2
-    assert names["train"] | names["val"] == {f"LUNG1-{n:03d}" for n in range(1, 11)} - set(damaged)
-    assert str(data) == f"real dataset {pleural_copy}: 6 train, 2 validation cases; 2 cases skipped"
-    for item in data.train + data.val:  # cached on the network's grid, image and label alike
+    names = {group: {item["case"] for item in getattr(data, group)} for group in ("train", "val", "test")}
+    assert [len(names[group]) for group in ("train", "val", "test")] == [4, 2, 2]  # of 8: round(0.2 x 8) = 2
+    assert set.union(*names.values()) == {f"LUNG1-{n:03d}" for n in range(1, 11)} - set(damaged)
+    assert sum(map(len, names.values())) == 8  # no case on two sides
+    assert str(data) == f"real dataset {pleural_copy}: 4 train, 2 validation, 2 test cases; 2 cases skipped"
+    for item in data.train + data.val + data.test:  # cached on the network's grid, image and label alike
         assert item["image"].dtype == torch.float16 and item["label"].dtype == torch.uint8
         assert item["image"].shape == item["label"].shape and item["label"].any()
 
@@ -274,7 +275,8 @@ def test_the_data_stage_counts_the_skipped_cases_lists_them_and_splits_the_other
 def test_nothing_usable_is_one_clear_error(pe, pleural_copy, tmp_path):
     for path in (pleural_copy / "Effusions").rglob("*.nii.gz"):
         path.unlink()
-    with pytest.raises(DatasetError, match=r"Need at least 2 usable cases to split, found 0"):
+    no_masks = r"0 usable case\(s\) in .*pleural_effusion: need 3 at least \(training, validation, test\)"
+    with pytest.raises(DatasetError, match=no_masks):
         pe.load_data(tiny_config(pe, tmp_path, pleural_copy.parent))
     shutil.rmtree(pleural_copy / "Effusions")
     with pytest.raises(DatasetError, match=r"Effusions not found: expected NSCLC-Radiomics/LUNG1-xxx"):
@@ -347,16 +349,27 @@ def test_a_sphere_halved_and_put_back_stays_in_place(pe):
     )
 
 
-def test_split_is_by_case_seeded_and_eight_two(pe):
+def test_split_is_by_case_seeded_six_two_two_and_the_test_cases_stay_put(pe):
     items = [{"case": f"LUNG1-{n:03d}"} for n in range(1, 11)]
-    train, val = pe.split_by_case(items, 0.2, seed=0)
+    cfg = pe.Config()
+    train, val, test = pe.split_by_case(items, cfg)
     names = lambda group: sorted(i["case"] for i in group)  # noqa: E731
-    assert len(train) == 8 and len(val) == 2 and not set(names(train)) & set(names(val))
-    assert names(pe.split_by_case(items, 0.2, seed=0)[1]) == names(val)
-    assert any(names(pe.split_by_case(items, 0.2, seed=s)[1]) != names(val) for s in (1, 2))
-    assert [len(group) for group in pe.split_by_case(items[:2], 0.2, seed=0)] == [1, 1]
-    with pytest.raises(DatasetError, match="Need at least 2 usable cases"):
-        pe.split_by_case(items[:1], 0.2, seed=0)
+    assert [len(train), len(val), len(test)] == [6, 2, 2]
+    assert sorted(names(train) + names(val) + names(test)) == names(items)  # each case on one side only
+    assert [names(side) for side in pe.split_by_case(items, cfg)] == [names(train), names(val), names(test)]
+    # The test cases depend on split_seed and test_fraction only: a new training seed or val_fraction keeps them.
+    for changed in (replace(cfg, seed=5), replace(cfg, val_fraction=0.4)):
+        assert names(pe.split_by_case(items, changed)[2]) == names(test)
+    assert any(names(pe.split_by_case(items, replace(cfg, split_seed=s))[2]) != names(test) for s in (1, 2))
+    assert [len(side) for side in pe.split_by_case(items[:3], cfg)] == [1, 1, 1]
+    assert [len(side) for side in pe.split_by_case(items, replace(cfg, test_fraction=0))] == [8, 2, 0]
+    with pytest.raises(DatasetError, match="cannot be split"):
+        pe.split_by_case(items[:2], cfg)
+
+
+def test_too_few_cases_for_the_three_sides_is_one_clear_error(pe, sample_root, tmp_path):
+    with pytest.raises(DatasetError, match=r"2 usable case\(s\) in .*pleural_effusion: need 3 at least"):
+        pe.load_data(tiny_config(pe, tmp_path, sample_root, max_cases=2))
 
 
 # %% Crops, augmentation, loss, validation Dice
@@ -457,7 +470,8 @@ def test_the_cells_run_with_tiny_settings_and_write_every_output_in_the_series_g
     cfg, data, batch, history, per_case = (cells[name] for name in ("cfg", "data", "batch", "history", "per_case"))
     out = capsys.readouterr().out
     assert "Configuration: QUICK run, with " in out and "SYNTHETIC" in out and "Using the first 4 of 10 cases" in out
-    assert data.synthetic and len(data.train) == 3 and len(data.val) == 1 and not data.skipped.counts
+    assert data.synthetic and [len(data.train), len(data.val), len(data.test)] == [2, 1, 1]
+    assert not data.skipped.counts
     # The batch: batch_size cases x samples_per_volume crops, as the network gets them; masks stay binary.
     assert batch["image"].shape == batch["label"].shape == (2 * 2, 1, *cfg.roi_size)
     assert batch["image"].dtype == torch.float16 and set(batch["label"].unique().tolist()) <= {0, 1}
@@ -478,10 +492,14 @@ def test_the_cells_run_with_tiny_settings_and_write_every_output_in_the_series_g
     assert torch.load(out_dir / "last_checkpoint.pt", weights_only=True)["epoch"] == 2
     assert len(list((out_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
-    # Evaluate: the validation case's prediction, NIfTI in the series' geometry, scored in val_per_case.csv.
-    assert list(per_case.columns) == ["case", "dice", "true_ml", "predicted_ml", "shape"]
-    pd.testing.assert_frame_equal(pd.read_csv(out_dir / "val_per_case.csv"), per_case)
-    (val_case,) = per_case.itertuples()
+    # Evaluate: the validation case's prediction, NIfTI in the series' geometry, scored in val_per_case.csv; then
+    # the test case, scored once in test_per_case.csv, which the cell leaves as per_case: the result.
+    val_per_case = pd.read_csv(out_dir / "val_per_case.csv")
+    assert list(per_case.columns) == list(val_per_case.columns) == ["case", "dice", "true_ml", "predicted_ml", "shape"]
+    pd.testing.assert_frame_equal(pd.read_csv(out_dir / "test_per_case.csv"), per_case)
+    assert list(per_case["case"]) == [data.test[0]["case"]] and list(val_per_case["case"]) == [data.val[0]["case"]]
+    assert not (out_dir / "val_predictions" / f"{data.test[0]['case']}_effusion_predicted.nii.gz").exists()
+    (val_case,) = val_per_case.itertuples()
     pred_img = nib.load(out_dir / "val_predictions" / f"{val_case.case}_effusion_predicted.nii.gz")
     hu, affine = cells["read_dicom_series"](series_dir(pleural_root, val_case.case))
     assert pred_img.shape == hu.shape and pred_img.get_data_dtype() == np.uint8
@@ -494,12 +512,21 @@ def test_the_cells_run_with_tiny_settings_and_write_every_output_in_the_series_g
     assert val_case.dice == pytest.approx(expected)
     assert val_case.true_ml == pytest.approx(truth.sum() * abs(np.linalg.det(affine[:3, :3])) / 1000)
 
-    # Predict, on the sample's one validation patient (every patient of the sample has a mask): the same mask.
+    # The test case scored as the validation case is: its mask read as the Data cell placed it, at full resolution.
+    (test_case,) = per_case.itertuples()
+    test_hu, test_affine = cells["read_dicom_series"](series_dir(pleural_root, test_case.case))
+    test_truth, _, _ = cells["read_mask"](mask_path(pleural_root, test_case.case), test_affine, test_hu)
+    assert test_case.true_ml == pytest.approx(test_truth.sum() * abs(np.linalg.det(test_affine[:3, :3])) / 1000)
+
+    # Predict, on the sample's one test patient (every patient of the sample has a mask), never trained on nor used
+    # to choose the model: the same mask as the one the test case was scored with.
     predicted = pd.read_csv(out_dir / "predictions" / "predictions.csv")
-    assert cells["predictions"] == [out_dir / "predictions" / f"{val_case.case}_effusion.nii.gz",
+    assert cells["predictions"] == [out_dir / "predictions" / f"{test_case.case}_effusion.nii.gz",
                                     out_dir / "predictions" / "predictions.csv"]  # fmt: skip
-    np.testing.assert_array_equal(nib.load(cells["predictions"][0]).dataobj, pred)
-    assert list(predicted["effusion_ml"]) == pytest.approx([val_case.predicted_ml])
+    test_pred = np.asanyarray(nib.load(cells["predictions"][0]).dataobj).astype(bool)
+    expected = 2 * (test_pred & test_truth).sum() / (test_pred.sum() + test_truth.sum())
+    assert test_case.dice == pytest.approx(expected)
+    assert list(predicted["effusion_ml"]) == pytest.approx([test_case.predicted_ml])
 
     for name in ("batch.png", "dice_per_epoch.png", "val_predictions.png"):
         with Image.open(out_dir / name) as img:
@@ -510,9 +537,11 @@ def test_the_cells_run_with_tiny_settings_and_write_every_output_in_the_series_g
 
     summary = out[out.index("\nSummary (") :]
     assert summary.startswith("\nSummary (QUICK run, 2 epochs, ")
-    assert f"data:    SYNTHETIC sample {data_dir / 'sample' / PLEURAL}: 3 train, 1 validation cases" in summary
-    assert f"best:    epoch {best['epoch']} of 2, validation Dice {best['val_dice']:.4f}" in summary
-    assert f"{val_case.case} {val_case.dice:.4f}" in summary  # at full resolution
+    assert f"data:    SYNTHETIC sample {data_dir / 'sample' / PLEURAL}: 2 train, 1 validation, 1 test cases" in summary
+    one = "(1 case: too few for an interval)"  # the tiny run's one test case
+    assert f"best:    epoch {best['epoch']} of 2, test Dice {test_case.dice:.4f} {one}" in summary
+    assert f"({test_case.case} {test_case.dice:.4f} (" in summary  # at full resolution, with its volumes
+    assert f"validation Dice {best['val_dice']:.4f} (mean over cases on the network's grid" in summary
     assert f"outputs: {out_dir}/ best_model.pt, last_checkpoint.pt" in summary
     assert summary.rstrip().endswith(f"picture: {picture}")
 
@@ -580,15 +609,15 @@ def test_a_loss_that_is_not_finite_is_one_error_naming_epoch_batch_and_lr(pe):
     assert len(steps) == 1
 
 
-def test_same_seed_same_split_and_same_first_epoch_on_the_cpu(pe, sample_root, tmp_path):
+def test_same_seed_same_first_epoch_on_the_cpu_and_the_split_is_split_seeds(pe, sample_root, tmp_path):
     runs = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         cfg = tiny_config(pe, tmp_path / name, sample_root, max_epochs=1, seed=seed)
         data = pe.load_data(cfg)
         history = pe.fit(cfg, data, pe.build_model(cfg))
         runs.append(([item["case"] for item in data.val], history[0]))
-    (split_a, first_a), (split_b, first_b), (_, other) = runs
-    assert split_a == split_b
+    (split_a, first_a), (split_b, first_b), (split_c, other) = runs
+    assert split_a == split_b == split_c  # the split is split_seed's: a new training seed keeps it
     assert first_a["train_loss"] == first_b["train_loss"] and first_a["val_dice"] == first_b["val_dice"]  # bitwise
     assert other["train_loss"] != first_a["train_loss"]  # the seed does reach the weights, crops and shuffling
 
@@ -782,15 +811,16 @@ def test_quick_run_from_another_directory_reaches_dice_one_half(pleural_root, tm
     history = pd.read_csv(output / "history.csv")
     assert len(history) == 30 and history["val_dice"].max() >= 0.5, history[["epoch", "val_dice"]].dropna()
     assert history["val_dice"].notna().tolist() == [epoch % 2 == 0 for epoch in range(1, 31)]  # val_interval 2
-    per_case = pd.read_csv(output / "val_per_case.csv")
+    assert len(pd.read_csv(output / "val_per_case.csv")) == 2
+    per_case = pd.read_csv(output / "test_per_case.csv")  # the held-out test cases: the result
     assert len(per_case) == 2 and per_case["dice"].mean() >= 0.5  # at full resolution too
     assert {p.name for p in output.iterdir()} == {
         "best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "batch.png", "val_per_case.csv",
-        "val_predictions.png", "skipped_cases.csv", "val_predictions", "predictions",
+        "test_per_case.csv", "val_predictions.png", "skipped_cases.csv", "val_predictions", "predictions",
     }  # fmt: skip
     assert len(list((output / "val_predictions").glob("LUNG1-*_effusion_predicted.nii.gz"))) == 2
-    # Predict: the sample has no patient without a mask, so the two validation patients, as a user's CTs.
-    assert "predicting the 2 validation patients of the trained model's split (seed 0)" in result.stdout
+    # Predict: the sample has no patient without a mask, so the two test patients, as a user's CTs.
+    assert "predicting the 2 test patients of the trained model's split (split_seed 0)" in result.stdout
     predicted = pd.read_csv(output / "predictions" / "predictions.csv")
     assert sorted(predicted["mask"]) == sorted(f"{case}_effusion.nii.gz" for case in per_case["case"])
     np.testing.assert_allclose(
@@ -801,6 +831,7 @@ def test_quick_run_from_another_directory_reaches_dice_one_half(pleural_root, tm
     assert picture.read_bytes() == (output / "val_predictions.png").read_bytes()
     summary = result.stdout[result.stdout.index("\nSummary (") :]
     assert summary.startswith("\nSummary (QUICK run, 30 epochs") and "data:    SYNTHETIC sample" in summary
-    assert f"validation Dice {history['val_dice'].max():.4f}" in summary and f"picture: {picture}" in summary
+    assert f"test Dice {per_case['dice'].mean():.4f} (95% CI " in summary and f"picture: {picture}" in summary
+    assert f"validation Dice {history['val_dice'].max():.4f}" in summary
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # nothing written to the working directory
     assert seconds < 150, f"the quick run took {seconds:.0f} s"  # 90 s is the bar on a quiet machine

@@ -140,12 +140,17 @@ def test_sampling_draws_patients_per_class_and_the_split_is_disjoint_and_seeded(
     assert ids(sampled) != ids(det.sample_patients(patients, 10, seed=1))
     assert len(det.sample_patients(patients, None, seed=0)) == 60 == len(det.sample_patients(patients, 50, seed=0))
 
-    train, val = det.split_by_patient(sampled, 0.2, seed=0)
-    assert set(ids(train)).isdisjoint(ids(val)) and sorted(ids(train) + ids(val)) == sorted(ids(sampled))
-    assert pd.Series([p["class"] for p in val]).value_counts().tolist() == [2, 2, 2]  # 20% of each class
-    train2, val2 = det.split_by_patient(sampled, 0.2, seed=0)
-    assert ids(val2) == ids(val) and ids(train2) == ids(train)
-    assert ids(det.split_by_patient(sampled, 0.2, seed=1)[1]) != ids(val)
+    train, val, test = det.split_by_patient(sampled, 0.2, 0.2, seed=0)
+    assert sorted(ids(train) + ids(val) + ids(test)) == sorted(ids(sampled))  # each patient on one side only
+    for side in (val, test):
+        assert pd.Series([p["class"] for p in side]).value_counts().tolist() == [2, 2, 2]  # 20% of each class
+    assert [ids(side) for side in det.split_by_patient(sampled, 0.2, 0.2, seed=0)] == [ids(train), ids(val), ids(test)]
+    assert ids(det.split_by_patient(sampled, 0.2, 0.2, seed=1)[2]) != ids(test)
+    assert ids(det.split_by_patient(sampled, 0.3, 0.2, seed=0)[2]) == ids(test)  # drawn first: it stays
+    # A class with fewer patients than sides (here one "unknown" patient) trains whole.
+    lone = {"patient_id": "9-00", "class": "unknown", "boxes": np.zeros((0, 4))}
+    train, val, test = det.split_by_patient([*sampled, lone], 0.2, 0.2, seed=0)
+    assert "9-00" in ids(train) and len(val) == len(test) == 6
 
 
 def real_mix(n: int) -> list[dict]:
@@ -165,20 +170,23 @@ def test_validation_keeps_the_datas_class_mix_and_training_is_capped_per_class(d
     share = lambda group: np.mean([len(p["boxes"]) > 0 for p in group])  # noqa: E731
     ids = lambda group: {p["patient_id"] for p in group}  # noqa: E731
     assert share(patients) == 0.225
-    for per_class, n_train, n_val in ((100, 300, 75), (None, 1600, 400)):
-        cfg = det.Config(patients_per_class=per_class, val_fraction=0.2, seed=0)
-        train, val = det.choose_patients(patients, cfg)
-        assert len(train) == n_train and abs(len(val) - n_val) <= 1, (len(train), len(val))
-        assert abs(share(val) - 0.225) < 0.02, share(val)  # not the third a draw of 100 per class would give
-        assert ids(train).isdisjoint(ids(val)) and len(ids(train)) == len(train)  # never both sides, never twice
+    for per_class, n_train, n_held in ((100, 300, 100), (None, 1200, 400)):
+        cfg = det.Config(patients_per_class=per_class, val_fraction=0.2, test_fraction=0.2, split_seed=0)
+        train, val, test = det.choose_patients(patients, cfg)
+        assert len(train) == n_train, len(train)
+        for side in (val, test):  # each a fifth of the data's patients, or as many as a third of training's
+            assert abs(len(side) - n_held) <= 1, (len(side), n_held)
+            assert abs(share(side) - 0.225) < 0.02, share(side)  # not the third a draw of 100 per class would give
+        assert len(ids(train) | ids(val) | ids(test)) == len(train) + len(val) + len(test)  # never two sides
         if per_class is not None:  # training balanced, capped per class
             assert pd.Series([p["class"] for p in train]).value_counts().tolist() == [100, 100, 100]
         again = det.choose_patients(patients, cfg)
-        assert [ids(part) for part in again] == [ids(train), ids(val)]  # seeded
-        assert ids(det.choose_patients(patients, replace(cfg, seed=1))[1]) != ids(val)
-    # Validation is held out before the cap: a larger cap adds training patients, never one from validation.
-    val = ids(det.split_by_patient(patients, 0.2, seed=0)[1])
-    assert all(ids(det.choose_patients(patients, det.Config(patients_per_class=n))[0]).isdisjoint(val)
+        assert [ids(part) for part in again] == [ids(train), ids(val), ids(test)]  # seeded
+        assert ids(det.choose_patients(patients, replace(cfg, split_seed=1))[2]) != ids(test)
+        assert ids(det.choose_patients(patients, replace(cfg, seed=1))[2]) == ids(test)  # seed: training's sample
+    # Validation and test are held out before the cap: a larger cap adds training patients, never one of theirs.
+    _, val, test = det.split_by_patient(patients, 0.2, 0.2, seed=0)
+    assert all(ids(det.choose_patients(patients, det.Config(patients_per_class=n))[0]).isdisjoint(ids(val + test))
                for n in (50, 300))  # fmt: skip
 
 
@@ -266,7 +274,7 @@ def test_bad_inputs_are_named_skipped_and_counted(det, rsna_copy, capsys):
 def test_no_usable_patient_is_one_clear_error(det, rsna_copy, tmp_path):
     for path in (rsna_copy / "stage_2_train_images").glob("*.dcm"):
         path.unlink()
-    with pytest.raises(DatasetError, match=r"0 usable patients of 15 drawn.*stage_2_train_images/<patientId>\.dcm"):
+    with pytest.raises(DatasetError, match=r"0 usable patients of 18 drawn.*stage_2_train_images/<patientId>\.dcm"):
         det.load_data(tiny_config(det, tmp_path, rsna_copy.parent))
     (rsna_copy / "stage_2_train_labels.csv").unlink()
     with pytest.raises(DatasetError, match="stage_2_train_labels.csv not found"):
@@ -469,22 +477,26 @@ def box_scores(submission: pd.DataFrame) -> list[float]:
     return [float(value) for string in submission["PredictionString"] for value in string.split()[::5]]
 
 
-def assert_per_case_is_the_best_epoch(per_case: pd.DataFrame, data, best: dict, path: Path) -> None:
+def assert_per_case_is_the_best_epoch(per_case: pd.DataFrame, data, best: dict, out_dir: Path) -> None:
     """val_per_case.csv: one row per validation radiograph, NaN exactly where a radiograph does not count (no true
-    box, no box kept), and the mean over the others the best epoch's validation RSNA metric."""
-    assert list(per_case.columns) == PER_CASE and per_case["patient_id"].tolist() == [i["patient_id"] for i in data.val]
-    assert per_case["true_boxes"].tolist() == [len(item["boxes"]) for item in data.val]
-    skipped = (per_case["true_boxes"] == 0) & (per_case["predicted_boxes"] == 0)
-    assert per_case["rsna_precision"].isna().tolist() == skipped.tolist()
-    assert per_case["rsna_precision"].mean() == pytest.approx(best["val_rsna"], abs=1e-9)  # pandas skips NaN
-    pd.testing.assert_frame_equal(pd.read_csv(path), per_case)
+    box, no box kept), and the mean over the others the best epoch's validation RSNA metric. test_per_case.csv, the
+    Evaluate cell's `per_case`: the same per test radiograph, with the threshold validation chose."""
+    val_per_case = pd.read_csv(out_dir / "val_per_case.csv")
+    pd.testing.assert_frame_equal(pd.read_csv(out_dir / "test_per_case.csv"), per_case)
+    for table, items in ((val_per_case, data.val), (per_case, data.test)):
+        assert list(table.columns) == PER_CASE and table["patient_id"].tolist() == [i["patient_id"] for i in items]
+        assert table["true_boxes"].tolist() == [len(item["boxes"]) for item in items]
+        skipped = (table["true_boxes"] == 0) & (table["predicted_boxes"] == 0)
+        assert table["rsna_precision"].isna().tolist() == skipped.tolist()
+    assert val_per_case["rsna_precision"].mean() == pytest.approx(best["val_rsna"], abs=1e-9)  # pandas skips NaN
 
 
 def test_fit_resumes_then_evaluate_best_and_predict_use_the_best_epoch(det, sample_root, tmp_path, capsys):
     cfg = tiny_config(det, tmp_path, sample_root, max_epochs=1, tensorboard=True)
     data = det.load_data(cfg)
-    assert not data.synthetic and len(data.train) == 12 and len(data.val) == 3  # 4 per class to training
-    assert set(i["patient_id"] for i in data.train).isdisjoint(i["patient_id"] for i in data.val)
+    # 4 per class to training; validation and test each a third as many, one per class.
+    assert not data.synthetic and [len(data.train), len(data.val), len(data.test)] == [12, 3, 3]
+    assert len({i["patient_id"] for i in data.train + data.val + data.test}) == 18
     first = det.fit(cfg, data, det.build_model(cfg))
     history = det.fit(replace(cfg, max_epochs=2, resume=True), data, det.build_model(cfg))
     out = capsys.readouterr().out
@@ -512,10 +524,12 @@ def test_fit_resumes_then_evaluate_best_and_predict_use_the_best_epoch(det, samp
     # Another configuration now (a user's edit): the best model is built as it was saved, not as cfg says.
     later = replace(cfg, image_size=128, rpn_proposals_test=300)
     per_case = det.evaluate_best(later, data)
-    assert_per_case_is_the_best_epoch(per_case, data, best, cfg.output_dir / "val_per_case.csv")
+    assert_per_case_is_the_best_epoch(per_case, data, best, cfg.output_dir)
     with Image.open(cfg.output_dir / "val_predictions.png") as img:
         assert img.format == "PNG" and img.width > 2 * 150  # two radiographs side by side
-    assert f"Best epoch {best['epoch']}: validation RSNA metric" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"Best epoch {best['epoch']}: validation RSNA metric" in out
+    assert f"Test RSNA metric {per_case['rsna_precision'].mean():.4f} (" in out and "of 3 radiographs" in out
     predictions = det.predict(later, data.root / "stage_2_test_images")
     assert predictions[-1] == cfg.output_dir / "predictions" / "predictions.csv"
     written = pd.read_csv(predictions[-1], keep_default_na=False)
@@ -555,9 +569,10 @@ def test_same_seed_same_split_and_same_first_epoch_on_the_cpu(det, sample_root, 
         cfg = tiny_config(det, tmp_path / name, sample_root, max_epochs=1, seed=seed)
         data = det.load_data(cfg)
         history = det.fit(cfg, data, det.build_model(cfg))
-        runs.append(([[item["patient_id"] for item in part] for part in (data.train, data.val)], history[0]))
+        runs.append(([[item["patient_id"] for item in part] for part in (data.train, data.val, data.test)], history[0]))
     (split_a, first_a), (split_b, first_b), (split_c, other) = runs
-    assert split_a == split_b and split_c != split_a
+    assert split_a == split_b and split_c[1:] == split_a[1:]  # the split is split_seed's; seed draws training's cap
+    assert split_c[0] != split_a[0]
     assert first_a["train_loss"] == first_b["train_loss"] and other["train_loss"] != first_a["train_loss"]  # bitwise
 
 
@@ -580,10 +595,13 @@ def test_runs_as_a_script_from_another_directory(sample_root, tmp_path, monkeypa
     output = repo / "output" / "pneumonia_detection"
     assert "  data:    SYNTHETIC sample" in result.stdout  # the closing summary
     assert "\nFROM SCRATCH: no COCO weights, scores not comparable with the leaderboard\n" in result.stdout
-    assert "validation: 3 radiographs, 1 with opacity (33.3%; of all 36 labelled patients: 33.3%)" in result.stdout
+    assert (
+        "validation 3 radiographs, 1 with opacity (33.3%), test 3 radiographs, 1 with opacity (33.3%) (of all 36 "
+        "labelled patients: 33.3%)" in result.stdout
+    )
     assert {p.name for p in output.iterdir()} == {
         "best_model.pt", "last_checkpoint.pt", "history.csv", "rsna_metric_per_epoch.png", "batch.png",
-        "val_per_case.csv", "val_predictions.png", "predictions",
+        "val_per_case.csv", "test_per_case.csv", "val_predictions.png", "predictions",
     }  # fmt: skip
     assert (output / "predictions" / "predictions.csv").is_file()
     picture = repo / "Images" / "pneumonia_detection_predictions.png"
@@ -605,7 +623,8 @@ def test_quick_run_of_the_cells_learns_to_find_the_opacities(sample_root, tmp_pa
     out = capsys.readouterr().out
     assert cfg.quick and cfg.max_epochs == 10 and cfg.image_size == 128  # the quick run's settings
     assert "Configuration: QUICK run, with " in out and "COCO weights" in out
-    assert data.synthetic and len(data.train) == 30 and len(data.val) == 6  # all 36 patients, 2 per class validated
+    # All 36 patients: 2 per class validated, 2 per class tested.
+    assert data.synthetic and [len(data.train), len(data.val), len(data.test)] == [24, 6, 6]
     images, targets = batch
     assert len(images) == cfg.batch_size and images[0].shape == (3, 128, 128) and images[0].dtype == torch.float32
     assert all(t["labels"].tolist() == [1] * len(t["boxes"]) for t in targets) and isinstance(
@@ -619,7 +638,7 @@ def test_quick_run_of_the_cells_learns_to_find_the_opacities(sample_root, tmp_pa
     assert best == max(history, key=lambda row: row["val_rsna"])
     checkpoint = torch.load(out_dir / "best_model.pt", weights_only=True)
     assert checkpoint["epoch"] == best["epoch"] and checkpoint["metrics"]["score_threshold"] == best["score_threshold"]
-    assert_per_case_is_the_best_epoch(per_case, data, best, out_dir / "val_per_case.csv")
+    assert_per_case_is_the_best_epoch(per_case, data, best, out_dir)
     assert not math.isnan(per_case["rsna_precision"].max())
 
     for name in ("rsna_metric_per_epoch.png", "batch.png", "val_predictions.png"):
@@ -631,8 +650,11 @@ def test_quick_run_of_the_cells_learns_to_find_the_opacities(sample_root, tmp_pa
         and picture.read_bytes() == (out_dir / "val_predictions.png").read_bytes()
     )
     summary = out[out.index("\nSummary (") :]
-    assert f"data:    SYNTHETIC sample {data_dir / 'sample' / RSNA}: 30 train, 6 validation radiographs" in summary
-    assert f"best:    epoch {best['epoch']} of 10, validation RSNA metric {best['val_rsna']:.4f}" in summary
+    counts = "24 train, 6 validation, 6 test radiographs"
+    assert f"data:    SYNTHETIC sample {data_dir / 'sample' / RSNA}: {counts}" in summary
+    test = f"test RSNA metric {per_case['rsna_precision'].mean():.4f} (95% CI "
+    assert f"best:    epoch {best['epoch']} of 10, {test}" in summary  # the result
+    assert f"validation RSNA metric {best['val_rsna']:.4f} at score" in summary
     assert f"outputs: {out_dir}/" in summary and f"picture: {picture}" in summary
 
     submission = pd.read_csv(out_dir / "predictions" / "predictions.csv", keep_default_na=False)
