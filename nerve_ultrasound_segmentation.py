@@ -13,14 +13,15 @@ Data: `data/ultrasound-nerve-segmentation/` as unzipped from Kaggle (`train/<sub
 `train/<subject>_<img>_mask.tif`, `test/<img>.tif`, `train_masks.csv`, `sample_submission.csv`). Without it
 the synthetic stand-in under `data/sample/` is used (written when missing), and the script says so.
 Outputs: `output/nerve_ultrasound_segmentation/`: `best_model.pt`, `last_checkpoint.pt`, `history.csv`,
-`dice_per_epoch.png`, `batch.png`, `contradictory_pairs.csv`, `val_per_case.csv`, `test_per_case.csv` (Kaggle Dice
-per held-out test frame: the result), `val_predictions.png` (true and
-predicted outlines; copied to `Images/` for the README when the synthetic sample was used), `predictions/`
+`dice_per_epoch.png`, `batch.png`, `contradictory_pairs.csv`, `skipped.csv`, `val_per_case.csv`, `test_per_case.csv`
+(Kaggle Dice per held-out test frame: the result), `val_predictions.png` (true and predicted outlines; copied to
+`Images/` for the README when the synthetic sample was used), `predictions/`
 (`<name>_mask.png`, 0/255 at each frame's own size, and `submission.csv`, Kaggle's `img,pixels`).
 
 Run: `python nerve_ultrasound_segmentation.py` (`QUICK=1` for a short first try), or cell by cell in VS Code or
 Jupyter, each cell leaving its result to look at: `cfg`, `data`, `batch`, `model`, `history`, `per_case`. Edit the
-configuration inline (`cfg = Config(max_epochs=50)`) and run the cells below again. On several GPUs:
+configuration inline (`cfg = Config(max_epochs=50)`) and run the cells below again; after Ctrl-C, `Config(resume=True)`
+or `RESUME=1` goes on. On several GPUs:
 `torchrun --nproc_per_node=4 nerve_ultrasound_segmentation.py` (README: several GPUs and machines). Predict on your
 own frames with the trained model, no training: `PREDICT=path/to/folder python nerve_ultrasound_segmentation.py`
 (`CHECKPOINT=path/to/best_model.pt` for other weights).
@@ -50,6 +51,7 @@ import distributed
 from checkpoints import (
     CHECKPOINT,
     PREDICT,
+    RESUME,
     BaseConfig,
     EpochLoss,
     History,
@@ -57,6 +59,7 @@ from checkpoints import (
     end_if_stopped,
     load_best,
     load_trained,
+    make_folder,
     predict_only,
     readme_pictures,
     run_summary,
@@ -73,6 +76,7 @@ from data_cleaning import (
     frame_signature,
     mask_name,
     one_line_data_problems,
+    read_table,
     rle_decode,
     rle_encode,
     split_groups,
@@ -122,7 +126,8 @@ class Config(BaseConfig):
     predict_inputs: Path | None = PREDICT  # the Predict cell's input: a folder or a file (None: the dataset's test/)
     checkpoint: Path | None = CHECKPOINT  # the weights the Predict cell uses (None: output_dir/best_model.pt)
     tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
-    resume: bool = False  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs
+    resume: bool = RESUME  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs;
+    # RESUME=1 python nerve_ultrasound_segmentation.py from the command line
     quick: bool = QUICK  # the quick run below; recorded in the checkpoint: a quick model is not a result
     AS_TRAINED: ClassVar[tuple[str, ...]] = ("image_size", "threshold", "quick")  # read by prediction from the
     # checkpoint: the network has only learnt frames shrunk to its training size, its min area was chosen at its
@@ -154,18 +159,40 @@ TRAIN_NAME = re.compile(r"(\d+)_(\d+)(_mask)?\.tif")  # <subject>_<img>.tif and 
 UNREADABLE_ERRORS = (OSError, SyntaxError, ValueError)  # what Pillow raises on truncated or non-image files
 
 
-def read_frame(path: Path, skipped: Skipped) -> np.ndarray | None:
-    """The 420x580 uint8 pixels of a Kaggle TIFF, or None (reported and counted) if unreadable or of another size."""
+def decode_frame(path: Path) -> np.ndarray:
+    """The 8-bit grayscale pixels (H, W) of a TIFF or PNG frame, as the network is trained on; raises Unusable.
+
+    Kaggle's frames are 8-bit: a 16-bit frame is scaled by its type's range (65535 -> 255), not by its own maximum,
+    so that a frame saved with 8 or 16 bits gets the same pixels and a dark frame stays dark (read as 8-bit, a 16-bit
+    frame would come out almost white). Colour (a screenshot of the scanner) becomes its gray value."""
     try:
         with Image.open(path) as img:
             img.load()  # Pillow reads lazily: decode now, so a truncated file fails here and is named
-            size, mode = img.size, img.mode
-            pixels = np.asarray(img if mode in ("L", "1") else img.convert("L"), dtype=np.uint8)
-    except UNREADABLE_ERRORS as err:
-        skipped.skip(path, "unreadable", f"not a readable TIFF: {err}")
+            frames, mode = getattr(img, "n_frames", 1), img.mode
+            if mode.startswith("I;16"):
+                pixels = np.round(np.asarray(img, dtype=np.float32) / 257).astype(np.uint8)
+            elif mode not in ("I", "F"):
+                pixels = np.asarray(img.convert("L"), dtype=np.uint8)
+    except (*UNREADABLE_ERRORS, Image.DecompressionBombError) as err:
+        raise Unusable("unreadable", f"not a readable TIFF or PNG: {err}") from None
+    if mode in ("I", "F"):  # 32-bit integers or floats: no range to scale by
+        raise Unusable("unsupported pixels", f"32-bit pixels ({mode}); save the frame with 8 or 16 bits")
+    if frames > 1:
+        raise Unusable("several frames", f"{frames} frames in one file (a clip): save each frame as a file")
+    return pixels
+
+
+def read_frame(path: Path, skipped: Skipped) -> np.ndarray | None:
+    """The 420x580 uint8 pixels of a Kaggle TIFF (8 or 16 bits, `decode_frame`), or None (reported and counted) if
+    unreadable or of another size."""
+    try:
+        pixels = decode_frame(path)
+    except Unusable as err:
+        skipped.skip(path, err)
         return None
-    if size != SHAPE[::-1]:  # Pillow gives (width, height)
-        skipped.skip(path, "wrong size", f"{size[0]}x{size[1]} pixels (width x height), expected {SHAPE[1]}x{SHAPE[0]}")
+    if pixels.shape != SHAPE:
+        height, width = pixels.shape
+        skipped.skip(path, "wrong size", f"{width}x{height} pixels (width x height), expected {SHAPE[1]}x{SHAPE[0]}")
         return None
     return pixels
 
@@ -201,17 +228,17 @@ def split_by_subject(subjects, cfg: Config) -> tuple[list[int], list[int], list[
     return tuple(sorted(side) for side in sides)
 
 
-def read_masks_csv(path: Path, cases: list[dict]) -> dict[tuple[int, int], str] | None:
-    """{(subject, img): run-length encoding} from train_masks.csv, or None (said) when the file is missing; its rows
-    without an image/mask pair among `cases` are reported."""
+def read_masks_csv(path: Path, cases: list[dict]) -> dict[tuple[int, int], tuple[str, int]] | None:
+    """{(subject, img): (run-length encoding, its row as a spreadsheet numbers it)} from train_masks.csv, or None
+    (said) when the file is missing; its rows without an image/mask pair among `cases` are reported. A missing
+    column or an id that is not a whole number is one DatasetError naming the file, the column and the row."""
     if not path.is_file():
         print(f"{path} not found: using the mask files without checking them against it")
         return None
-    table = pd.read_csv(path, dtype={"pixels": str}, keep_default_na=False)  # an empty cell is "", not NaN
-    missing = {"subject", "img", "pixels"} - set(table.columns)
-    if missing:
-        raise ValueError(f"{path} lacks the column(s) {sorted(missing)}: expected subject,img,pixels")
-    rows = {(int(s), int(i)): rle for s, i, rle in zip(table["subject"], table["img"], table["pixels"])}
+    table = read_table(path, {"subject": "int", "img": "int", "pixels": "str"}, "the masks' run-length encodings")
+    rows = {  # row + 2: as a spreadsheet numbers the rows, the header being row 1
+        (s, i): (rle, row + 2) for row, (s, i, rle) in enumerate(zip(table["subject"], table["img"], table["pixels"]))
+    }
     orphans = sorted(rows.keys() - {(c["subject"], c["img"]) for c in cases})
     if orphans:
         names = ", ".join(f"{s}_{i}" for s, i in orphans[:5]) + (", ..." if len(orphans) > 5 else "")
@@ -243,13 +270,16 @@ def load_frames(
             continue
         mask = mask > 0  # masks are 0/255
         if masks_csv is not None:
-            rle = masks_csv.get((case["subject"], case["img"]))
+            rle, row = masks_csv.get((case["subject"], case["img"]), (None, None))
             try:
                 agrees = rle is not None and np.array_equal(rle_decode(rle, SHAPE), mask)
-            except ValueError:  # an encoding outside the image or with an odd number of values
-                agrees = False
+            except ValueError as err:  # an encoding outside the image or with an odd number of values: the row
+                skipped.skip(
+                    f"train_masks.csv row {row}", "invalid run-length", f"{case['subject']}_{case['img']}: {err}"
+                )
+                continue
             if not agrees:
-                problem = "has no row" if rle is None else "differs from its row"
+                problem = "has no row" if rle is None else f"differs from its row {row}"
                 skipped.skip(case["mask"], "disagrees with train_masks.csv", f"{problem} in train_masks.csv")
                 continue
         frame = {
@@ -292,6 +322,38 @@ def drop_contradictory_pairs(frames: list[dict], train: list[dict], cfg: Config)
     return kept
 
 
+TEST_NAME = re.compile(r"(\d+)\.tif")  # test/<img>.tif: no subject id, on purpose; the submission's img is <img>
+
+
+def find_test_frames(root: Path, skipped: Skipped) -> tuple[dict[int, Path], list[int]]:
+    """({img: path} of Kaggle's test/<img>.tif, sorted by img; the imgs sample_submission.csv lists, sorted, or []
+    without it). Files of another name are skipped; a sample_submission.csv without an integer `img` column is one
+    DatasetError naming the file, the column and the row."""
+    frames = {}
+    if (root / "test").is_dir():
+        for path in sorted((root / "test").iterdir()):
+            match = TEST_NAME.fullmatch(path.name)
+            if match is None:
+                skipped.skip(path, "unexpected name", "expected <img>.tif")
+            else:
+                frames[int(match[1])] = path
+    listed = root / "sample_submission.csv"
+    ids = read_table(listed, {"img": "int"}, "the frames a submission lists")["img"] if listed.is_file() else []
+    return dict(sorted(frames.items())), sorted(set(ids))
+
+
+def check_test_frames(root: Path) -> str:
+    """One line on what the Predict cell will submit, read now, before any training: a sample_submission.csv that
+    cannot be read stops the run here (DatasetError) rather than after hours of training."""
+    frames, listed = find_test_frames(root, Skipped("file", print_limit=0))  # the Predict cell names them
+    if not (root / "test").is_dir():
+        return f"No folder {root / 'test'}: no Kaggle test frames to submit (the Predict cell takes your own)"
+    missing = len(set(listed) - frames.keys())
+    listing = f"sample_submission.csv lists {len(listed)}" if listed else "no sample_submission.csv"
+    gaps = f", {missing} of them missing (to be predicted empty and named)" if missing else ""
+    return f"Test frames for the submission: {len(frames)} in {root / 'test'}, {listing}{gaps}"
+
+
 def load_data(cfg: Config) -> Data:
     """The training frames of the download (or of the sample): checked against train_masks.csv, split by subject,
     decoded once and kept in memory, contradictory near-duplicates left out of training."""
@@ -303,6 +365,7 @@ def load_data(cfg: Config) -> Data:
         raise DatasetError(f"No folder {train_dir}: expected train/<subject>_<img>.tif and _mask.tif in {root}")
     cases = find_train_cases(train_dir, skipped)
     masks_csv = read_masks_csv(root / "train_masks.csv", cases)
+    print(check_test_frames(root))  # every file the run needs is read before training
     subjects = sorted({c["subject"] for c in cases})[: cfg.max_subjects]
     cases = [c for c in cases if c["subject"] in subjects]
     needed = 1 + (cfg.val_fraction > 0) + (cfg.test_fraction > 0)  # a subject for each side asked for
@@ -316,6 +379,8 @@ def load_data(cfg: Config) -> Data:
     # Validation and test are scored as Kaggle does, at 420x580: their frames keep the full-size mask.
     frames = load_frames(cases, cfg, masks_csv, set(sides["validation"]) | set(sides["test"]), skipped)
     print(skipped.summary(f"Training folder {train_dir}"))
+    if distributed.is_main():  # every process read the same files: one lists the skipped ones
+        skipped.save(make_folder(cfg.output_dir) / "skipped.csv")
     train, val, test = ([f for f in frames if f["subject"] in side] for side in map(set, sides.values()))
     for name, side_frames in zip(sides, (train, val, test)):
         if sides[name] and not side_frames:
@@ -683,41 +748,20 @@ if __name__ == "__main__":
 # TIFF or PNG frames (cfg.predict_inputs, PREDICT=), of any size, 8 or 16 bits. Writes predictions/<name>_mask.png
 # (0/255, at the frame's own size) and predictions/submission.csv (Kaggle's img,pixels). Needs only the Imports and
 # Configuration cells and a best_model.pt: the image size, threshold and min area are the checkpoint's.
-TEST_NAME = re.compile(r"(\d+)\.tif")  # test/<img>.tif: no subject id, on purpose; the submission's img is <img>
-if not {"resize", "build_model", "full_size_probability", "apply_min_area"} <= globals().keys():
+if not {"decode_frame", "find_test_frames", "resize", "build_model", "apply_min_area"} <= globals().keys():
     # A fresh kernel that ran only Imports and Configuration: what prediction shares with training (the Data, Model
-    # and Train cells' resizing, network and min-area filter) is imported from this file, whose guards do not run.
+    # and Train cells' reading, resizing, network and min-area filter) is imported from this file, whose guards do
+    # not run.
     from nerve_ultrasound_segmentation import (
         SHAPE,
-        UNREADABLE_ERRORS,
+        TEST_NAME,
         apply_min_area,
         build_model,
+        decode_frame,
+        find_test_frames,
         full_size_probability,
         resize,
     )
-
-
-def read_user_frame(path: Path) -> np.ndarray:
-    """The 8-bit grayscale pixels (H, W) of a TIFF or PNG frame, as the network was trained on; raises Unusable.
-
-    Kaggle's frames are 8-bit: a 16-bit frame is scaled by its type's range (65535 -> 255), not by its own maximum,
-    so that a frame saved with 8 or 16 bits gets the same mask and a dark frame stays dark. Colour (a screenshot of
-    the scanner) becomes its gray value."""
-    try:
-        with Image.open(path) as img:
-            img.load()  # Pillow reads lazily: decode now, so a truncated file fails here and is named
-            frames, mode = getattr(img, "n_frames", 1), img.mode
-            if mode.startswith("I;16"):
-                pixels = np.round(np.asarray(img, dtype=np.float32) / 257).astype(np.uint8)
-            elif mode not in ("I", "F"):
-                pixels = np.asarray(img.convert("L"), dtype=np.uint8)
-    except (*UNREADABLE_ERRORS, Image.DecompressionBombError) as err:
-        raise Unusable("unreadable", f"not a readable TIFF or PNG: {err}") from None
-    if mode in ("I", "F"):  # 32-bit integers or floats: no range to scale by
-        raise Unusable("unsupported pixels", f"32-bit pixels ({mode}); save the frame with 8 or 16 bits")
-    if frames > 1:
-        raise Unusable("several frames", f"{frames} frames in one file (a clip): save each frame as a file")
-    return pixels
 
 
 def read_user_frames(paths: list[Path], skipped: Skipped, taken: set[str]) -> dict[Path, np.ndarray]:
@@ -733,7 +777,7 @@ def read_user_frames(paths: list[Path], skipped: Skipped, taken: set[str]) -> di
             skipped.skip(path, "same name", f"{name}_mask.png is the mask of an earlier input")
         else:
             try:
-                frames[path] = read_user_frame(path)
+                frames[path] = decode_frame(path)  # 8 or 16 bits, as the Data cell reads Kaggle's frames
                 taken.add(name)
             except Unusable as err:
                 skipped.skip(path, err)
@@ -769,19 +813,12 @@ def kaggle_test_frames(cfg: Config, skipped: Skipped) -> tuple[list[Path], dict]
     if not test_dir.is_dir():
         print(f"No folder {test_dir}: no test frames to predict (expected test/<img>.tif)")
         return [], {}
-    ids = {}
-    for path in sorted(test_dir.iterdir()):
-        match = TEST_NAME.fullmatch(path.name)
-        if match is None:
-            skipped.skip(path, "unexpected name", "expected <img>.tif")
-        else:
-            ids[int(match[1])] = path
-    ids = dict(sorted(ids.items()))
+    ids, listed = find_test_frames(root, skipped)
     if cfg.max_test_images is not None and len(ids) > cfg.max_test_images:
         ids = dict(list(ids.items())[: cfg.max_test_images])
         print(f"Predicting the first {len(ids)} test frames only (max_test_images): not a complete submission")
-    elif (root / "sample_submission.csv").is_file():
-        for img_id in sorted(set(pd.read_csv(root / "sample_submission.csv")["img"]) - ids.keys()):
+    else:
+        for img_id in sorted(set(listed) - ids.keys()):  # the first 10 named, all in the summary's count
             skipped.skip(test_dir / f"{img_id}.tif", "missing", "listed in sample_submission.csv; predicted empty")
             ids[img_id] = None
     return [path for path in ids.values() if path is not None], dict.fromkeys(ids, "")
@@ -819,8 +856,7 @@ def predict(cfg: Config, inputs=None) -> list[Path]:
     min_area = checkpoint["metrics"]["min_area"]  # chosen on validation with these weights, in px at 420x580
     skipped = Skipped("file", print_limit=10)
     paths, rows = kaggle_test_frames(cfg, skipped) if inputs is None else (expand_inputs(inputs), {})
-    out_dir = cfg.output_dir / "predictions"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_folder(cfg.output_dir / "predictions")  # a file in its place: one Output problem line
     written, taken = [], set()
     for start in tqdm(range(0, len(paths), cfg.val_batch_size), desc="predicting", leave=False, disable=None):
         frames = read_user_frames(paths[start : start + cfg.val_batch_size], skipped, taken)
@@ -857,6 +893,7 @@ if __name__ == "__main__":
     pictures = readme_pictures(cfg, data, {"val_predictions.png": "nerve_ultrasound_segmentation_predictions.png"})
     print(run_summary(cfg, data, history, best_scores(history, per_case),
                       ["best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "batch.png",
-                       "contradictory_pairs.csv", "val_per_case.csv", "test_per_case.csv", "val_predictions.png",
+                       "contradictory_pairs.csv", "skipped.csv", "val_per_case.csv", "test_per_case.csv",
+                       "val_predictions.png",
                        "predictions/ (<name>_mask.png, submission.csv)"],
                       pictures))  # fmt: skip

@@ -294,6 +294,77 @@ def test_train_masks_csv_rows_without_files_are_reported(nerve, nerve_copy, tmp_
     assert 9 not in {f["subject"] for f in train + val}
 
 
+def test_a_16_bit_training_frame_is_read_as_its_8_bit_self(nerve, nerve_copy, tmp_path):
+    path = nerve_copy / "train/1_3.tif"
+    eight = read(path)
+    Image.fromarray(eight.astype(np.uint16) * 257).save(path, format="TIFF")  # the same frame, 16 bits (0..65535)
+    assert Image.open(path).mode.startswith("I;16")
+    train, _ = load(nerve, nerve_copy.parent, tmp_path, drop_contradictory=False)
+    (frame,) = [f for f in train if (f["subject"], f["img"]) == (1, 3)]
+    # Read as 8-bit, a 16-bit frame is all but white; scaled by its type's range it is the 8-bit frame exactly.
+    assert torch.equal(frame["image"], nerve.resize(eight, nerve.cfg.image_size))
+    Image.fromarray(eight.astype(np.float32)).save(path, format="TIFF")  # 32-bit floats: no range to scale by
+    train, _ = load(nerve, nerve_copy.parent, tmp_path, drop_contradictory=False)
+    assert (1, 3) not in frame_keys(train)
+    assert "unsupported pixels" in pd.read_csv(tmp_path / "out" / "skipped.csv")["problem"].tolist()
+
+
+def test_the_csvs_and_the_test_folder_are_checked_before_training(nerve, nerve_copy, tmp_path, capsys):
+    """Every file the run will need is read in the Data stage: a broken CSV stops it there, in one line naming the
+    file, the column and the row, never after hours of training (or with a KeyError)."""
+    submission = nerve_copy / "sample_submission.csv"
+    listed = pd.read_csv(submission, keep_default_na=False)
+    (nerve_copy / "test/5.tif").unlink()
+    load(nerve, nerve_copy.parent, tmp_path)
+    assert (
+        f"Test frames for the submission: 5 in {nerve_copy / 'test'}, sample_submission.csv lists 6, 1 of them "
+        "missing (to be predicted empty and named)" in capsys.readouterr().out
+    )
+    listed.rename(columns={"img": "image"}).to_csv(submission, index=False)
+    with pytest.raises(
+        DatasetError, match=r"sample_submission.csv \(the frames a submission lists\) has no column img"
+    ):
+        load(nerve, nerve_copy.parent, tmp_path)
+    listed.to_csv(submission, index=False)
+    masks = nerve_copy / "train_masks.csv"
+    table = pd.read_csv(masks, keep_default_na=False, dtype=str)
+    bad = table.copy()
+    bad.loc[3, "subject"] = "one"
+    bad.to_csv(masks, index=False)
+    with pytest.raises(DatasetError, match=r"train_masks.csv .*: column subject, row 5: 'one' is not a number"):
+        load(nerve, nerve_copy.parent, tmp_path)
+    table.drop(columns="pixels").to_csv(masks, index=False)
+    with pytest.raises(DatasetError, match=r"train_masks.csv .* has no column pixels \(it has: subject, img\)"):
+        load(nerve, nerve_copy.parent, tmp_path)
+
+
+def test_an_invalid_run_length_names_its_csv_row_and_the_skips_are_listed(nerve, nerve_copy, tmp_path, capsys):
+    masks = nerve_copy / "train_masks.csv"
+    table = pd.read_csv(masks, keep_default_na=False, dtype=str)
+    row = int(table.index[table["pixels"] != ""][0])
+    subject, img = table.loc[row, ["subject", "img"]]
+    table.loc[row, "pixels"] = "5 10 20"  # an odd number of values: no (start, length) pairs
+    table.to_csv(masks, index=False)
+    train, val = load(nerve, nerve_copy.parent, tmp_path)
+    assert f"Skipped train_masks.csv row {row + 2}: invalid run-length ({subject}_{img}: " in capsys.readouterr().out
+    assert (int(subject), int(img)) not in frame_keys(train + val)
+    listed = pd.read_csv(tmp_path / "out" / "skipped.csv")
+    assert listed.to_dict("records")[0]["file"] == f"train_masks.csv row {row + 2}" and len(listed) == 1
+
+
+def test_missing_test_frames_are_capped_at_ten_lines_and_all_counted(nerve, trained, nerve_copy, tmp_path, capsys):
+    """A full sample_submission.csv (5,508 ids) with a few frames present printed one line per missing frame."""
+    ids = pd.DataFrame({"img": range(1, 51), "pixels": ""})
+    ids.to_csv(nerve_copy / "sample_submission.csv", index=False)  # 50 listed, 6 present
+    cfg = replace(trained, data_dir=nerve_copy.parent, output_dir=tmp_path / "out", checkpoint=best_model(trained))
+    nerve.predict(cfg)
+    out = capsys.readouterr().out
+    assert out.count(": missing (listed in sample_submission.csv; predicted empty)") == 10
+    assert "(further files skipped for this reason are not printed)" in out and "skipped 44 files (44 missing)" in out
+    rows = pd.read_csv(tmp_path / "out/predictions/submission.csv", keep_default_na=False)
+    assert list(rows["img"]) == list(range(1, 51))  # a complete submission all the same
+
+
 # %% The stages
 
 
