@@ -335,7 +335,7 @@ def test_nerve_under_torchrun_writes_once_agrees_resumes_and_is_close_to_one_pro
     stdout, first, second = run_script(repo, f"{NERVE}.py", edit, tmp_path / "probe", tmp_path)
     output = repo / "output" / NERVE
     names = {"best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "tensorboard", "batch.png"}
-    names |= {"val_predictions.png", "val_per_case.csv", "contradictory_pairs.csv", "predictions"}
+    names |= {"val_predictions.png", "val_per_case.csv", "contradictory_pairs.csv", "skipped.csv", "predictions"}
     assert_written_once(stdout, output, names, repo / "Images" / f"{NERVE}_predictions.png")
     assert_both_processes_agree(first, second, output / "history.csv")
     assert "9 steps per epoch" in stdout  # 38 frames in 2 shards of 19, 2 per step: each process its own
