@@ -75,6 +75,7 @@ from checkpoints import (
     BEST_MODEL,
     CHECKPOINT,
     PREDICT,
+    RESUME,
     BaseConfig,
     EpochLoss,
     History,
@@ -83,6 +84,7 @@ from checkpoints import (
     end_if_stopped,
     load_best,
     load_trained,
+    make_folder,
     predict_only,
     readme_pictures,
     run_summary,
@@ -171,7 +173,8 @@ class Config(BaseConfig):
     # of these (None: the challenge's Validation/ scans, the submission)
     checkpoint: Path | None = CHECKPOINT  # the weights the Predict cell uses (None: output_dir/best_model.pt)
     tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
-    resume: bool = False  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs
+    resume: bool = RESUME  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs;
+    # RESUME=1 python covid_ct_segmentation.py from the command line
     quick: bool = QUICK  # the quick run below; recorded in the checkpoint: a quick model is not a result
     AS_TRAINED: ClassVar[tuple[str, ...]] = ("pixdim", "hu_window", "roi_size", "threshold")  # read by prediction
     # from the checkpoint: the network has only learnt scans at its voxel size and window, in windows of its size
@@ -227,6 +230,8 @@ def load_data(cfg: Config) -> Data:
     skipped = Skipped("file")
     cases = find_covid_cases(train_dir, skipped)  # a case with a missing, 2D/4D, truncated or misaligned file: named
     print(skipped.summary(f"{train_dir}: {len(cases)} usable labelled cases"))
+    if distributed.is_main():  # every process read the same files: one lists the skipped ones
+        skipped.save(make_folder(cfg.output_dir) / "skipped.csv")
     if cfg.max_cases is not None and len(cases) > cfg.max_cases:
         print(f"Using the first {cfg.max_cases} of {len(cases)} labelled cases (max_cases)")
         cases = cases[: cfg.max_cases]
@@ -718,7 +723,7 @@ def predict(cfg: Config, inputs=None) -> list[Path]:
     trained = replace(trained, tta_flips=flips_for_prediction(trained, checkpoint))
     paths = default_inputs(cfg) if inputs is None else ct_inputs(inputs)
     skipped = Skipped("file", print_limit=10)
-    out_dir = cfg.output_dir / "predictions"
+    out_dir = cfg.output_dir / "predictions"  # made by segment_cts (a file in its place: one Output problem line)
     segment = partial(predict_volume, model, trained=trained)  # segment(ct, path): what the 3D scripts differ in
     rows = segment_cts(paths, segment, output_name, out_dir, "lesion_ml", skipped)
     print(skipped.summary(f"Segmented {len(rows)} of {len(paths)} CTs into {out_dir} (masks, predictions.csv)"))
@@ -731,6 +736,15 @@ if __name__ == "__main__":
         show(pd.read_csv(predictions[-1], usecols=["mask", "lesion_ml", "voxels", "shape"]))
 
 # %% Summary
+
+
+def predicted(cfg: Config, predictions: list[Path]) -> str:
+    """The summary's words on predictions/: the masks written, and the scans the Predict cell skipped (listed in
+    predictions/skipped.csv), which the data line, counting the labelled Train/ files, does not include."""
+    listed = cfg.output_dir / "predictions" / "skipped.csv"
+    n = len(pd.read_csv(listed)) if listed.is_file() else 0  # written by every run of the Predict cell
+    skips = f"; {n} scan{'s' * (n != 1)} skipped, listed in predictions/skipped.csv" if n else ""
+    return f"predictions/ ({max(len(predictions) - 1, 0)} masks and predictions.csv{skips})"
 
 
 def best_scores(history: History, per_case: pd.DataFrame | None) -> str:
@@ -754,6 +768,6 @@ if __name__ == "__main__":
     pictures = readme_pictures(cfg, data, {"val_predictions.png": "covid_ct_segmentation_predictions.png"})
     print(run_summary(cfg, data, history, best_scores(history, per_case),
                       ["best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "batch.png",
-                       "val_per_case.csv", "test_per_case.csv", "val_predictions.png",
-                       f"predictions/ ({max(len(predictions) - 1, 0)} masks and predictions.csv)"],
+                       "skipped.csv", "val_per_case.csv", "test_per_case.csv", "val_predictions.png",
+                       predicted(cfg, predictions)],
                       pictures))  # fmt: skip

@@ -27,7 +27,7 @@ from PIL import Image
 from pydicom.pixels import get_decoder
 from tqdm import tqdm
 
-from checkpoints import CheckpointError, OutputError, save_atomically
+from checkpoints import CheckpointError, OutputError, make_folder, save_atomically
 
 
 class DatasetError(FileNotFoundError):
@@ -999,7 +999,7 @@ def save_mask_nifti(path: Path, mask: np.ndarray, affine: np.ndarray) -> None:
     out.set_sform(affine, code=1)
     out.set_qform(affine, code=1)
     out.header.set_xyzt_units("mm", "sec")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)  # a file in its place: one Output problem line
     # Gzipped by hand: nib.save picks the format by the file's extension, and the temporary file's is ".partial".
     save_atomically(path, lambda partial: partial.write_bytes(gzip.compress(out.to_bytes(), compresslevel=1)))
 
@@ -1035,8 +1035,9 @@ def segment_cts(paths: list[Path], segment, name_of, out_dir: Path, volume: str,
     folder), segmented by `segment(img, path)` into a uint8 mask on its own voxel grid, written to
     out_dir/`name_of(path)` (made unique) on that grid, and described by a row {input, mask, <volume> (mL), voxels,
     shape} of out_dir/predictions.csv. A CT that cannot be read or used (Unusable) is named, skipped and counted in
-    `skipped`; the others are still segmented. Returns the rows; the CSV is written even when there are none."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    `skipped`, and listed in out_dir/skipped.csv with every earlier skip of `skipped`; the others are still
+    segmented. Returns the rows; both CSVs are written even when they are empty."""
+    make_folder(out_dir)  # a file in its place: one Output problem line
     rows, used = [], set()
     for path in tqdm(paths, desc="segmenting", leave=False, disable=None):
         try:
@@ -1051,4 +1052,5 @@ def segment_cts(paths: list[Path], segment, name_of, out_dir: Path, volume: str,
                      "voxels": int(mask.sum()), "shape": "x".join(map(str, mask.shape))})  # fmt: skip
     table = pd.DataFrame(rows, columns=["input", "mask", volume, "voxels", "shape"])
     save_atomically(out_dir / "predictions.csv", lambda partial: table.to_csv(partial, index=False))
+    skipped.save(out_dir / "skipped.csv")
     return rows

@@ -58,6 +58,7 @@ import distributed
 from checkpoints import (
     CHECKPOINT,
     PREDICT,
+    RESUME,
     BaseConfig,
     EpochLoss,
     History,
@@ -65,6 +66,7 @@ from checkpoints import (
     end_if_stopped,
     load_best,
     load_trained,
+    make_folder,
     predict_only,
     readme_pictures,
     run_summary,
@@ -150,7 +152,8 @@ class Config(BaseConfig):
     # of such (None: the download's patients without a PleThora mask; the sample's test patients)
     checkpoint: Path | None = CHECKPOINT  # the weights the Predict cell uses (None: output_dir/best_model.pt)
     tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
-    resume: bool = False  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs
+    resume: bool = RESUME  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs;
+    # RESUME=1 python pleural_effusion_3d.py from the command line
     quick: bool = QUICK  # the quick run below; recorded in the checkpoint: a quick model is not a result
     # Read by prediction from the checkpoint, whatever cfg says now: the network learnt CTs halved, windowed and
     # cropped as in its training, and its validation Dice was measured with these windows, overlap and threshold.
@@ -446,7 +449,7 @@ def load_data(cfg: Config) -> Data:
     print(skipped.summary(f"{root}: {len(items)} cases usable"))
     if distributed.is_main():  # under torchrun every process read the same cases: one writes
         table = pd.DataFrame(skipped.rows, columns=["case", "problem", "detail"])
-        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(cfg.output_dir)  # a file in its place: one Output problem line
         save_atomically(cfg.output_dir / "skipped_cases.csv", lambda path: table.to_csv(path, index=False))
     needed = 1 + (cfg.val_fraction > 0) + (cfg.test_fraction > 0)  # a case for each side asked for
     if len(items) < needed:

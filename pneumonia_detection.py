@@ -65,6 +65,7 @@ import distributed
 from checkpoints import (
     CHECKPOINT,
     PREDICT,
+    RESUME,
     BaseConfig,
     EpochLoss,
     History,
@@ -72,6 +73,7 @@ from checkpoints import (
     end_if_stopped,
     load_best,
     load_trained,
+    make_folder,
     predict_only,
     readme_pictures,
     run_summary,
@@ -87,6 +89,7 @@ from data_cleaning import (
     mask_name,
     one_line_data_problems,
     read_radiograph,
+    read_table,
     split_groups,
 )
 from dice import describe_ci, save_figure, show
@@ -151,7 +154,8 @@ class Config(BaseConfig):
     predict_inputs: Path | None = PREDICT  # the Predict cell's input: a folder or a file (None: stage_2_test_images/)
     checkpoint: Path | None = CHECKPOINT  # the weights the Predict cell uses (None: output_dir/best_model.pt)
     tensorboard: bool = False  # also log the history to output_dir/tensorboard (needs `pip install tensorboard`)
-    resume: bool = False  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs
+    resume: bool = RESUME  # go on from output_dir/last_checkpoint.pt (written after every epoch) up to max_epochs;
+    # RESUME=1 python pneumonia_detection.py from the command line
     quick: bool = QUICK  # the quick run below; recorded in the checkpoint: a quick model is not a result
     AS_TRAINED: ClassVar[tuple[str, ...]] = ("image_size", "model", "rpn_proposals_test")  # read by prediction from
     # the checkpoint: the network has only learnt opacities at the size it was trained at (its boxes, proposals and
@@ -182,6 +186,7 @@ if __name__ == "__main__":
 LABELS_CSV = "stage_2_train_labels.csv"  # patientId,x,y,width,height,Target: one row per box, or one NaN row
 CLASSES_CSV = "stage_2_detailed_class_info.csv"  # patientId,class: repeated on every label row of a patient
 TRAIN_IMAGES, TEST_IMAGES = "stage_2_train_images", "stage_2_test_images"  # <patientId>.dcm in each
+SAMPLE_SUBMISSION = "stage_2_sample_submission.csv"  # patientId,PredictionString: every test patient, listed once
 
 
 def read_patients(root: Path) -> list[dict]:
@@ -196,9 +201,13 @@ def read_patients(root: Path) -> list[dict]:
     for path in (labels_path, classes_path):
         if not path.is_file():
             raise DatasetError(f"{path} not found: expected the Kaggle download unzipped in {root} (README.md)")
-    labels = pd.read_csv(labels_path)
-    classes = pd.read_csv(classes_path).dropna(subset=["class"]).drop_duplicates("patientId")
-    classes = classes.set_index("patientId")["class"].astype(str).str.strip()  # an edited CSV: " Normal" is Normal
+    # Checked: a missing column, or a coordinate or Target that is not a number, is one line naming the file, the
+    # column and the row. x, y, width and height are blank on the rows of patients without a box.
+    coordinates = dict.fromkeys(["x", "y", "width", "height"], "number")
+    labels = read_table(labels_path, {"patientId": "str", **coordinates, "Target": "int"}, "one row per box")
+    classes = read_table(classes_path, {"patientId": "str", "class": "str"}, "one class per patient")
+    classes = classes[classes["class"] != ""].drop_duplicates("patientId")  # names read stripped: " Normal" is Normal
+    classes = classes.set_index("patientId")["class"]
     unknown = sorted(set(labels["patientId"]) - set(classes.index))
     if unknown:  # stratified as a class of their own: say so, and which
         first = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
@@ -334,6 +343,26 @@ def to_original(boxes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.asarray(boxes, dtype=np.float64).reshape(-1, 4) / scale
 
 
+def test_patients(root: Path) -> list[str]:
+    """The patients the challenge's sample submission lists (a submission needs a row for each), [] without it; a
+    file without its patientId column is one DatasetError naming it."""
+    path = root / SAMPLE_SUBMISSION
+    return read_table(path, {"patientId": "str"}, "the test patients")["patientId"].tolist() if path.is_file() else []
+
+
+def check_test_images(root: Path) -> str:
+    """One line on what the Predict cell will submit, read now, before any training: a sample submission that
+    cannot be read stops the run here (DatasetError) rather than after hours of training."""
+    if not (root / TEST_IMAGES).is_dir():
+        return f"No folder {root / TEST_IMAGES}: no challenge test radiographs to submit (the Predict cell takes yours)"
+    present = {path.stem for path in (root / TEST_IMAGES).glob("*.dcm")}
+    listed = test_patients(root)
+    missing = len(set(listed) - present)
+    listing = f"{SAMPLE_SUBMISSION} lists {len(listed)}" if listed else f"no {SAMPLE_SUBMISSION}"
+    gaps = f", {missing} of them missing (to be listed with no box)" if missing else ""
+    return f"Test radiographs for the submission: {len(present)} in {root / TEST_IMAGES}, {listing}{gaps}"
+
+
 def load_data(cfg: Config) -> Data:
     """The labelled radiographs of the download (or of the sample): grouped by patient, split by patient with
     validation at the data's class mix, training capped at `patients_per_class` per class (choose_patients),
@@ -341,6 +370,7 @@ def load_data(cfg: Config) -> Data:
     with distributed.main_first():  # process 0 writes the synthetic sample if missing, the others then read it
         root, synthetic = find_dataset("rsna-pneumonia-detection-challenge", cfg.data_dir)
     patients = read_patients(root)
+    print(check_test_images(root))  # every file the run needs is read before training
     per_class = Counter(p["class"] for p in patients)
     print(f"{len(patients)} labelled patients ({', '.join(f'{n} {name}' for name, n in sorted(per_class.items()))})")
     skipped = Skipped("patient")
@@ -350,6 +380,8 @@ def load_data(cfg: Config) -> Data:
     # same usable ones and the same split; each then trains on its own shard of it (build_train_loader).
     train, val, test = (load_patients(part, cfg.image_size, skipped) for part in chosen)
     print(skipped.summary(f"{root / TRAIN_IMAGES} ({drawn} patients drawn)"))
+    if distributed.is_main():  # every process read the same patients: one lists the skipped ones
+        skipped.save(make_folder(cfg.output_dir) / "skipped.csv")
     wanted = {"training": train, "validation": val} | ({"test": test} if cfg.test_fraction > 0 else {})
     if not all(wanted.values()):
         raise DatasetError(
@@ -947,8 +979,8 @@ if __name__ == "__main__":
 # Writes predictions/predictions.csv (Kaggle's patientId,PredictionString, boxes in each input's own pixels) and
 # predictions/<name>_boxes.png. Needs only the Imports and Configuration cells and a best_model.pt: the image size
 # and network are the checkpoint's, the score threshold the one chosen on validation with those weights.
-SHARED = ("TEST_IMAGES", "to_uint8", "build_transforms", "outline", "build_model", "freeze_batch_norm", "detect",
-          "boxes_above")  # fmt: skip
+SHARED = ("TEST_IMAGES", "test_patients", "to_uint8", "build_transforms", "outline", "build_model",
+          "freeze_batch_norm", "detect", "boxes_above")  # fmt: skip
 if not set(SHARED) <= globals().keys():
     # A fresh kernel that ran only Imports and Configuration: what prediction shares with training (the Data cell's
     # resizing, the network, the Train cell's detection) is imported from this file, whose guards do not run.
@@ -960,10 +992,9 @@ if not set(SHARED) <= globals().keys():
         detect,
         freeze_batch_norm,
         outline,
+        test_patients,
         to_uint8,
     )
-
-SAMPLE_SUBMISSION = "stage_2_sample_submission.csv"  # patientId,PredictionString: every test patient, listed once
 
 
 def build_trained_model(cfg: Config) -> torch.nn.Module:
@@ -1045,12 +1076,9 @@ def predict(cfg: Config, inputs=None) -> list[Path]:
     listed = []  # the challenge's test patients: Kaggle takes a submission with a row for each
     if inputs is None:
         root, _ = find_dataset("rsna-pneumonia-detection-challenge", cfg.data_dir, say=False)  # as load_data does
-        inputs = root / TEST_IMAGES
-        if (root / SAMPLE_SUBMISSION).is_file():
-            listed = pd.read_csv(root / SAMPLE_SUBMISSION)["patientId"].tolist()
+        inputs, listed = root / TEST_IMAGES, test_patients(root)
     paths, skipped = expand_inputs(inputs), Skipped("file", print_limit=10)
-    out_dir = cfg.output_dir / "predictions"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_folder(cfg.output_dir / "predictions")  # a file in its place: one Output problem line
     rows, pictures = predict_files(model, paths, trained, min_score, out_dir, skipped)
     predicted, missing = len(rows), [patient for patient in listed if patient not in rows]
     if missing:
@@ -1082,7 +1110,7 @@ def summarize(cfg: Config, data: Data, history: History, pictures: list[Path], p
     training started (from COCO weights, or FROM SCRATCH, which no score of the leaderboard did)."""
     best = history.best()
     outputs = ["best_model.pt", "last_checkpoint.pt", "history.csv", "rsna_metric_per_epoch.png", "batch.png",
-               "val_per_case.csv", "test_per_case.csv", "val_predictions.png",
+               "skipped.csv", "val_per_case.csv", "test_per_case.csv", "val_predictions.png",
                "predictions/ (predictions.csv, pictures)"]  # fmt: skip
     scores = (f"validation RSNA metric {best['val_rsna']:.4f} at score >= {best['score_threshold']:.2f} (predicting "
               f"nothing: {best['val_rsna_predict_nothing']:.4f}; mAP {best['val_map']:.4f}, mAP@.5 "

@@ -369,7 +369,7 @@ def test_quick_run_of_the_cells_from_another_directory_reaches_the_dice_bar(
     assert f"Test Dice {describe_ci(per_case['dice'], unit='cases')} per case" in out
     assert {p.name for p in output.iterdir()} == {
         "best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "batch.png", "val_per_case.csv",
-        "test_per_case.csv", "val_predictions.png", "predictions",
+        "test_per_case.csv", "val_predictions.png", "predictions", "skipped.csv",
     }  # fmt: skip
     for name in ("dice_per_epoch.png", "batch.png", "val_predictions.png"):
         with Image.open(output / name) as figure:
@@ -386,7 +386,7 @@ def test_quick_run_of_the_cells_from_another_directory_reaches_the_dice_bar(
 
     submission = ["041.nii.gz", "812.nii.gz", "842.nii.gz"]
     assert [p.name for p in cells["predictions"]] == [*submission, "predictions.csv"]
-    assert sorted(p.name for p in (output / "predictions").iterdir()) == [*submission, "predictions.csv"]
+    assert sorted(p.name for p in (output / "predictions").iterdir()) == [*submission, "predictions.csv", "skipped.csv"]
     for case_id in INFER_IDS:
         assert_on_the_scans_grid(output / "predictions" / f"{case_id[1:]}.nii.gz",
                                  ct_path(sample_root / COVID, case_id, "Validation"))  # fmt: skip
@@ -469,7 +469,17 @@ def test_fit_resumes_stops_on_ctrl_c_or_nan_and_the_best_weights_segment_on_the_
     out = capsys.readouterr().out
     assert f"Skipped {truncated}: truncated" in out and "skipped 1 file (1 truncated)" in out
     assert [p.name for p in written] == ["041.nii.gz", "812.nii.gz", "predictions.csv"]
-    assert sorted(p.name for p in (cfg.output_dir / "predictions").iterdir()) == [p.name for p in written]
+    assert sorted(p.name for p in (cfg.output_dir / "predictions").iterdir()) == [
+        *(p.name for p in written),
+        "skipped.csv",
+    ]
+    listed = pd.read_csv(cfg.output_dir / "predictions" / "skipped.csv")  # the whole list behind the capped lines
+    assert listed["file"].tolist() == [str(truncated)] and listed["problem"].tolist() == ["truncated"]
+    # The summary counts the scans the Predict cell skipped (its data line counts the labelled Train/ files only).
+    assert (
+        covid.predicted(cfg, written) == "predictions/ (2 masks and predictions.csv; 1 scan skipped, listed in "
+        "predictions/skipped.csv)"
+    )
     masks = []
     for case_id, path in zip(INFER_IDS, written[:-1]):
         assert nib.aff2axcodes(nib.load(ct_path(covid_copy, case_id, "Validation")).affine) == ("L", "A", "S")
@@ -530,8 +540,8 @@ def test_a_gz_damaged_inside_stops_training_in_one_line_and_is_skipped_when_segm
     out_dir = tmp_path / "masks"
     written = covid.predict(replace(trained, output_dir=out_dir), covid_copy / "Validation")
     out = capsys.readouterr().out
-    assert [p.name for p in written] == sorted(p.name for p in (out_dir / "predictions").iterdir())
     assert [p.name for p in written] == ["041.nii.gz", "842.nii.gz", "predictions.csv"]
+    assert sorted(p.name for p in (out_dir / "predictions").iterdir()) == [p.name for p in written] + ["skipped.csv"]
     damaged_scan = ct_path(covid_copy, INFER_IDS[1], "Validation")
     assert f"Skipped {damaged_scan}: unreadable ({damaged_scan} cannot be decoded (" in out
     assert "Segmented 2 of 3 CTs into " in out and "skipped 1 file (1 unreadable)" in out
@@ -693,7 +703,9 @@ def test_predict_writes_a_mask_on_each_cts_own_grid_for_nifti_oblique_and_dicom_
     out_dir = trained.output_dir / "predictions"
     names = ["lps_lesions.nii.gz", "oblique_lesions.nii.gz", "series_lesions.nii.gz"]
     assert written == [out_dir / name for name in [*names, "predictions.csv"]]
-    assert sorted(p.name for p in out_dir.iterdir()) == sorted(p.name for p in written)  # no temporary file left
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+        [*(p.name for p in written), "skipped.csv"]
+    )  # no temporary
     assert f"Segmented 3 of 3 CTs into {out_dir} (masks, predictions.csv): no file skipped" in out
     hu, series_affine = read_dicom_series(folder / "series")
     expected_affines = [ct.affine, rotation_about_z(20) @ ct.affine, series_affine]
@@ -802,7 +814,7 @@ def test_the_command_line_predicts_a_folder_without_training(covid, trained, use
     assert "Segmented 3 of 3 CTs into " in result.stdout
     assert "epoch " not in result.stdout.replace("(epoch 8", "") and not (output / "history.csv").exists()
     assert sorted(p.name for p in (output / "predictions").iterdir()) == [
-        "lps_lesions.nii.gz", "oblique_lesions.nii.gz", "predictions.csv", "series_lesions.nii.gz"
+        "lps_lesions.nii.gz", "oblique_lesions.nii.gz", "predictions.csv", "series_lesions.nii.gz", "skipped.csv"
     ]  # fmt: skip
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00" * 100)

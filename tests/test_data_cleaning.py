@@ -280,3 +280,22 @@ def test_the_disk_cache_builds_once_and_rebuilds_exactly_what_changed(tmp_path, 
     sources[5].write_text("5")  # the bad file repaired: taken now
     cache, skipped, prepared = run()
     assert (cache.built, len(prepared), skipped.counts.total()) == (1, 6, 0)
+
+
+def test_the_3d_prediction_loop_lists_its_skips_and_a_file_in_place_of_its_folder_is_one_output_problem(tmp_path):
+    """segment_cts (COVID and pleural): every skipped input in predictions/skipped.csv beside predictions.csv; a
+    plain file where predictions/ should be is one OutputError naming it, before any CT is read."""
+    from checkpoints import OutputError
+    from data_cleaning import segment_cts
+
+    text = tmp_path / "notes.nii.gz"
+    text.write_text("not a NIfTI")
+    skipped = Skipped("file", print_limit=0)
+    rows = segment_cts([text], lambda img, path: None, lambda path: "x.nii.gz", tmp_path / "out", "ml", skipped)
+    assert rows == [] and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["predictions.csv", "skipped.csv"]
+    listed = pd.read_csv(tmp_path / "out" / "skipped.csv")
+    assert listed["file"].tolist() == [str(text)] and len(listed) == 1
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(OutputError, match=r"taken is a file, where the folder .*taken/predictions is needed"):
+        segment_cts([text], lambda img, path: None, lambda path: "x.nii.gz", tmp_path / "taken" / "predictions", "ml",
+                    Skipped("file"))  # fmt: skip

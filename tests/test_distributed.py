@@ -455,13 +455,15 @@ def test_covid_under_torchrun_caches_its_share_writes_once_and_both_processes_ag
     )
     output = repo / "output" / COVID
     names = {"best_model.pt", "last_checkpoint.pt", "history.csv", "dice_per_epoch.png", "tensorboard", "batch.png"}
-    names |= {"val_per_case.csv", "test_per_case.csv", "val_predictions.png", "predictions"}
+    names |= {"val_per_case.csv", "test_per_case.csv", "val_predictions.png", "predictions", "skipped.csv"}
     assert_written_once(stdout, output, names, repo / "Images" / f"{COVID}_predictions.png")
     assert_both_processes_agree(first, second, output / "history.csv", keys=("train_loss", "val_dice"))
     assert "5 train, 1 validation, 1 test" in stdout and "3 steps per epoch" in stdout  # each process its 3 cases
     assert len(pd.read_csv(output / "test_per_case.csv")) == 1  # process 0 alone scored the test case
     assert len(pd.read_csv(output / "val_per_case.csv")) == 1  # process 0 validated the best epoch on all
-    assert sorted(path.name for path in (output / "predictions").iterdir()) == ["041.nii.gz", "predictions.csv"]
+    assert sorted(path.name for path in (output / "predictions").iterdir()) == [
+        "041.nii.gz", "predictions.csv", "skipped.csv"
+    ]  # fmt: skip
     checkpoint = torch.load(output / "best_model.pt", weights_only=True)
     covid.build_model(replace(covid.cfg, **small)).load_state_dict(checkpoint["model"])  # saved unwrapped
 
@@ -484,6 +486,7 @@ def test_pneumonia_under_torchrun_writes_once_agrees_and_gathers_the_predictions
     output = repo / "output" / PNEUMONIA
     names = {"best_model.pt", "last_checkpoint.pt", "history.csv", "rsna_metric_per_epoch.png", "batch.png"}
     names |= {"val_per_case.csv", "test_per_case.csv", "val_predictions.png", "predictions", "tensorboard"}
+    names |= {"skipped.csv"}
     assert_written_once(stdout, output, names, repo / "Images" / f"{PNEUMONIA}_predictions.png")
     assert_both_processes_agree(first, second, output / "history.csv", keys=("train_loss", "val_rsna", "val_map"))
     assert "12 train, 3 validation, 3 test radiographs" in stdout and "3 steps per epoch" in stdout  # each its 6

@@ -781,6 +781,7 @@ def test_predict_from_the_command_line_trains_nothing(trained, pleural_root, rep
     assert sorted(p.name for p in (output / "predictions").iterdir()) == [
         "LUNG1-010_effusion.nii.gz",
         "predictions.csv",
+        "skipped.csv",
     ]
 
     garbage = tmp_path / "garbage.pt"

@@ -207,6 +207,39 @@ def test_class_names_are_read_stripped_and_patients_without_a_class_named(det, r
     ]  # fmt: skip
 
 
+def test_bad_label_csvs_and_the_sample_submission_are_one_data_problem_before_training(
+    det, rsna_copy, tmp_path, capsys
+):
+    """Each CSV the run needs is read in the Data stage and checked: one line naming the file, the column and the first
+    bad row, never a KeyError or ValueError from pandas, and never after hours of training (the sample submission)."""
+    cfg = tiny_config(det, tmp_path, rsna_copy.parent)
+    labels_path, classes_path = rsna_copy / "stage_2_train_labels.csv", rsna_copy / "stage_2_detailed_class_info.csv"
+    submission_path = rsna_copy / "stage_2_sample_submission.csv"
+    labels, submission = pd.read_csv(labels_path, dtype=str), pd.read_csv(submission_path, dtype=str)
+    (rsna_copy / "stage_2_test_images" / f"{submission['patientId'][0]}.dcm").unlink()
+    det.load_data(cfg)
+    n = len(submission)
+    assert (
+        f"Test radiographs for the submission: {n - 1} in {rsna_copy / 'stage_2_test_images'}, "
+        f"stage_2_sample_submission.csv lists {n}, 1 of them missing (to be listed with no box)"
+    ) in capsys.readouterr().out
+    labels_csv, no_id = r"stage_2_train_labels.csv \(one row per box\)", "has no column patientId"
+    cases = [
+        (labels_path, labels.drop(columns="Target"), f"{labels_csv} has no column Target"),
+        (labels_path, labels.assign(x=labels["x"].where(labels["x"].isna(), "abc")),
+         rf"{labels_csv}: column x, row \d+: 'abc' is not a number"),
+        (classes_path, pd.DataFrame({"garbage": ["a", "b"]}), f"stage_2_detailed_class_info.csv .* {no_id}"),
+        (submission_path, submission.drop(columns="patientId"), f"stage_2_sample_submission.csv .* {no_id}"),
+    ]  # fmt: skip
+    for path, table, message in cases:
+        original = path.read_bytes()
+        table.to_csv(path, index=False)
+        with pytest.raises(DatasetError, match=message):
+            det.load_data(cfg)
+        path.write_bytes(original)
+    assert not (cfg.output_dir / "history.csv").exists()
+
+
 # DICOM reading
 
 
@@ -601,7 +634,7 @@ def test_runs_as_a_script_from_another_directory(sample_root, tmp_path, monkeypa
     )
     assert {p.name for p in output.iterdir()} == {
         "best_model.pt", "last_checkpoint.pt", "history.csv", "rsna_metric_per_epoch.png", "batch.png",
-        "val_per_case.csv", "test_per_case.csv", "val_predictions.png", "predictions",
+        "skipped.csv", "val_per_case.csv", "test_per_case.csv", "val_predictions.png", "predictions",
     }  # fmt: skip
     assert (output / "predictions" / "predictions.csv").is_file()
     picture = repo / "Images" / "pneumonia_detection_predictions.png"

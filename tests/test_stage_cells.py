@@ -127,3 +127,15 @@ def test_no_function_of_the_repository_longer_than_60_lines(module):
     functions = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
     long = {f.name: f.end_lineno - f.lineno + 1 for f in functions if f.end_lineno - f.lineno + 1 > MAX_FUNCTION_LINES}
     assert not long, (module, long)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_is_one_environment_switch_away(script, load_script, monkeypatch):
+    """RESUME=1 python script.py goes on from last_checkpoint.pt without editing the script: checkpoints reads the
+    switch once (tested from the command line for lung), and every script's Config takes it as resume's default."""
+    import checkpoints
+
+    assert load_script(script).cfg.resume is checkpoints.RESUME is False  # the tests run without RESUME=1
+    monkeypatch.setattr(checkpoints, "RESUME", True)
+    assert load_script(script).cfg.resume is True
+    assert load_script(script).Config(resume=False).resume is False  # a setting given explicitly wins
