@@ -307,7 +307,7 @@ def drop_contradictory_pairs(frames: list[dict], train: list[dict], cfg: Config)
     pairs = find_contradictory_pairs(table, np.stack([f["signature"] for f in frames]), cfg.duplicate_max_distance)
     listed = cfg.output_dir / "contradictory_pairs.csv"
     if distributed.is_main():  # under torchrun every process finds the same pairs: one writes them
-        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(cfg.output_dir)  # a file in its place: one Output problem line
         save_atomically(listed, lambda path: pairs.to_csv(path, index=False))
     dropped = set(zip(pairs["subject"], pairs["img_empty"])) if cfg.drop_contradictory else set()
     kept = [f for f in train if (f["subject"], f["img"]) not in dropped]
