@@ -278,13 +278,14 @@ class DiskCache:
 
 
 def prepare_cached(items: list, sources_of, prepare, cache: DiskCache, skipped: Skipped, desc: str = "preparing",
-                   workers: int | None = None) -> list:  # fmt: skip
+                   workers: int | None = None, name_of=None) -> list:  # fmt: skip
     """[(item, arrays)] for every usable item, in order: arrays from `cache` where built, else `prepare(item)`
     (a module-level function returning {name: array}, raising Unusable for a bad input), run in parallel on every
     core this process may use (`workers`) and written to the cache. Items that raise Unusable are skipped (and
     tried again next run: a repaired file is then taken). `sources_of(item)` lists the files its arrays come from.
     `prepare` decodes with NumPy, Pillow, pydicom, nibabel: not torch, whose threads do not survive a fork. Under
-    torchrun, call it inside distributed.main_first(): process 0 builds, the others then read its entries."""
+    torchrun, call it inside distributed.main_first(): process 0 builds, the others then read its entries.
+    `name_of(item)` names a skipped item (default: its first source)."""
     found = [cache.get(sources_of(item)) for item in items]
     missing = [i for i, arrays in enumerate(found) if arrays is None]
     if workers is None:
@@ -292,7 +293,7 @@ def prepare_cached(items: list, sources_of, prepare, cache: DiskCache, skipped: 
     with parallel_map(prepare, [items[i] for i in missing], workers) as results:
         for i, result in zip(missing, tqdm(results, total=len(missing), desc=desc, leave=False, disable=None)):
             if isinstance(result, Unusable):
-                skipped.skip(sources_of(items[i])[0], result)
+                skipped.skip(name_of(items[i]) if name_of else sources_of(items[i])[0], result)
             else:
                 found[i] = cache.put(sources_of(items[i]), result)
     return [(item, arrays) for item, arrays in zip(items, found) if arrays is not None]

@@ -42,9 +42,9 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader, Dataset
@@ -83,11 +83,13 @@ from checkpoints import (
 from data_cleaning import (
     Data,
     DatasetError,
+    DiskCache,
     Skipped,
     Unusable,
     expand_inputs,
     mask_name,
     one_line_data_problems,
+    prepare_cached,
     read_radiograph,
     read_table,
     split_groups,
@@ -120,6 +122,8 @@ class Config(BaseConfig):
     # class: the data's mix
     test_fraction: float = 0.2  # of each class's patients, held out and scored once at the end: the result (0: no
     # test set, and the only score is validation's, which chose the model and is optimistic)
+    cache: bool = True  # keep each radiograph decoded and resized on disk (cache_dir): the next run reads it back
+    cache_dir: Path | None = None  # None: <data_dir>/cache/pneumonia_detection/ (beside the downloads, never inside)
     image_size: int = 512  # side the 1024-px radiographs are resized to; the opacities are large (150-350 px),
     # and 512 px is what most challenge solutions trained at
     model: str = "fasterrcnn_resnet50_fpn"  # or "fasterrcnn_resnet50_fpn_v2" (Li et al. 2021: better, slower)
@@ -291,29 +295,70 @@ def with_opacity(items: list[dict]) -> tuple[int, float]:
     return n_pos, n_pos / max(len(items), 1)
 
 
-def to_uint8(pixels: np.ndarray, size: int) -> torch.Tensor:
-    """(1, size, size) uint8: stretched to 0..255 (the challenge's images are 8-bit already), resized with
-    antialiasing. Cached as uint8, 1,000 radiographs at 512 px take 260 MB."""
+PREPARATION = {"resize": "Pillow bilinear, antialiased", "version": 2}  # in the disk cache's key with image_size
+
+
+def resize_radiograph(pixels: np.ndarray, size: int) -> np.ndarray:
+    """(size, size) uint8: stretched to 0..255 (the challenge's images are 8-bit already) and resized with Pillow's
+    bilinear filter, which widens with the reduction (antialiased). NumPy and Pillow only: it runs in the disk
+    cache's forked workers, where torch's threads would not."""
     low, high = float(pixels.min()), float(pixels.max())
-    unit = torch.from_numpy((pixels - low) / max(high - low, 1e-6))[None, None]  # (1, 1, H, W) in 0..1
-    resized = F.interpolate(unit, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return (resized[0] * 255).round().clamp(0, 255).to(torch.uint8)
+    unit = ((pixels - low) / max(high - low, 1e-6)).astype(np.float32)  # 0..1
+    resized = np.asarray(Image.fromarray(unit).resize((size, size), Image.Resampling.BILINEAR))
+    return np.clip(np.round(resized * 255), 0, 255).astype(np.uint8)
 
 
-def load_patients(patients: list[dict], size: int, skipped: Skipped, progress: bool = True) -> list[dict]:
-    """Decode each patient's DICOM once and cache it at `size`; bad inputs are named, skipped and counted.
+def to_uint8(pixels: np.ndarray, size: int) -> torch.Tensor:
+    """(1, size, size) uint8, as `resize_radiograph`. Kept as uint8, 1,000 radiographs at 512 px take 260 MB."""
+    return torch.from_numpy(resize_radiograph(pixels, size))[None]
+
+
+def prepare_radiograph(job: tuple[Path, int]) -> dict[str, np.ndarray]:
+    """The deterministic part of a radiograph's preparation, what the disk cache keeps: (DICOM path, size) ->
+    {"image": (size, size) uint8, "shape": the DICOM's (height, width)}. Raises Unusable."""
+    path, size = job
+    pixels, _ = read_radiograph(path)  # DICOM, rescaled, MONOCHROME1 inverted (data_cleaning)
+    return {"image": resize_radiograph(pixels, size), "shape": np.array(pixels.shape, dtype=np.int64)}
+
+
+def decode_radiographs(patients: list[dict], size: int, skipped: Skipped, progress: bool, cache) -> list:
+    """[(patient, {"image", "shape"})] of the patients whose DICOM exists and decodes: from `cache` (a
+    data_cleaning.DiskCache) where built, else decoded on every core and written to it; without a cache, decoded
+    here, one after the other. Bad inputs are named, skipped and counted."""
+    present = []
+    for patient in patients:
+        if patient["path"].is_file():
+            present.append(patient)
+        else:
+            skipped.skip(patient["patient_id"], "missing DICOM", f"{patient['path']} not found")
+    by_path = {patient["path"]: patient for patient in present}
+    jobs = [(patient["path"], size) for patient in present]
+    if cache is not None:
+        done = prepare_cached(jobs, lambda job: [job[0]], prepare_radiograph, cache, skipped, desc="decoding",
+                              name_of=lambda job: by_path[job[0]]["patient_id"])  # fmt: skip
+        return [(by_path[job[0]], arrays) for job, arrays in done]
+    done = []
+    for patient, job in zip(present, tqdm(jobs, desc="decoding", leave=False, disable=None if progress else True)):
+        try:
+            done.append((patient, prepare_radiograph(job)))
+        except Unusable as err:
+            skipped.skip(patient["patient_id"], err)
+    return done
+
+
+def load_patients(patients: list[dict], size: int, skipped: Skipped, progress: bool = True, cache=None) -> list[dict]:
+    """Each patient's DICOM decoded and resized to `size` once (`decode_radiographs`: from the disk cache where
+    built) and kept in memory; bad inputs are named, skipped and counted.
 
     Adds "image" (1, size, size) uint8, "scale" (size / the DICOM's side) and "target_boxes" (k, 4) float32 in
     `size` pixels. A box reaching outside the image skips the whole patient: clipping it would train on a box we
-    know to be wrong, and dropping it would turn part of a positive radiograph into a negative.
+    know to be wrong, and dropping it would turn part of a positive radiograph into a negative. The boxes are
+    checked here, after the cache, as they come from the label CSV, not from the DICOM.
     """
     items = []
-    for patient in tqdm(patients, desc="decoding", leave=False, disable=None if progress else True):
+    for patient, arrays in decode_radiographs(patients, size, skipped, progress, cache):
         try:
-            if not patient["path"].is_file():
-                raise Unusable("missing DICOM", f"{patient['path']} not found")
-            pixels, _ = read_radiograph(patient["path"])  # DICOM, rescaled, MONOCHROME1 inverted (data_cleaning)
-            height, width = pixels.shape
+            height, width = (int(n) for n in arrays["shape"])
             boxes = patient["boxes"]
             invalid = ~np.isfinite(boxes).all(1) | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
             if invalid.any():
@@ -330,7 +375,7 @@ def load_patients(patients: list[dict], size: int, skipped: Skipped, progress: b
         items.append(
             {
                 **patient,
-                "image": to_uint8(pixels, size),
+                "image": torch.from_numpy(np.array(arrays["image"]))[None],  # read from the cache into memory
                 "scale": scale,
                 "target_boxes": torch.as_tensor(boxes * scale, dtype=torch.float32).reshape(-1, 4),
             }
@@ -341,6 +386,16 @@ def load_patients(patients: list[dict], size: int, skipped: Skipped, progress: b
 def to_original(boxes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """Boxes (n, 4) in network pixels back to the DICOM's pixels (1024 px for the challenge)."""
     return np.asarray(boxes, dtype=np.float64).reshape(-1, 4) / scale
+
+
+def radiograph_cache(cfg: Config) -> DiskCache | None:
+    """The disk cache of decoded radiographs (None with cache=False): one entry per DICOM, keyed by image_size, the
+    preparation (PREPARATION) and the file's path, size and modification time, so that a changed setting or file
+    rebuilds exactly its entries."""
+    if not cfg.cache:
+        return None
+    folder = cfg.cache_dir or Path(cfg.data_dir) / "cache" / "pneumonia_detection"
+    return DiskCache(folder, {"image_size": cfg.image_size, **PREPARATION}, ("image", "shape"))
 
 
 def test_patients(root: Path) -> list[str]:
@@ -378,7 +433,11 @@ def load_data(cfg: Config) -> Data:
     drawn = sum(map(len, chosen))
     # Every process decodes the same patients (uint8 at image_size: 0.26 MB a radiograph at 512 px), so all find the
     # same usable ones and the same split; each then trains on its own shard of it (build_train_loader).
-    train, val, test = (load_patients(part, cfg.image_size, skipped) for part in chosen)
+    cache = radiograph_cache(cfg)
+    with distributed.main_first():  # under torchrun process 0 decodes into the cache, the others then read it
+        train, val, test = (load_patients(part, cfg.image_size, skipped, cache=cache) for part in chosen)
+    if cache is not None:
+        print(f"Disk cache {cache.folder}: {cache.read} radiographs read back, {cache.built} decoded and written")
     print(skipped.summary(f"{root / TRAIN_IMAGES} ({drawn} patients drawn)"))
     if distributed.is_main():  # every process read the same patients: one lists the skipped ones
         skipped.save(make_folder(cfg.output_dir) / "skipped.csv")

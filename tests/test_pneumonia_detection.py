@@ -7,6 +7,7 @@ settings whatever cfg says, a bad checkpoint in one line, and the PREDICT= comma
 
 import hashlib
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -238,6 +239,37 @@ def test_bad_label_csvs_and_the_sample_submission_are_one_data_problem_before_tr
             det.load_data(cfg)
         path.write_bytes(original)
     assert not (cfg.output_dir / "history.csv").exists()
+
+
+def test_the_disk_cache_decodes_once_rebuilds_a_touched_dicom_and_gives_what_decoding_gives(det, rsna_copy, tmp_path):
+    """The Data stage decodes every radiograph once into data/cache/pneumonia_detection/; the next run decodes none;
+    a changed DICOM (its size or modification time) is decoded again, alone; a new image_size builds new entries;
+    and the cached arrays are exactly those decoded without the cache."""
+    cfg = tiny_config(det, tmp_path, rsna_copy.parent)
+    cache = det.radiograph_cache(cfg)
+    assert cache.folder == rsna_copy.parent / "cache" / "pneumonia_detection"  # beside the download, not in it
+    patients = det.read_patients(rsna_copy)[:6]
+    first = det.load_patients(patients, 64, Skipped("patient"), cache=cache)
+    assert (cache.built, cache.read) == (6, 0)
+    again = det.radiograph_cache(cfg)
+    second = det.load_patients(patients, 64, Skipped("patient"), cache=again)
+    assert (again.built, again.read) == (0, 6)  # nothing decoded
+    plain = det.load_patients(patients, 64, Skipped("patient"))  # no cache: decoded here
+    for items in (second, plain):
+        assert [i["patient_id"] for i in items] == [i["patient_id"] for i in first]
+        for item, reference in zip(items, first):
+            assert torch.equal(item["image"], reference["image"]) and item["image"].dtype == torch.uint8
+            np.testing.assert_array_equal(item["scale"], reference["scale"])
+            assert torch.equal(item["target_boxes"], reference["target_boxes"])
+    touched = patients[2]["path"]
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    third = det.radiograph_cache(cfg)
+    det.load_patients(patients, 64, Skipped("patient"), cache=third)
+    assert (third.built, third.read) == (1, 5)  # the touched file alone
+    larger = det.radiograph_cache(replace(cfg, image_size=96))
+    items = det.load_patients(patients, 96, Skipped("patient"), cache=larger)
+    assert (larger.built, larger.read) == (6, 0) and items[0]["image"].shape == (1, 96, 96)
+    assert det.radiograph_cache(replace(cfg, cache=False)) is None
 
 
 # DICOM reading
