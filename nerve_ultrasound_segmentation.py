@@ -69,6 +69,7 @@ from checkpoints import (
 from data_cleaning import (
     Data,
     DatasetError,
+    DiskCache,
     Skipped,
     Unusable,
     expand_inputs,
@@ -76,6 +77,7 @@ from data_cleaning import (
     frame_signature,
     mask_name,
     one_line_data_problems,
+    prepare_cached,
     read_table,
     rle_decode,
     rle_encode,
@@ -106,6 +108,8 @@ class Config(BaseConfig):
     # only score is validation's, which chose the model and is optimistic)
     max_subjects: int | None = None  # the first N subjects (None: all 47)
     max_test_images: int | None = None  # the first N test frames (None: all 5,508, a complete submission)
+    cache: bool = True  # keep each frame decoded and resized on disk (cache_dir): the next run reads it back
+    cache_dir: Path | None = None  # None: <data_dir>/cache/nerve_ultrasound_segmentation/ (beside the download)
     image_size: tuple[int, int] = (128, 176)  # (H, W): 420x580's shape, multiples of 16
     channels: tuple[int, ...] = (16, 32, 64, 128, 256)  # UNet features per level, as the original
     strides: tuple[int, ...] = (2, 2, 2, 2)  # stride-2 down-sampling between levels, as the original
@@ -182,21 +186,6 @@ def decode_frame(path: Path) -> np.ndarray:
     return pixels
 
 
-def read_frame(path: Path, skipped: Skipped) -> np.ndarray | None:
-    """The 420x580 uint8 pixels of a Kaggle TIFF (8 or 16 bits, `decode_frame`), or None (reported and counted) if
-    unreadable or of another size."""
-    try:
-        pixels = decode_frame(path)
-    except Unusable as err:
-        skipped.skip(path, err)
-        return None
-    if pixels.shape != SHAPE:
-        height, width = pixels.shape
-        skipped.skip(path, "wrong size", f"{width}x{height} pixels (width x height), expected {SHAPE[1]}x{SHAPE[0]}")
-        return None
-    return pixels
-
-
 def find_train_cases(train_dir: Path, skipped: Skipped) -> list[dict]:
     """Pair `<subject>_<img>.tif` with `<subject>_<img>_mask.tif` by name; report files without their partner."""
     images, masks = {}, {}
@@ -248,27 +237,85 @@ def read_masks_csv(path: Path, cases: list[dict]) -> dict[tuple[int, int], tuple
 
 def resize(pixels: np.ndarray, size: tuple[int, int], mask: bool = False) -> torch.Tensor:
     """(1, height, width) uint8 tensor; masks by nearest neighbour so that they stay binary."""
+    return torch.from_numpy(resize_array(pixels, size, mask))[None]
+
+
+def resize_array(pixels: np.ndarray, size: tuple[int, int], mask: bool = False) -> np.ndarray:
+    """`resize` in NumPy and Pillow only (height, width): what the disk cache's forked workers run."""
     resample = Image.Resampling.NEAREST if mask else Image.Resampling.BILINEAR  # Pillow's bilinear antialiases
     small = Image.fromarray(pixels).resize(size[::-1], resample)
-    return torch.from_numpy(np.asarray(small, dtype=np.uint8).copy())[None]
+    return np.asarray(small, dtype=np.uint8).copy()
+
+
+PREPARATION = {"resize": "Pillow bilinear, masks nearest", "signature": 32, "version": 1}  # in the cache's key
+
+
+def prepare_frame(job: tuple[Path, Path, tuple[int, int]]) -> dict[str, np.ndarray]:
+    """The deterministic part of a frame's preparation, what the disk cache keeps: (frame, mask, image_size) ->
+    {"image", "label"} at training size (uint8), the 420x580 mask packed to bits ("mask_bits": Kaggle scores at
+    full size, and train_masks.csv is checked against it) and the near-duplicate "signature". Raises Unusable
+    naming the file at fault."""
+    image_path, mask_path, size = job
+    arrays = {}
+    for name, path in (("image", image_path), ("mask", mask_path)):
+        try:
+            pixels = decode_frame(path)
+        except Unusable as err:
+            raise Unusable(err.problem, f"{path.name}: {err.detail}") from None
+        if pixels.shape != SHAPE:
+            height, width = pixels.shape
+            raise Unusable("wrong size", f"{path.name}: {width}x{height} pixels (width x height), expected "
+                           f"{SHAPE[1]}x{SHAPE[0]}")  # fmt: skip
+        arrays[name] = pixels
+    mask = arrays["mask"] > 0  # masks are 0/255
+    return {
+        "image": resize_array(arrays["image"], size),
+        "label": resize_array(mask.view(np.uint8), size, mask=True),
+        "mask_bits": np.packbits(mask),
+        "signature": frame_signature(arrays["image"]),
+    }
+
+
+def decode_frames(cases: list[dict], cfg: Config, skipped: Skipped) -> list[tuple[dict, dict]]:
+    """[(case, prepare_frame's arrays)] of the cases whose frame and mask decode: from the disk cache
+    (data/cache/nerve_ultrasound_segmentation/, keyed by image_size, the preparation and both files' path, size
+    and modification time) where built, else decoded on every core and written to it; with cache=False decoded
+    here, one after the other. Bad files are named, skipped and counted."""
+    jobs = [(case["image"], case["mask"], tuple(cfg.image_size)) for case in cases]
+    by_image = {case["image"]: case for case in cases}
+    if cfg.cache:
+        folder = cfg.cache_dir or Path(cfg.data_dir) / "cache" / "nerve_ultrasound_segmentation"
+        cache = DiskCache(folder, {"image_size": cfg.image_size, **PREPARATION}, tuple(PREPARED))
+        with distributed.main_first():  # under torchrun process 0 decodes into the cache, the others then read it
+            done = prepare_cached(jobs, lambda job: [job[0], job[1]], prepare_frame, cache, skipped,
+                                  desc="reading frames")  # fmt: skip
+        print(f"Disk cache {cache.folder}: {cache.read} frames read back, {cache.built} decoded and written")
+        return [(by_image[job[0]], arrays) for job, arrays in done]
+    done = []
+    for case, job in zip(cases, tqdm(jobs, desc="reading frames", leave=False, disable=None)):
+        try:
+            done.append((case, prepare_frame(job)))
+        except Unusable as err:
+            skipped.skip(case["image"], err)
+    return done
+
+
+PREPARED = ("image", "label", "mask_bits", "signature")  # the arrays of a cache entry
 
 
 def load_frames(
     cases: list[dict], cfg: Config, masks_csv: dict | None, full_masks: set[int], skipped: Skipped
 ) -> list[dict]:
-    """Decode every frame once, check it, and keep it in memory at training size (uint8).
+    """Every frame decoded once (`decode_frames`: from the disk cache where built), checked, and kept in memory at
+    training size (uint8).
 
     Each case becomes {subject, img, image, label, has_nerve, signature} plus, for the subjects in `full_masks`
-    (validation), the 420x580 mask as bool, since Kaggle scores at full size. A frame whose mask disagrees with
-    train_masks.csv is left out: one of the two is wrong, and which one cannot be told.
+    (validation and test), the 420x580 mask as bool, since Kaggle scores at full size. A frame whose mask disagrees
+    with train_masks.csv is left out: one of the two is wrong, and which one cannot be told.
     """
     frames = []
-    for case in tqdm(cases, desc="reading frames", leave=False, disable=None):
-        pixels = read_frame(case["image"], skipped)
-        mask = read_frame(case["mask"], skipped) if pixels is not None else None
-        if mask is None:
-            continue
-        mask = mask > 0  # masks are 0/255
+    for case, arrays in decode_frames(cases, cfg, skipped):
+        mask = np.unpackbits(arrays["mask_bits"], count=SHAPE[0] * SHAPE[1]).reshape(SHAPE).astype(bool)
         if masks_csv is not None:
             rle, row = masks_csv.get((case["subject"], case["img"]), (None, None))
             try:
@@ -286,10 +333,10 @@ def load_frames(
             "subject": case["subject"],
             "img": case["img"],
             "path": case["image"],  # to draw the frame at full size in val_predictions.png
-            "image": resize(pixels, cfg.image_size),
-            "label": resize(mask.view(np.uint8), cfg.image_size, mask=True),
+            "image": torch.from_numpy(np.array(arrays["image"]))[None],  # read from the cache into memory
+            "label": torch.from_numpy(np.array(arrays["label"]))[None],
             "has_nerve": bool(mask.any()),
-            "signature": frame_signature(pixels),
+            "signature": np.array(arrays["signature"]),
         }
         if case["subject"] in full_masks:
             frame["full_label"] = torch.from_numpy(mask)[None]  # (1, 420, 580) bool

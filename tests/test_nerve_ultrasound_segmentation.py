@@ -365,6 +365,37 @@ def test_missing_test_frames_are_capped_at_ten_lines_and_all_counted(nerve, trai
     assert list(rows["img"]) == list(range(1, 51))  # a complete submission all the same
 
 
+def test_the_disk_cache_decodes_once_rebuilds_a_touched_frame_and_gives_what_decoding_gives(nerve, nerve_copy, tmp_path,
+                                                                                              capsys):  # fmt: skip
+    """The Data stage decodes every frame once into data/cache/nerve_ultrasound_segmentation/; the next run decodes
+    none; a touched frame is decoded again, alone; and the frames are exactly those decoded without the cache."""
+    cfg = replace(nerve.cfg, data_dir=nerve_copy.parent, output_dir=tmp_path / "out", drop_contradictory=False)
+    first = nerve.load_data(cfg)
+    assert (
+        f"Disk cache {nerve_copy.parent / 'cache' / 'nerve_ultrasound_segmentation'}: 0 frames read back, 50 "
+        "decoded and written" in capsys.readouterr().out
+    )
+    second = nerve.load_data(cfg)
+    assert ": 50 frames read back, 0 decoded and written" in capsys.readouterr().out
+    plain = nerve.load_data(replace(cfg, cache=False))
+    assert "Disk cache" not in capsys.readouterr().out
+    for data in (second, plain):
+        for side in ("train", "val", "test"):
+            for frame, reference in zip(getattr(data, side), getattr(first, side), strict=True):
+                assert (frame["subject"], frame["img"], frame["has_nerve"]) == (reference["subject"], reference["img"],
+                                                                              reference["has_nerve"])  # fmt: skip
+                assert torch.equal(frame["image"], reference["image"]) and torch.equal(
+                    frame["label"], reference["label"]
+                )
+                np.testing.assert_array_equal(frame["signature"], reference["signature"])
+                if "full_label" in reference:
+                    assert torch.equal(frame["full_label"], reference["full_label"])
+    touched = nerve_copy / "train/2_4_mask.tif"
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    nerve.load_data(cfg)
+    assert ": 49 frames read back, 1 decoded and written" in capsys.readouterr().out
+
+
 # %% The stages
 
 
