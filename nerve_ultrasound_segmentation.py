@@ -248,6 +248,7 @@ def resize_array(pixels: np.ndarray, size: tuple[int, int], mask: bool = False) 
 
 
 PREPARATION = {"resize": "Pillow bilinear, masks nearest", "signature": 32, "version": 1}  # in the cache's key
+PREPARED = ("image", "label", "mask_bits", "signature")  # the arrays of a cache entry (prepare_frame)
 
 
 def prepare_frame(job: tuple[Path, Path, tuple[int, int]]) -> dict[str, np.ndarray]:
@@ -285,7 +286,7 @@ def decode_frames(cases: list[dict], cfg: Config, skipped: Skipped) -> list[tupl
     by_image = {case["image"]: case for case in cases}
     if cfg.cache:
         folder = cfg.cache_dir or Path(cfg.data_dir) / "cache" / "nerve_ultrasound_segmentation"
-        cache = DiskCache(folder, {"image_size": cfg.image_size, **PREPARATION}, tuple(PREPARED))
+        cache = DiskCache(folder, {"image_size": cfg.image_size, **PREPARATION}, PREPARED)
         with distributed.main_first():  # under torchrun process 0 decodes into the cache, the others then read it
             done = prepare_cached(jobs, lambda job: [job[0], job[1]], prepare_frame, cache, skipped,
                                   desc="reading frames")  # fmt: skip
@@ -298,9 +299,6 @@ def decode_frames(cases: list[dict], cfg: Config, skipped: Skipped) -> list[tupl
         except Unusable as err:
             skipped.skip(case["image"], err)
     return done
-
-
-PREPARED = ("image", "label", "mask_bits", "signature")  # the arrays of a cache entry
 
 
 def load_frames(
