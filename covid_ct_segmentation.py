@@ -104,6 +104,7 @@ from data_cleaning import (
     find_covid_cases,
     mask_name,
     one_line_data_problems,
+    persistent_dataset,
     segment_cts,
     split_groups,
     undecodable_named,
@@ -164,7 +165,10 @@ class Config(BaseConfig):
     tta_flips: bool = True  # final validation and Validation/ masks: also predict the x- and y-flipped scans and
     # average (the baseline's test-time augmentation, without its noise copies); 3x the inference time
     threshold: float = 0.5  # lesion probability above which a voxel is lesion
-    cache_rate: float = 1.0  # share of training volumes kept preprocessed in memory (about 25 MB each at 1.25 mm)
+    cache: bool = True  # keep each case loaded, reoriented, resampled and windowed on disk (cache_dir, MONAI's
+    # PersistentDataset): the next run, and every epoch, reads it back (about 25 MB per case at 1.25 mm)
+    cache_dir: Path | None = None  # None: <data_dir>/cache/covid_ct_segmentation/ (beside the download)
+    cache_rate: float = 1.0  # with cache=False: share of training volumes kept preprocessed in memory (CacheDataset)
     num_workers: int = 4 if DEVICE.type == "cuda" else 0  # background crops and augmentation feed a GPU; on a CPU
     # they would compete with the model for the same cores
     amp: bool = True  # mixed precision on CUDA (bfloat16 where supported, else float16); ignored on the CPU
@@ -470,18 +474,51 @@ def evaluate(model, val_ds, transforms: Compose, cfg: Config) -> dict:
     return {"val_dice": dice.mean(), "val_global_dice": dice.global_dice()}
 
 
-def build_loaders(cfg: Config, data: Data) -> tuple[DataLoader, Dataset, Compose]:
-    """(training loader, validation cases, validation transforms), preprocessed once and kept in memory.
+# What the deterministic transforms depend on besides the Config fields below: in the cache's key, so that a change of
+# build_transforms is a new entry, never a stale one read back.
+PREPROCESSING_VERSION = 1
 
-    Under torchrun each process caches and trains on its own fixed share of the training cases (shuffled within it
-    every epoch; the shares have equal length, so all take the same steps), and validates its share of the
-    validation cases: the memory is not multiplied by the number of processes. All of them in one process."""
+
+def preprocessed(cases: list[dict], transforms: Compose, cfg: Config, mode: str, progress: bool = False,
+                 say: bool = False) -> Dataset:  # fmt: skip
+    """The cases through `transforms`, their deterministic part (load, reorient, resample, window, pad) done once:
+    with `cache`, on disk in <data_dir>/cache/covid_ct_segmentation/ (or `cache_dir`), MONAI's PersistentDataset
+    keyed by the settings and each file's path, size and modification time, built on every core where missing;
+    without, in memory now (MONAI's CacheDataset, `cache_rate` of them). One line says what the disk cache held,
+    where it built entries or where asked to (`say`)."""
+    if not cfg.cache:
+        rate = cfg.cache_rate if mode == "train" else 1.0
+        return cache_dataset(cases, transforms, cache_rate=rate, progress=progress)
+    settings = {"mode": mode, "pixdim": cfg.pixdim, "hu_window": cfg.hu_window, "version": PREPROCESSING_VERSION}
+    if mode == "train":  # volumes smaller than a crop are padded to it
+        settings["roi_size"] = cfg.roi_size
+    folder = cfg.cache_dir or Path(cfg.data_dir) / "cache" / "covid_ct_segmentation"
+    dataset, read, built = persistent_dataset(cases, transforms, folder, settings, desc="preprocessing CTs")
+    if built or say:
+        print(f"Disk cache {folder}: {read} {mode} cases read back, {built} preprocessed and written")
+    return dataset
+
+
+def build_loaders(cfg: Config, data: Data) -> tuple[DataLoader, Dataset, Compose]:
+    """(training loader, validation cases, validation transforms), each case preprocessed once: read back from the
+    disk cache (built now where missing) or, with cache=False, kept in memory.
+
+    Under torchrun process 0 builds the disk cache of every case, the others then read it; each process trains on
+    its own fixed share of the training cases (shuffled within it every epoch; the shares have equal length, so all
+    take the same steps) and validates its share of the validation cases. The entries are read from disk, whose
+    page cache the processes share; without the disk cache each process keeps only its share in memory. All of
+    them in one process."""
     train_transforms, val_transforms = build_transforms(cfg, "train"), build_transforms(cfg, "val")
     train_transforms.set_random_state(seed=cfg.seed + distributed.rank())  # each process crops its own way
     bar = sys.stderr.isatty() and distributed.is_main()  # MONAI's caching bar, on a terminal only (minutes for 199)
-    train_ds = cache_dataset(distributed.train_shard(data.train), train_transforms, cache_rate=cfg.cache_rate,
-                             progress=bar)  # fmt: skip
-    val_ds = cache_dataset(distributed.shard(data.val), val_transforms, progress=bar)  # CT resampled, mask as stored
+    if cfg.cache:
+        with distributed.main_first():  # process 0 builds every case's entry, the others then find them built
+            if distributed.is_main():
+                preprocessed(data.train, train_transforms, cfg, "train", say=True)
+                preprocessed(data.val + data.test, val_transforms, cfg, "val", say=True)
+    train_ds = preprocessed(distributed.train_shard(data.train), train_transforms, cfg, "train", progress=bar)
+    val_ds = preprocessed(distributed.shard(data.val), val_transforms, cfg, "val", progress=bar)  # CT resampled,
+    # the mask as stored
     train_loader = DataLoader(
         train_ds,
         batch_size=cfg.batch_size,
@@ -526,7 +563,7 @@ def validate_best(model, cases: list[dict], transforms: Compose, cfg: Config):
     """(per_case, flips, dice, predictions): the best weights on every validation case, on its scan's own grid
     (val_per_case.csv); with tta_flips, also with flip test-time augmentation, which is then used (flips=True) only
     where it raises validation's mean Dice. `dice` and `predictions` are those of the setting chosen."""
-    val_ds = cache_dataset(cases, transforms, progress=False)  # every validation case, read once for both passes
+    val_ds = preprocessed(cases, transforms, cfg, "val")  # every validation case, read once for both passes
     dice, predictions = score_cases(model, val_ds, transforms, cfg, keep=cfg.examples)
     per_case = pd.DataFrame({"case": [c["case"] for c in cases], "dice": dice.per_image().numpy()})
     flips = False
@@ -554,7 +591,7 @@ def save_choice(cfg: Config, checkpoint: dict, flips: bool) -> None:
 def score_test(model, cases: list[dict], transforms: Compose, cfg: Config, flips: bool) -> pd.DataFrame:
     """The held-out test cases, scored once with the weights and the TTA validation chose: Dice per case on each
     scan's own grid (test_per_case.csv), their mean with a 95% bootstrap interval over cases, and the global Dice."""
-    test_ds = cache_dataset(cases, transforms, progress=False)
+    test_ds = preprocessed(cases, transforms, cfg, "val")
     dice, _ = score_cases(model, test_ds, transforms, cfg, tta=flips)
     per_case = pd.DataFrame({"case": [c["case"] for c in cases], "dice": dice.per_image().numpy()})
     save_atomically(cfg.output_dir / "test_per_case.csv", lambda path: per_case.to_csv(path, index=False))

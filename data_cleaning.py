@@ -797,6 +797,117 @@ def cache_dataset(files: list[dict], transforms, **kwargs):
         return CacheDataset(files, transforms, **kwargs)
 
 
+def stamped_hash(item: dict, settings: str = "", keys: tuple[str, ...] = ("image", "label")) -> bytes:
+    """The disk cache key of a MONAI data item: its contents, `settings` (JSON of everything the preprocessing
+    depends on) and the path, size and modification time of its files `keys`: a touched file is a new key."""
+    from monai.data.utils import pickle_hashing
+
+    files = [item[key] for key in keys if key in item]
+    return pickle_hashing({**item, "_settings": settings, "_stamp": source_stamp(files)})
+
+
+def _persistent_class():
+    from monai.data import PersistentDataset
+
+    class CheckedPersistentDataset(PersistentDataset):
+        """MONAI's PersistentDataset, with two mends. MONAI writes an entry into a temporary folder, then moves it:
+        the folder is put beside the entries, so the move is a rename on one disk, atomic (from /tmp, often another
+        disk, it is a copy that a kill can cut short). And an entry that torch.load cannot read, for any reason
+        (MONAI rebuilds only some), is rebuilt with one line naming it."""
+
+        def entry(self, item) -> Path:
+            return Path(self.cache_dir) / f"{self.hash_func(item).decode('utf-8')}{self.transform_hash}.pt"
+
+        def _cachecheck(self, item_transformed):
+            import tempfile
+
+            saved, tempfile.tempdir = tempfile.tempdir, str(self.cache_dir)
+            try:
+                try:
+                    return super()._cachecheck(item_transformed)
+                except (RuntimeError, EOFError, OSError, ValueError) as err:
+                    entry = self.entry(item_transformed)
+                    if unusable_cause(err) is not None or not entry.is_file():
+                        raise  # the transforms failed (a damaged volume): not the entry
+                    print(f"Cache entry {entry} cannot be read ({type(err).__name__}: {str(err)[:120]}): rebuilding it")
+                    entry.unlink()
+                    return super()._cachecheck(item_transformed)
+            finally:
+                tempfile.tempdir = saved
+
+    return CheckedPersistentDataset
+
+
+class _BuildEntries:
+    """A torch Dataset that builds the disk cache entry of item i and returns only the problem, if any (a file that
+    cannot be decoded): a DataLoader's workers then build the entries in parallel and hand nothing big back."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> str:
+        try:
+            self.dataset[i]
+        except RuntimeError as err:
+            unusable = unusable_cause(err)
+            if unusable is None:
+                raise
+            return unusable.detail
+        return ""
+
+
+def persistent_dataset(files: list[dict], transforms, folder: Path, settings: dict, workers: int | None = None,
+                       desc: str = "preprocessing") -> tuple:  # fmt: skip
+    """(dataset, read, built): MONAI's PersistentDataset of `files` (CheckedPersistentDataset), whose deterministic
+    transforms (up to the first random one) run once per item and are kept on disk in `folder`, keyed by the
+    transforms' class names, `settings` (everything they depend on: spacing, window, the script's version of the
+    chain) and each item's files' path, size and modification time. The missing entries are built now, on every
+    core (a DataLoader's worker processes, each torch single-threaded), with a bar on a terminal; `read` entries
+    were there already. Later epochs read the entries back from disk, a page cache that every process of the
+    machine shares. A file that cannot be decoded stops the run with one line naming it. Under torchrun, call it
+    inside distributed.main_first(): process 0 builds, the others then find every entry built."""
+    import functools
+
+    import torch
+    from monai.data.utils import json_hashing
+    from monai.transforms import Compose
+    from torch.utils.data import DataLoader  # torch's: one item at a time, no collation
+
+    folder = make_folder(Path(folder))
+    key = functools.partial(stamped_hash, settings=json.dumps(settings, sort_keys=True, default=str))
+    persistent = _persistent_class()
+    # track_meta: the entries keep their MetaTensors' affine and applied operations, which Invertd needs to put a
+    # prediction back on the scan's grid (reset_ops_id, MONAI's default, lets other instances of the transforms do
+    # it). weights_only=False: that metadata holds NumPy arrays, which torch's weights-only reader refuses (every
+    # entry would be rebuilt, every time); the folder holds only what this function wrote there.
+    options = dict(hash_func=key, hash_transform=json_hashing, track_meta=True, weights_only=False)
+    dataset = persistent(files, transforms, cache_dir=folder, **options)
+    missing = [item for item in files if not dataset.entry(item).is_file()]
+    if missing:  # the chain up to its first random transform: the same entries (the transform hash stops there)
+        chain = transforms.flatten().transforms
+        first = next((i for i, t in enumerate(chain) if not _deterministic(t)), len(chain))
+        builder = persistent(missing, Compose(chain[:first]), cache_dir=folder, **options)
+        if workers is None:
+            workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = min(workers, len(missing)) if len(missing) > 1 else 0
+        # Its own generator: a DataLoader draws its workers' seeds from the global one otherwise, and a first run
+        # would then train with other random numbers (dropout, crops) than the runs after it
+        loader = DataLoader(_BuildEntries(builder), batch_size=None, num_workers=workers, generator=torch.Generator())
+        for problem in tqdm(loader, total=len(missing), desc=desc, leave=False, disable=None):
+            if problem:
+                raise DatasetError(f"{problem}: {DAMAGED_CASE_ADVICE}")
+    return dataset, len(files) - len(missing), len(missing)
+
+
+def _deterministic(transform) -> bool:
+    from monai.transforms import RandomizableTrait, Transform
+
+    return isinstance(transform, Transform) and not isinstance(transform, RandomizableTrait)
+
+
 # %% The user's own files: what the Predict cells read and write
 # A Predict cell runs a trained model on files nobody here has seen: any size, bit depth, orientation, slice order,
 # file naming. Each file (or DICOM series) that cannot be used is named on one line, skipped and counted, and the

@@ -3,7 +3,8 @@
 Outlines the fluid that collects between the lung and the chest wall: reads each CT series with pydicom (slices
 sorted by position, Hounsfield units, the affine from the DICOM geometry), places the PleThora mask on the image's
 grid (by its header or by PleThora's documented voxel order, whichever puts it on fluid), windows, halves in-plane
-(image and mask by the same 2x2 blocks), crops the body, and caches every case in memory; splits by case with a
+(image and mask by the same 2x2 blocks), crops the body, and keeps every case so prepared on disk (read back on the
+next run, nothing decoded) and in memory; splits by case with a
 seed into training, validation and test, trains a MONAI UNet 3D on random crops (half centred on fluid, flipped
 left-right) with Dice + weighted BCE, validates with gaussian-blended sliding windows, keeps the epoch with the best
 validation Dice, and writes the validation predictions as NIfTI in each series' geometry; scores the held-out test
@@ -76,12 +77,14 @@ from checkpoints import (
 from data_cleaning import (
     Data,
     DatasetError,
+    DiskCache,
     Skipped,
     Unusable,
     ct_inputs,
     is_dicom,
     mask_name,
     one_line_data_problems,
+    prepare_cached,
     read_dicom_series,
     save_mask_nifti,
     segment_cts,
@@ -110,6 +113,8 @@ class Config(BaseConfig):
     mask_orientation: str = "auto"  # where a mask's voxels go: "header" (its affine), "plethora" (PleThora's RPI
     # voxel order, whatever the header says), "auto": the one of the two under which the mask covers fluid (read_mask)
     max_cases: int | None = None  # the first N cases with a mask (the original used 10); None: all (78 in PleThora)
+    cache: bool = True  # keep each case read and prepared on disk (cache_dir): the next run reads it back
+    cache_dir: Path | None = None  # None: <data_dir>/cache/pleural_effusion_3d/ (beside the download)
     val_fraction: float = 0.2  # of cases, drawn with `split_seed`, to choose the epoch (the original: 8 train / 2
     # validation of 10 cases, and its validation Dice was its result)
     test_fraction: float = 0.2  # of cases, held out and scored once at the end: the result. 10 cases -> 6 train / 2
@@ -338,7 +343,7 @@ def read_case(case: dict, orientation: str = "auto") -> tuple[np.ndarray, np.nda
     return hu, affine, mask, used
 
 
-def window_hu(hu: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:
+def window_hu(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     """HU -> 0..1 through the window (low, high), clipped; denser is brighter.
 
     Pleural fluid is 0-30 HU (transudates 0-20, exudates and blood more), between fat (-100) and the muscle of
@@ -348,7 +353,24 @@ def window_hu(hu: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:
     stays sharp) and bone to 1.
     """
     low, high = window
-    return ((hu - low) / (high - low)).clamp(0, 1)
+    return np.clip((hu - low) / (high - low), 0, 1)
+
+
+def prepare_volume(hu: np.ndarray, factor: int, body_threshold_hu: float, margin: int, window) -> dict:
+    """`preprocess` in NumPy (what the disk cache's forked workers run, torch's threads do not survive a fork):
+    the same result as NumPy arrays, "crop" and "grid_shape" as tuples."""
+    gx, gy, gz = hu.shape[0] // factor, hu.shape[1] // factor, hu.shape[2]  # leftover columns or rows dropped
+    blocks = hu[: gx * factor, : gy * factor].reshape(gx, factor, gy, factor, gz)
+    small = blocks.mean(axis=(1, 3), dtype=np.float32)  # (X // f, Y // f, Z)
+    body = small > body_threshold_hu  # on the HU, before windowing: the lungs are inside the body's box
+    crop = []
+    for axis in range(3):
+        present = np.flatnonzero(body.any(axis=tuple(a for a in range(3) if a != axis)))
+        low, high = (present[0], present[-1] + 1) if present.size else (0, small.shape[axis])
+        crop += [max(int(low) - margin, 0), min(int(high) + margin, small.shape[axis])]
+    x0, x1, y0, y1, z0, z1 = crop
+    image = window_hu(small[x0:x1, y0:y1, z0:z1], window)
+    return {"image": image[None].astype(np.float16), "crop": tuple(crop), "grid_shape": tuple(small.shape)}
 
 
 def preprocess(hu: np.ndarray, cfg: Config) -> dict:
@@ -358,17 +380,17 @@ def preprocess(hu: np.ndarray, cfg: Config) -> dict:
     the body (plus a margin), windowed: {"image" (1, x, y, z) float16 in 0..1, "crop" (x0, x1, y0, y1, z0, z1) on
     the downsampled grid, "grid_shape" of that grid}. float16 halves the cache: 0.0005 steps, 0.2 HU.
     """
-    f = cfg.in_plane_factor
-    small = F.avg_pool3d(torch.from_numpy(hu)[None, None], kernel_size=(f, f, 1))[0, 0]  # (X // f, Y // f, Z)
-    body = small > cfg.body_threshold_hu  # on the HU, before windowing: the lungs are inside the body's box
-    crop = []
-    for axis in range(3):
-        present = np.flatnonzero(body.any(dim=[a for a in range(3) if a != axis]).numpy())
-        low, high = (present[0], present[-1] + 1) if present.size else (0, small.shape[axis])
-        crop += [max(int(low) - cfg.crop_margin, 0), min(int(high) + cfg.crop_margin, small.shape[axis])]
-    x0, x1, y0, y1, z0, z1 = crop
-    image = window_hu(small[x0:x1, y0:y1, z0:z1], cfg.hu_window)
-    return {"image": image[None].to(torch.float16), "crop": tuple(crop), "grid_shape": tuple(small.shape)}
+    prep = prepare_volume(hu, cfg.in_plane_factor, cfg.body_threshold_hu, cfg.crop_margin, cfg.hu_window)
+    return prep | {"image": torch.from_numpy(prep["image"])}
+
+
+def block_mask(mask: np.ndarray, geometry: dict, factor: int) -> np.ndarray:
+    """`downsample_mask` in NumPy, (1, x, y, z) uint8 (what the disk cache's workers run)."""
+    f, (gx, gy, gz) = factor, geometry["grid_shape"]
+    x0, x1, y0, y1, z0, z1 = geometry["crop"]
+    blocks = mask[: gx * f, : gy * f].reshape(gx, f, gy, f, gz)  # leftover columns or rows dropped, as the image's
+    small = 2 * blocks.sum(axis=(1, 3), dtype=np.int32) > f * f  # share of fluid > 0.5, in integers: no rounding
+    return np.ascontiguousarray(small[x0:x1, y0:y1, z0:z1])[None].astype(np.uint8)
 
 
 def downsample_mask(mask: np.ndarray, geometry: dict, cfg: Config) -> torch.Tensor:
@@ -381,11 +403,7 @@ def downsample_mask(mask: np.ndarray, geometry: dict, cfg: Config) -> torch.Tens
     block, and the predictions put back at full resolution with it (quick run, measured: full-resolution Dice 0.786
     and 64 / 45 mL predicted for 44 / 30 mL, against 0.860 and 52 / 33 mL with ties as background).
     """
-    f, (gx, gy, gz) = cfg.in_plane_factor, geometry["grid_shape"]
-    x0, x1, y0, y1, z0, z1 = geometry["crop"]
-    blocks = mask[: gx * f, : gy * f].reshape(gx, f, gy, f, gz)  # leftover columns or rows dropped, as avg_pool3d
-    small = 2 * blocks.sum(axis=(1, 3), dtype=np.int32) > f * f  # share of fluid > 0.5, in integers: no rounding
-    return torch.from_numpy(np.ascontiguousarray(small[x0:x1, y0:y1, z0:z1]))[None].to(torch.uint8)
+    return torch.from_numpy(block_mask(mask, geometry, cfg.in_plane_factor))
 
 
 def to_original_grid(prob: torch.Tensor, geometry: dict, shape: tuple[int, int, int], cfg: Config) -> torch.Tensor:
@@ -403,24 +421,68 @@ def to_original_grid(prob: torch.Tensor, geometry: dict, shape: tuple[int, int, 
     return grid[0, 0]
 
 
-def load_cases(cases: list[dict], cfg: Config, skipped: Skipped) -> list[dict]:
-    """Read and preprocess every case once, kept in memory (about 15 MB per real case); bad inputs are named,
-    skipped and counted. Each item is the case's dict plus "image" and "label" on the network's grid.
+# What the preparation of a case depends on besides its files and the Config fields of `preparation`: in the cache's
+# key, so that a change of the code below is a new entry, never a stale one read back.
+PREPARATION = {"block mean": "NumPy float32", "mask": "2x2 majority, ties background", "version": 1}
+PREPARED = ("image", "label", "crop", "grid_shape", "placement", "note")  # the arrays of a cache entry
 
-    In memory rather than on disk: reading a real series takes a few seconds, less than one epoch of training,
-    and a disk cache would have to notice every change of the data or of the preprocessing settings.
+
+def preparation(cfg: Config) -> dict:
+    """The Config fields a case's preparation depends on (the cache's key has them): plain values, so that the
+    forked workers of the disk cache get them without the Config."""
+    return {"in_plane_factor": cfg.in_plane_factor, "body_threshold_hu": cfg.body_threshold_hu,
+            "crop_margin": cfg.crop_margin, "hu_window": tuple(cfg.hu_window),
+            "mask_orientation": cfg.mask_orientation}  # fmt: skip
+
+
+def prepare_case(job: tuple[dict, dict]) -> dict[str, np.ndarray]:
+    """The deterministic part of a case's preparation, what the disk cache keeps: (case, `preparation`) -> {"image"
+    (1, x, y, z) float16 and "label" uint8 on the network's grid, the "crop" and "grid_shape" to map a prediction
+    back, the mask's "placement" used and the "note" read_case would print}. The series is read with pydicom, the
+    mask placed as `read_mask` does (so it runs in a forked worker: NumPy, no torch). Raises Unusable."""
+    case, settings = job
+    hu, affine = read_dicom_series(find_ct_series(case["patient_dir"]))
+    mask, used, why = read_mask(case["mask_path"], affine, hu, settings["mask_orientation"])
+    factor = settings["in_plane_factor"]
+    prep = prepare_volume(hu, factor, settings["body_threshold_hu"], settings["crop_margin"], settings["hu_window"])
+    return {"image": prep["image"], "label": block_mask(mask, prep, factor), "crop": np.array(prep["crop"]),
+            "grid_shape": np.array(prep["grid_shape"]), "placement": np.array(used), "note": np.array(why)}  # fmt: skip
+
+
+def load_cases(cases: list[dict], cfg: Config, skipped: Skipped) -> list[dict]:
+    """Read and prepare every case once (`prepare_case`), kept in memory (about 15 MB per real case); bad inputs
+    are named, skipped and counted. Each item is the case's dict plus "image" and "label" on the network's grid.
+
+    With `cache` (the default), each case's preparation is also kept on disk, in
+    <data_dir>/cache/pleural_effusion_3d/ (or `cache_dir`), keyed by the settings of `preparation` and the path,
+    size and modification time of every file of the patient's folder and of the mask: the next run reads it back
+    (reading a real series takes seconds), and a changed setting or file prepares its cases again, alone. The first
+    run prepares the cases on every core; under torchrun process 0 does, and the others read its entries.
     """
+    jobs = [(case, preparation(cfg)) for case in cases]
+    if cfg.cache:
+        folder = cfg.cache_dir or Path(cfg.data_dir) / "cache" / "pleural_effusion_3d"
+        cache = DiskCache(folder, preparation(cfg) | PREPARATION, PREPARED)
+        with distributed.main_first():  # under torchrun process 0 reads the series into the cache, the others then
+            # read its entries
+            done = prepare_cached(jobs, lambda job: [job[0]["patient_dir"], job[0]["mask_path"]], prepare_case, cache,
+                                  skipped, desc="reading CT series", name_of=lambda job: job[0]["case"])  # fmt: skip
+        print(f"Disk cache {cache.folder}: {cache.read} cases read back, {cache.built} read and prepared")
+    else:
+        done = []
+        for job in tqdm(jobs, desc="reading CT series", leave=False, disable=None):
+            try:
+                done.append((job, prepare_case(job)))
+            except Unusable as err:
+                skipped.skip(job[0]["case"], err)
     items = []
-    for case in tqdm(cases, desc="reading CT series", leave=False, disable=None):
-        try:
-            hu, _, mask, used = read_case(case, cfg.mask_orientation)
-        except Unusable as err:
-            skipped.skip(case["case"], err)
-            continue
-        prep = preprocess(hu, cfg)
-        label = downsample_mask(mask, prep, cfg)
+    for (case, _), arrays in done:
+        if str(arrays["note"]):  # where header and convention differ, one line says which placement was used
+            print(f"{case['case']}: {arrays['note']}")
         # The mask's placement is kept: evaluate_best reads the case again the same way, without a second line.
-        items.append({**case, "mask_orientation": used, "image": prep["image"], "label": label})
+        items.append({**case, "mask_orientation": str(arrays["placement"]),
+                      "image": torch.from_numpy(np.array(arrays["image"])),  # read from the cache into memory
+                      "label": torch.from_numpy(np.array(arrays["label"]))})  # fmt: skip
     return items
 
 
@@ -435,7 +497,8 @@ def split_by_case(items: list[dict], cfg: Config) -> tuple[list[dict], list[dict
 
 def load_data(cfg: Config) -> Data:
     """The cases of the download (or of the sample) that have a CT series and a mask, each read and preprocessed
-    once and kept in memory, bad ones named, skipped and counted (skipped_cases.csv), split by case."""
+    once (kept on disk for the next run, `load_cases`) and kept in memory, bad ones named, skipped and counted
+    (skipped_cases.csv), split by case."""
     with distributed.main_first():  # process 0 writes the synthetic sample if missing, the others then read it
         root, synthetic = find_dataset("pleural_effusion", cfg.data_dir)
     # A full NSCLC-Radiomics download has 422 patients, of whom PleThora outlined 78: the other 344 are "no mask".

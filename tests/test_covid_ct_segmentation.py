@@ -547,6 +547,50 @@ def test_a_gz_damaged_inside_stops_training_in_one_line_and_is_skipped_when_segm
     assert "Segmented 2 of 3 CTs into " in out and "skipped 1 file (1 unreadable)" in out
 
 
+def test_the_disk_cache_preprocesses_each_case_once_rebuilds_what_changed_and_trains_as_without_it(
+    covid, covid_copy, tmp_path, capsys
+):
+    """fit's loaders preprocess every case once into data/cache/covid_ct_segmentation/ (MONAI's PersistentDataset);
+    the next run preprocesses none; a touched CT is preprocessed again, alone, and another window every case; a
+    damaged entry is rebuilt with one line; the cases and the first batch are those of MONAI's CacheDataset."""
+    from monai.utils import first
+
+    cfg = tiny_config(covid, tmp_path, covid_copy.parent)
+    data = covid.load_data(cfg)
+    folder = covid_copy.parent / "cache" / "covid_ct_segmentation"
+    capsys.readouterr()
+    covid.build_loaders(cfg, data)
+    out = capsys.readouterr().out
+    assert f"Disk cache {folder}: 0 train cases read back, 4 preprocessed and written" in out
+    assert f"Disk cache {folder}: 0 val cases read back, 4 preprocessed and written" in out  # validation and test
+    loader, val_ds, _ = covid.build_loaders(cfg, data)
+    out = capsys.readouterr().out
+    assert ": 4 train cases read back, 0 preprocessed" in out and ": 4 val cases read back, 0 preprocessed" in out
+    plain_loader, plain_val, _ = covid.build_loaders(replace(cfg, cache=False), data)
+    assert "Disk cache" not in capsys.readouterr().out
+    for item, reference in zip(val_ds, plain_val, strict=True):
+        for key in ("image", "label"):
+            assert torch.equal(item[key].as_tensor(), reference[key].as_tensor())
+            assert torch.equal(item[key].affine, reference[key].affine)
+        assert len(item["image"].applied_operations) == len(reference["image"].applied_operations)  # Invertd's
+    batch, plain = first(loader), first(plain_loader)  # the same crops and augmentation from the same seeds
+    assert torch.equal(batch["image"], plain["image"]) and torch.equal(batch["label"], plain["label"])
+
+    touched = Path(data.train[0]["image"])
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    covid.build_loaders(cfg, data)
+    out = capsys.readouterr().out
+    assert ": 3 train cases read back, 1 preprocessed" in out and ": 4 val cases read back, 0 preprocessed" in out
+    entry = val_ds.entry(val_ds.data[0])
+    entry.write_bytes(entry.read_bytes()[:1000])  # cut short, as a full disk would leave it
+    _, val_ds, _ = covid.build_loaders(cfg, data)
+    assert torch.equal(val_ds[0]["image"].as_tensor(), plain_val[0]["image"].as_tensor())
+    assert f"Cache entry {entry} cannot be read" in capsys.readouterr().out
+    covid.build_loaders(replace(cfg, hu_window=(-900.0, 400.0)), data)  # another window: new entries
+    out = capsys.readouterr().out
+    assert ": 0 train cases read back, 4 preprocessed" in out and ": 0 val cases read back, 4 preprocessed" in out
+
+
 # Predict: the user's own CTs, with the trained model
 
 

@@ -385,6 +385,8 @@ def test_pleural_under_torchrun_writes_once_agrees_and_is_close_to_one_process(
     assert_written_once(stdout, output, names, repo / "Images" / f"{PLEURAL}_predictions.png")
     assert_both_processes_agree(first, second, output / "history.csv")
     assert "Training on cpu: 4 cases, 2 steps per epoch" in stdout  # each process its own 2 cases, 1 per step
+    # Process 0 read the 8 series into the disk cache, the other read its entries back
+    assert f"Disk cache {repo / 'data' / 'cache' / PLEURAL}: 0 cases read back, 8 read and prepared" in stdout
     # Process 0 alone predicted every validation and test case at full resolution, and (Predict) the two test
     # patients as a user's CTs.
     assert len(list((output / "val_predictions").iterdir())) == 2 and len(pd.read_csv(output / "val_per_case.csv")) == 2
@@ -459,6 +461,9 @@ def test_covid_under_torchrun_caches_its_share_writes_once_and_both_processes_ag
     assert_written_once(stdout, output, names, repo / "Images" / f"{COVID}_predictions.png")
     assert_both_processes_agree(first, second, output / "history.csv", keys=("train_loss", "val_dice"))
     assert "5 train, 1 validation, 1 test" in stdout and "3 steps per epoch" in stdout  # each process its 3 cases
+    # Process 0 preprocessed every case into the disk cache, once; each process then read its share back
+    assert ": 0 train cases read back, 5 preprocessed and written" in stdout
+    assert ": 0 val cases read back, 2 preprocessed and written" in stdout and stdout.count("preprocessed and") == 2
     assert len(pd.read_csv(output / "test_per_case.csv")) == 1  # process 0 alone scored the test case
     assert len(pd.read_csv(output / "val_per_case.csv")) == 1  # process 0 validated the best epoch on all
     assert sorted(path.name for path in (output / "predictions").iterdir()) == [

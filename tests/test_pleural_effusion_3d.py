@@ -240,7 +240,8 @@ def test_each_bad_input_is_named_skipped_and_counted(pe, pleural_copy, capsys, d
     skipped = Skipped("case")
     # A header that places the mask 9 mm off is rejected when the header is trusted; "auto" would place the mask by
     # PleThora's convention, on the fluid, and say so.
-    cfg = replace(pe.cfg, mask_orientation="header" if damage is damage_mask_geometry else "auto")
+    cfg = replace(pe.cfg, mask_orientation="header" if damage is damage_mask_geometry else "auto",
+                  cache_dir=pleural_copy.parent / "cache")  # fmt: skip
     items = pe.load_cases(pe.find_cases(pleural_copy, "first", skipped), cfg, skipped)
     out = capsys.readouterr().out
     (line,) = [line for line in out.splitlines() if line.startswith("Skipped")]
@@ -249,8 +250,8 @@ def test_each_bad_input_is_named_skipped_and_counted(pe, pleural_copy, capsys, d
     assert skipped.summary("sample") == f"sample: skipped 1 case (1 {problem})"
     assert sorted(i["case"] for i in items) == [f"LUNG1-{n:03d}" for n in range(1, 11) if f"LUNG1-{n:03d}" != case]
     if damage is damage_mask_geometry:  # by the data: the convention puts the voxels on the fluid, and one line says so
-        (item,) = pe.load_cases([c for c in pe.find_cases(pleural_copy, "first", skipped) if c["case"] == case], pe.cfg,
-                                skipped)  # fmt: skip
+        (item,) = pe.load_cases([c for c in pe.find_cases(pleural_copy, "first", skipped) if c["case"] == case],
+                                replace(cfg, mask_orientation="auto"), skipped)  # fmt: skip
         assert item["mask_orientation"] == "plethora" and "its header: LUNG1-007" in capsys.readouterr().out
 
 
@@ -272,6 +273,34 @@ def test_the_data_stage_counts_the_skipped_cases_lists_them_and_splits_the_other
         assert item["image"].shape == item["label"].shape and item["label"].any()
 
 
+def test_the_disk_cache_reads_each_series_once_rebuilds_what_changed_and_gives_what_reading_gives(
+    pe, pleural_copy, tmp_path, capsys
+):
+    """The Data stage reads every series once into data/cache/pleural_effusion_3d/; the next run reads none; a
+    touched slice prepares its case again, alone, and another setting every case; the cases are exactly those read
+    without the cache."""
+    cfg = tiny_config(pe, tmp_path, pleural_copy.parent, max_cases=None)
+    folder = pleural_copy.parent / "cache" / "pleural_effusion_3d"
+    first = pe.load_data(cfg)
+    assert f"Disk cache {folder}: 0 cases read back, 10 read and prepared" in capsys.readouterr().out
+    second = pe.load_data(cfg)
+    assert ": 10 cases read back, 0 read and prepared" in capsys.readouterr().out
+    plain = pe.load_data(replace(cfg, cache=False))
+    assert "Disk cache" not in capsys.readouterr().out
+    for data in (second, plain):
+        for side in ("train", "val", "test"):
+            for item, reference in zip(getattr(data, side), getattr(first, side), strict=True):
+                assert (item["case"], item["mask_orientation"]) == (reference["case"], reference["mask_orientation"])
+                assert torch.equal(item["image"], reference["image"]) and torch.equal(item["label"], reference["label"])
+                assert item["image"].dtype == torch.float16 and item["label"].dtype == torch.uint8
+    touched = sorted(series_dir(pleural_copy, "LUNG1-003").glob("*.dcm"))[4]
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    pe.load_data(cfg)
+    assert ": 9 cases read back, 1 read and prepared" in capsys.readouterr().out
+    pe.load_data(replace(cfg, crop_margin=2))  # another preparation: new entries, the old ones never read
+    assert ": 0 cases read back, 10 read and prepared" in capsys.readouterr().out
+
+
 def test_nothing_usable_is_one_clear_error(pe, pleural_copy, tmp_path):
     for path in (pleural_copy / "Effusions").rglob("*.nii.gz"):
         path.unlink()
@@ -287,9 +316,9 @@ def test_nothing_usable_is_one_clear_error(pe, pleural_copy, tmp_path):
 
 
 def test_window_is_soft_tissue_and_not_inverted(pe):
-    hu = torch.tensor([-1000.0, -850, -160, -100, 0, 15, 40, 240, 1000])
+    hu = np.array([-1000.0, -850, -160, -100, 0, 15, 40, 240, 1000], dtype=np.float32)
     np.testing.assert_allclose(
-        pe.window_hu(hu, pe.Config().hu_window).numpy(), [0, 0, 0, 0.15, 0.4, 0.4375, 0.5, 1, 1], atol=1e-6
+        pe.window_hu(hu, pe.Config().hu_window), [0, 0, 0, 0.15, 0.4, 0.4375, 0.5, 1, 1], atol=1e-6
     )  # air and lung 0, fat < fluid < muscle, bone 1
 
 
