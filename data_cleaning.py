@@ -239,10 +239,17 @@ def source_stamp(sources) -> list:
 
 
 class DiskCache:
-    """Prepared arrays of each source, on disk under `folder`: `get(sources)` gives {name: read-only memory-mapped
-    array} or None (not built, or damaged: then rebuilt), `put(sources, arrays)` writes them. `settings` holds
-    everything the preparation depends on (sizes, windows, the script's preparation version): entries of other
-    settings are never read. `names` are the arrays every entry holds. `built` and `read` count entries."""
+    """Prepared arrays of each source, on disk under `folder`: `get(sources)` gives {name: array} or None (not built,
+    or damaged: then rebuilt), `put(sources, arrays)` writes them. `settings` holds everything the preparation
+    depends on (sizes, windows, the script's preparation version): entries of other settings are never read.
+    `names` are the arrays every entry holds. `built` and `read` count entries.
+
+    An array of MMAP_BYTES or more is memory-mapped, copy-on-write: its pages are read from disk when first used
+    and shared with every process of the machine that maps the same file (torchrun's), until one writes to them
+    (then that process gets its own copy of the page; the file never changes). Smaller ones are read into memory:
+    a mapping each would exhaust the system's limit on mappings (65,530 by default) long before memory."""
+
+    MMAP_BYTES = 1 << 16
 
     def __init__(self, folder: Path, settings: dict, names: tuple[str, ...]):
         self.folder, self.names = Path(folder), names
@@ -259,7 +266,8 @@ class DiskCache:
         if not all(path.is_file() for path in files.values()):
             return None  # never built, or a kill fell between its arrays: built again
         try:
-            arrays = {name: np.load(path, mmap_mode="r") for name, path in files.items()}
+            arrays = {name: np.load(path, mmap_mode="c" if path.stat().st_size >= self.MMAP_BYTES else None)
+                      for name, path in files.items()}  # fmt: skip
         except (OSError, ValueError, EOFError) as err:
             print(f"Cache entry {entry} of {', '.join(map(str, sources))} cannot be read ({err}): rebuilding it")
             for path in files.values():
@@ -520,6 +528,16 @@ def _prepare_case(case: dict, size: int) -> tuple[np.ndarray, np.ndarray, tuple[
     return image, np.asarray(mask), pixels.shape
 
 
+def _prepare_lung_job(job: tuple[dict, int]) -> dict[str, np.ndarray]:
+    """`_prepare_case` as the disk cache keeps it: (case, size) -> {"image", "mask", "shape"}. NumPy and Pillow
+    only: it runs in forked workers."""
+    image, mask, shape = _prepare_case(*job)
+    return {"image": image, "mask": mask, "shape": np.array(shape, dtype=np.int64)}
+
+
+LUNG_PREPARATION = {"image": "Lanczos, 16-bit percentiles", "mask": "union, nearest", "version": 1}
+
+
 def prepare_lung_segmentation(
     montgomery_dir: Path,
     out_dir: Path | None = None,
@@ -527,6 +545,7 @@ def prepare_lung_segmentation(
     test_fraction: float = 0.25,
     seed: int = 0,
     shenzhen_dir: Path | None = None,
+    cache_dir: Path | None = None,
 ) -> Path:
     """Write the lung segmentation cases to `out_dir/{train,test}/{image,mask}/<name>.png`; return `out_dir`.
 
@@ -539,6 +558,10 @@ def prepare_lung_segmentation(
     Idempotent: a complete folder prepared with the same settings is reused as it is. Bad cases (an image
     without a mask, a mask without an image, an unreadable PNG, a mask of another size) are named, skipped
     and counted; with no usable case left, a FileNotFoundError says what was expected where.
+
+    The films are decoded and shrunk on every core. With `cache_dir`, each film's result is also kept there
+    (DiskCache, keyed by `size` and its files' path, size and modification time): when one film or mask changes,
+    the folder is written again from the others' entries, and only that film is decoded again.
     """
     montgomery_dir = Path(montgomery_dir).resolve()
     out_dir = (montgomery_dir.parent / "segmentation" if out_dir is None else Path(out_dir)).resolve()
@@ -564,7 +587,12 @@ def prepare_lung_segmentation(
     cases = find_lung_cases(montgomery_dir, None if shenzhen_dir is None else Path(shenzhen_dir), skipped)
     partial = out_dir.with_name(f".{out_dir.name}.partial")  # renamed into place at the end: never half-written
     shutil.rmtree(partial, ignore_errors=True)
-    rows = _write_prepared_cases(cases, size, partial, out_dir.parent, skipped)
+    cache = (
+        None
+        if cache_dir is None
+        else DiskCache(cache_dir, {"size": size, **LUNG_PREPARATION}, ("image", "mask", "shape"))
+    )
+    rows = _write_prepared_cases(cases, size, partial, out_dir.parent, skipped, cache)
     if not rows:
         shutil.rmtree(partial)
         raise DatasetError(
@@ -613,20 +641,32 @@ def _prepared_with(out_dir: Path, settings: dict) -> bool:
     return False
 
 
-def _write_prepared_cases(cases: list[dict], size: int, partial: Path, base: Path, skipped: Skipped) -> list[dict]:
-    """Each usable case's image and mask at `size` into `partial/{image,mask}/<name>.png`: one row per case written
-    (its original size, its source files relative to `base`); the bad ones named, skipped and counted."""
+def _write_prepared_cases(cases: list[dict], size: int, partial: Path, base: Path, skipped: Skipped,
+                          cache: DiskCache | None = None) -> list[dict]:  # fmt: skip
+    """Each usable case's image and mask at `size` into `partial/{image,mask}/<name>.png`, decoded on every core
+    (read back from `cache` where it holds them): one row per case written (its original size, its source files
+    relative to `base`); the bad ones named, skipped and counted."""
     for folder in ("image", "mask"):
         (partial / folder).mkdir(parents=True)
+    jobs = [(case, size) for case in cases]
+    if cache is not None:
+        done = prepare_cached(jobs, lambda job: [job[0]["image"], *job[0]["masks"]], _prepare_lung_job, cache, skipped,
+                              desc="Preparing lung cases", name_of=lambda job: job[0]["name"])  # fmt: skip
+        print(f"Disk cache {cache.folder}: {cache.read} films read back, {cache.built} decoded and written")
+    else:
+        done = []
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        with parallel_map(_prepare_lung_job, jobs, workers) as results:
+            for job, result in zip(jobs, tqdm(results, total=len(jobs), desc="Preparing lung cases", disable=None)):
+                if isinstance(result, Unusable):
+                    skipped.skip(job[0]["name"], result)
+                else:
+                    done.append((job, result))
     rows = []
-    for case in tqdm(cases, desc="Preparing lung cases", disable=None):
-        try:
-            image, mask, (height, width) = _prepare_case(case, size)
-        except Unusable as error:
-            skipped.skip(case["name"], error)
-            continue
-        Image.fromarray(image).save(partial / "image" / f"{case['name']}.png")
-        Image.fromarray(mask).save(partial / "mask" / f"{case['name']}.png")
+    for (case, _), arrays in done:
+        height, width = (int(n) for n in arrays["shape"])
+        Image.fromarray(np.asarray(arrays["image"])).save(partial / "image" / f"{case['name']}.png")
+        Image.fromarray(np.asarray(arrays["mask"])).save(partial / "mask" / f"{case['name']}.png")
         relative = [os.path.relpath(p.resolve(), base) for p in (case["image"], *case["masks"])]
         rows.append({"name": case["name"], "source": case["source"], "height": height, "width": width,
                      "image_file": relative[0], "mask_files": ";".join(relative[1:])})  # fmt: skip

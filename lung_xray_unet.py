@@ -99,6 +99,9 @@ class Config(BaseConfig):
     split_seed: int = 0  # test and validation films: kept apart from `seed` so a new seed keeps the same test set
     include_shenzhen: bool = False  # add the Shenzhen set (data/ChinaSet_AllFiles/): 662 more films, 8-bit
     prepared_size: int = 512  # side of the prepared films in segmentation/: the original preparation's 512x512
+    cache: bool = True  # also keep each film decoded and shrunk on disk (cache_dir): when a film changes, only it
+    # is decoded again to prepare segmentation/ anew
+    cache_dir: Path | None = None  # None: <data_dir>/cache/lung_xray_unet/ (beside the download)
     test_fraction: float = 0.25  # films held out for the final test; one film per patient, so split by patient
     val_fraction: float = 0.2  # of the remaining films, to pick the best epoch by Dice (never the test films)
     max_cases: int | None = None  # films per split (train+validation, test); None: all
@@ -161,9 +164,9 @@ def prepare_data(cfg: Config, montgomery: Path) -> Path:
 
     It sits beside the download: data/segmentation, or data/sample/segmentation for the sample, never mixed."""
     shenzhen = montgomery.parent / "ChinaSet_AllFiles" if cfg.include_shenzhen else None
-    return prepare_lung_segmentation(
-        montgomery, montgomery.parent / "segmentation", cfg.prepared_size, cfg.test_fraction, cfg.split_seed, shenzhen
-    )
+    cache_dir = (cfg.cache_dir or Path(cfg.data_dir) / "cache" / "lung_xray_unet") if cfg.cache else None
+    return prepare_lung_segmentation(montgomery, montgomery.parent / "segmentation", cfg.prepared_size,
+                                     cfg.test_fraction, cfg.split_seed, shenzhen, cache_dir)  # fmt: skip
 
 
 def split_cases(prepared: Path, cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:

@@ -348,7 +348,7 @@ def decode_radiographs(patients: list[dict], size: int, skipped: Skipped, progre
 
 def load_patients(patients: list[dict], size: int, skipped: Skipped, progress: bool = True, cache=None) -> list[dict]:
     """Each patient's DICOM decoded and resized to `size` once (`decode_radiographs`: from the disk cache where
-    built) and kept in memory; bad inputs are named, skipped and counted.
+    built, memory-mapped) and kept; bad inputs are named, skipped and counted.
 
     Adds "image" (1, size, size) uint8, "scale" (size / the DICOM's side) and "target_boxes" (k, 4) float32 in
     `size` pixels. A box reaching outside the image skips the whole patient: clipping it would train on a box we
@@ -375,7 +375,9 @@ def load_patients(patients: list[dict], size: int, skipped: Skipped, progress: b
         items.append(
             {
                 **patient,
-                "image": torch.from_numpy(np.array(arrays["image"]))[None],  # read from the cache into memory
+                # Not copied: from the disk cache, the pages of the memory-mapped entry, shared by the processes
+                # of the machine under torchrun and read from disk when first used
+                "image": torch.from_numpy(arrays["image"])[None],
                 "scale": scale,
                 "target_boxes": torch.as_tensor(boxes * scale, dtype=torch.float32).reshape(-1, 4),
             }

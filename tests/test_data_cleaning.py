@@ -235,13 +235,15 @@ def _prepare_square(path: Path) -> dict:
     return {"image": np.full((2, 2), value * value, np.int64), "label": np.array(value % 2, np.uint8)}
 
 
-def test_the_disk_cache_builds_once_and_rebuilds_exactly_what_changed(tmp_path, capsys):
+def test_the_disk_cache_builds_once_and_rebuilds_exactly_what_changed(tmp_path, capsys, monkeypatch):
     """Second run: nothing prepared, every entry read; a touched source rebuilds its entry alone; other settings
     rebuild everything; a damaged entry and an entry half written by a killed run are rebuilt; arrays equal the
     preparation's, in parallel too; an unusable source is skipped and tried again next run."""
     import os
 
     from data_cleaning import DiskCache, prepare_cached
+
+    monkeypatch.setattr(DiskCache, "MMAP_BYTES", 0)  # every array memory-mapped, however small
 
     sources = []
     for i in range(6):
@@ -264,6 +266,8 @@ def test_the_disk_cache_builds_once_and_rebuilds_exactly_what_changed(tmp_path, 
     cache, _, again = run()
     assert (cache.built, cache.read) == (0, 5) and [s for s, _ in again] == [s for s, _ in prepared]
     assert isinstance(again[0][1]["image"], np.memmap)  # read, not decoded: memory-mapped
+    again[0][1]["image"][0, 0] = 7  # copy-on-write: this process's copy changes, the entry on disk does not
+    assert np.array_equal(run()[2][0][1]["image"], _prepare_square(sources[0])["image"])
     os.utime(sources[2], ns=(0, sources[2].stat().st_mtime_ns + 10**9))  # touched: only its entry is redone
     assert run()[0].built == 1
     assert run({"size": 3})[0].built == 5  # another setting: every entry built anew, the old ones never read

@@ -107,6 +107,24 @@ def test_preparation_unions_both_lungs_resizes_and_splits_by_name(download):
     assert snapshot(download) == before
 
 
+def test_the_disk_cache_decodes_each_film_once_and_a_touched_film_alone_again(download, tmp_path, capsys):
+    """With a cache_dir, a second preparation (a changed film makes one) decodes only the films that changed, and
+    writes exactly the PNGs a preparation without the cache writes."""
+    copy = Path(shutil.copytree(download, tmp_path / "sample" / "MontgomerySet"))
+    plain = data_cleaning.prepare_lung_segmentation(copy, tmp_path / "plain")
+    capsys.readouterr()
+    cached = data_cleaning.prepare_lung_segmentation(copy, tmp_path / "cached", cache_dir=tmp_path / "cache")
+    assert f"Disk cache {tmp_path / 'cache'}: 0 films read back, 12 decoded and written" in capsys.readouterr().out
+    contents = {name: digest for name, (digest, _) in snapshot(plain).items() if name.endswith(".png")}
+    assert {name: digest for name, (digest, _) in snapshot(cached).items() if name.endswith(".png")} == contents
+    touched = sorted((copy / "ManualMask" / "leftMask").glob("*.png"))[3]
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    again = data_cleaning.prepare_lung_segmentation(copy, tmp_path / "cached", cache_dir=tmp_path / "cache")
+    out = capsys.readouterr().out
+    assert "prepared from other files" in out and ": 11 films read back, 1 decoded and written" in out
+    assert {name: digest for name, (digest, _) in snapshot(again).items() if name.endswith(".png")} == contents
+
+
 def test_preparation_is_idempotent_seeded_and_redone_for_other_settings(download, tmp_path, capsys):
     prepared = data_cleaning.prepare_lung_segmentation(download)
     before = snapshot(prepared)
