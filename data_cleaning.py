@@ -260,7 +260,7 @@ class DiskCache:
         digest = hashlib.sha1(json.dumps([self.settings, source_stamp(sources)]).encode()).hexdigest()
         return self.folder / digest[:2] / digest
 
-    def get(self, sources) -> dict[str, np.ndarray] | None:
+    def get(self, sources, count: bool = True) -> dict[str, np.ndarray] | None:
         entry = self.entry(sources)
         files = {name: entry.with_name(f"{entry.name}.{name}.npy") for name in self.names}
         if not all(path.is_file() for path in files.values()):
@@ -273,7 +273,7 @@ class DiskCache:
             for path in files.values():
                 path.unlink(missing_ok=True)
             return None
-        self.read += 1
+        self.read += count
         return arrays
 
     def put(self, sources, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -282,7 +282,9 @@ class DiskCache:
             path = entry.with_name(f"{entry.name}.{name}.npy")
             save_atomically(path, lambda partial: np.save(partial.open("wb"), np.asarray(arrays[name])))  # noqa: B023
         self.built += 1
-        return arrays
+        # Read back as the next run will (the large arrays memory-mapped): the prepared copies are then freed, and a
+        # cold run holds no more memory than a warm one
+        return self.get(sources, count=False) or arrays
 
 
 def prepare_cached(items: list, sources_of, prepare, cache: DiskCache, skipped: Skipped, desc: str = "preparing",

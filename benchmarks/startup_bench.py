@@ -1,33 +1,46 @@
-"""Start-up at full scale (issue 18), first part: what decoding costs per source file at the real datasets' sizes,
-and what the disk cache (data_cleaning.DiskCache, prepare_cached) makes of it.
+"""Start-up at full scale (issue 18): each script's time to its first training batch, today's way (no disk cache),
+cold (the disk cache empty: built now, on every core) and warm (the next run: read back), with the scripts' own code.
 
-For each kind of source it writes full-size synthetic stand-ins into a scratch folder (a 1024x1024 JPEG DICOM as
-RSNA's, a 580x420 TIFF as the nerve frames, a 4020x4892 16-bit PNG as the Montgomery films, a 512x512xN CT NIfTI as
-COVID-19-20's), then measures three ways, each in a fresh process so that no page cache of decoded arrays and no
-warm import is shared:
+It writes full-size synthetic stand-ins in each dataset's own layout into a scratch folder: 1024x1024 JPEG DICOMs
+as RSNA's, 580x420 TIFF frames and masks as the nerve challenge's, 4020x4892 16-bit PNG films with both lung masks
+as Montgomery's, 512x512x120 CT NIfTI volumes with their lesion masks as COVID-19-20's, 512x512xN DICOM series with
+PleThora masks as NSCLC-Radiomics'. Then, for each pipeline and each way, in a fresh process (no import, no decoded
+array shared between the ways; the operating system's page cache is, as on a user's machine):
 
-- today: one process decodes and resizes every file, as the scripts do now;
-- cold: prepare_cached with an empty cache, on every core (forked workers), writing the entries;
-- warm: prepare_cached again: every entry read back memory-mapped, nothing decoded.
+- pneumonia: `load_patients` (decode and resize every radiograph), then the first batch of its DetectionDataset;
+- nerve: `decode_frames` (frame and mask decoded, resized, packed, the near-duplicate signature);
+- lung: `prepare_data` (segmentation/ written, or reused on the warm run) and the films read at `image_size`;
+- COVID: `preprocessed` (MONAI's load, orient, resample, window, pad; PersistentDataset on disk, or CacheDataset
+  with one worker today), then the first batch of random crops;
+- pleural: `load_cases` (series read, mask placed, block-meaned, cropped, windowed).
 
-It also times the RSNA label CSV (30,000 rows) read by data_cleaning.read_table and grouped per patient as
-pneumonia_detection.read_patients does. It extrapolates each per-file time to the full dataset's count and writes
-JSON and a Markdown table (stdout). The scripts adopt the cache pipeline by pipeline (issue 18); until then this is
-the cache's measured effect on real-sized files, not the scripts' time to their first training step.
+"today" is each script's `cache=False`, which is what every script did before the disk cache (lung: the same on one
+core, as its preparation was). Each way reports seconds, seconds per case, peak RSS of the process and of its
+workers, and what the cache read back and built. Under torchrun with 2 processes, pneumonia is also measured one
+epoch's reads long (every image of the process's shard through the transforms, no model): peak RSS and PSS (the
+resident memory with each shared page divided among the processes sharing it) per process, today and warm.
+It extrapolates to the full datasets, writes JSON (--json) and prints a Markdown table for the README.
 
-    python benchmarks/startup_bench.py                  # about 2 minutes on 2 cores
-    python benchmarks/startup_bench.py --json out.json --counts 40
+    python benchmarks/startup_bench.py                          # about 10 minutes on 2 cores
+    python benchmarks/startup_bench.py --kinds nerve --counts 40 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import io
 import json
+import os
+import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,111 +48,234 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-FULL_COUNTS = {"rsna_dicom": 26_684, "nerve_tiff": 5_635, "montgomery_png": 138, "covid_nifti": 199}
-FULL_SIZE = {"rsna_dicom": "1024x1024 JPEG DICOM", "nerve_tiff": "580x420 TIFF",
-             "montgomery_png": "4020x4892 16-bit PNG", "covid_nifti": "512x512x120 CT NIfTI"}  # fmt: skip
-SIZE = {"rsna_dicom": 512, "nerve_tiff": (96, 128), "montgomery_png": 512, "covid_nifti": 4.0}  # what each prepares
+SCRIPTS = {"pneumonia": "pneumonia_detection", "nerve": "nerve_ultrasound_segmentation", "lung": "lung_xray_unet",
+           "covid": "covid_ct_segmentation", "pleural": "pleural_effusion_3d"}  # fmt: skip
+COUNTS = {"pneumonia": 1000, "nerve": 500, "lung": 24, "covid": 12, "pleural": 8}  # what fits this machine
+FULL_COUNTS = {"pneumonia": 26_684, "nerve": 5_635, "lung": 138, "covid": 199, "pleural": 78}
+SOURCE = {"pneumonia": "1024x1024 JPEG DICOM", "nerve": "580x420 TIFF + mask", "lung": "4020x4892 16-bit PNG + 2 masks",
+          "covid": "512x512x120 CT + mask NIfTI", "pleural": f"512x512x{100} DICOM series + mask"}  # fmt: skip
+SERIES_SLICES = 100
 
 
-def write_sources(kind: str, folder: Path, count: int) -> list[Path]:
-    """`count` full-size stand-ins of one kind (smooth noise: compresses like an image, not like a constant)."""
+def load_script(kind: str):
+    """The script as a module with its full (not quick) configuration; its __main__ cells do not run."""
+    os.environ["QUICK"] = "0"
+    spec = importlib.util.spec_from_file_location(SCRIPTS[kind], REPO / f"{SCRIPTS[kind]}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[SCRIPTS[kind]] = module  # the forked workers find the preparation functions by name
+    spec.loader.exec_module(module)
+    return module
+
+
+# %% Full-size stand-ins, each in its dataset's layout
+
+
+def write_sources(kind: str, root: Path, count: int) -> None:
+    """`count` full-size cases of `kind` under `root` (smooth noise: it compresses like an image, not a constant)."""
     import nibabel as nib
     from PIL import Image
 
-    import sample_data
+    import sample_data as sd
 
     rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
     for i in range(count):
-        if kind == "rsna_dicom":
-            pixels = (sample_data._smooth_noise(rng, (1024, 1024), (16, 16)) * 200 + 20).astype(np.uint8)
-            uid = sample_data._dicom_uid
-            tags = {"SOPInstanceUID": uid(4, i, 1), "StudyInstanceUID": uid(2, i, 1), "SeriesInstanceUID": uid(3, i, 1),
-                    "PatientID": f"p{i}", "PatientName": f"p{i}", "PatientSex": "M", "PatientAge": "51",
-                    "ViewPosition": "PA"}  # fmt: skip
-            paths.append(folder / f"p{i}.dcm")
-            sample_data._write_jpeg_dicom(paths[-1], pixels, tags)
-        elif kind == "nerve_tiff":
-            pixels = (sample_data._smooth_noise(rng, (420, 580), (12, 12)) * 255).astype(np.uint8)
-            paths.append(folder / f"1_{i}.tif")
-            sample_data._save_tiff(paths[-1], pixels)
-        elif kind == "montgomery_png":
-            pixels = (sample_data._smooth_noise(rng, (4892, 4020), (20, 20)) * 4000).astype(np.uint16)
-            paths.append(folder / f"MCUCXR_{i:04d}_0.png")
-            Image.fromarray(pixels).save(paths[-1])
-        else:  # covid_nifti: int16 HU, 0.7 x 0.7 x 2.5 mm
-            hu = (sample_data._smooth_noise(rng, (512, 512), (16, 16)) * 1500 - 1000).astype(np.int16)
+        if kind == "pneumonia":
+            pixels = (sd._smooth_noise(rng, (1024, 1024), (16, 16)) * 200 + 20).astype(np.uint8)
+            tags = {"SOPInstanceUID": sd._dicom_uid(4, i, 1), "StudyInstanceUID": sd._dicom_uid(2, i, 1),
+                    "SeriesInstanceUID": sd._dicom_uid(3, i, 1), "PatientID": f"p{i}", "PatientName": f"p{i}",
+                    "PatientSex": "M", "PatientAge": "51", "ViewPosition": "PA"}  # fmt: skip
+            (root / "train").mkdir(parents=True, exist_ok=True)
+            sd._write_jpeg_dicom(root / "train" / f"p{i:05d}.dcm", pixels, tags)
+        elif kind == "nerve":
+            (root / "train").mkdir(parents=True, exist_ok=True)
+            pixels = (sd._smooth_noise(rng, (420, 580), (12, 12)) * 255).astype(np.uint8)
+            sd._save_tiff(root / "train" / f"1_{i + 1}.tif", pixels)
+            mask = np.zeros((420, 580), np.uint8)
+            mask[150:250, 200:330] = 255 if i % 2 else 0
+            sd._save_tiff(root / "train" / f"1_{i + 1}_mask.tif", mask)
+        elif kind == "lung":
+            name = f"MCUCXR_{i:04d}_{i % 2}.png"
+            film = (sd._smooth_noise(rng, (4892, 4020), (20, 20)) * 4000).astype(np.uint16)
+            for folder, pixels in (("CXR_png", film), ("ManualMask/leftMask", None), ("ManualMask/rightMask", None)):
+                (root / folder).mkdir(parents=True, exist_ok=True)
+                if pixels is None:  # a lung: a rectangle on its side of the film, 0/255
+                    pixels = np.zeros((4892, 4020), np.uint8)
+                    columns = slice(600, 1900) if "left" in folder else slice(2100, 3400)
+                    pixels[800:3800, columns] = 255
+                Image.fromarray(pixels).save(root / folder / name)
+        elif kind == "covid":  # int16 HU, 0.7 x 0.7 x 2.5 mm, a lesion block
+            hu = (sd._smooth_noise(rng, (512, 512), (16, 16)) * 1500 - 1000).astype(np.int16)
             volume = np.repeat(hu[:, :, None], 120, axis=2)
-            paths.append(folder / f"volume-covid19-A-{i:04d}_ct.nii.gz")
-            nib.save(nib.Nifti1Image(volume, np.diag([0.7, 0.7, 2.5, 1.0])), paths[-1])
-    return paths
+            seg = np.zeros(volume.shape, np.uint8)
+            seg[150:250, 200:300, 40:80] = 1
+            affine = np.diag([0.7, 0.7, 2.5, 1.0])
+            (root / "Train").mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(volume, affine), root / "Train" / f"volume-covid19-A-{i:04d}_ct.nii.gz")
+            nib.save(nib.Nifti1Image(seg, affine), root / "Train" / f"volume-covid19-A-{i:04d}_seg.nii.gz")
+        else:  # pleural: the sample's phantom at full size, in TCIA's and PleThora's layouts
+            patient, shape, spacing = f"LUNG1-{i + 1:03d}", (512, 512, SERIES_SLICES), (0.98, 0.98, 3.0)
+            hu, lungs = sd._ct_phantom(shape, spacing, rng)
+            effusion = sd._add_effusion(hu, lungs, spacing, rng)
+            corner = sd._scanner_corner(shape, spacing, rng)
+            sd._write_ct_series(root / "NSCLC-Radiomics" / patient, patient, sd._add_noise(hu, rng), spacing, corner,
+                                rng)  # fmt: skip
+            stored, affine = sd._flip(effusion.astype(np.float32), sd._ras_affine(spacing, corner), axes=(1,))
+            sd._save_nifti(root / "Effusions" / patient / f"{patient}_effusion_first_reviewer.nii.gz", stored, affine)
 
 
-def prepare(kind: str):
-    """The deterministic preparation of one source of `kind`, as the scripts do it (decode, then resize or
-    resample), as a module-level function prepare_cached can hand to its forked workers."""
-    return {"rsna_dicom": prepare_rsna, "nerve_tiff": prepare_nerve, "montgomery_png": prepare_montgomery,
-            "covid_nifti": prepare_covid}[kind]  # fmt: skip
+# %% One way of starting one pipeline, in this (fresh) process
 
 
-def _resize(pixels: np.ndarray, size) -> np.ndarray:
-    from PIL import Image
+def start(kind: str, mode: str, root: Path, cache_dir: Path) -> dict:
+    """The script's data path up to its first training batch: seconds, and what the disk cache read and built."""
+    from data_cleaning import Skipped
 
-    low, high = float(pixels.min()), float(pixels.max())
-    unit = ((pixels - low) / max(high - low, 1e-6)).astype(np.float32)
-    shape = (size, size) if isinstance(size, int) else size
-    return np.asarray(Image.fromarray(unit, mode="F").resize(shape[::-1], Image.Resampling.BILINEAR)) * 255
+    module = load_script(kind)
+    cfg = replace(module.Config(), cache=mode != "today", cache_dir=cache_dir, data_dir=root.parent)
+    out = io.StringIO()
+    begin = time.perf_counter()
+    with contextlib.redirect_stdout(out):
+        if kind == "pneumonia":
+            dataset, cache = pneumonia_dataset(module, cfg, root)
+            next(iter(pneumonia_loader(module, cfg, dataset)))
+        elif kind == "nerve":
+            frames = [path for path in sorted((root / "train").glob("*.tif")) if not path.stem.endswith("_mask")]
+            cases = [{"image": path, "mask": path.with_name(f"{path.stem}_mask.tif")} for path in frames]
+            module.decode_frames(cases, cfg, Skipped("file"))
+        elif kind == "lung":
+            if mode == "today":  # before issue 18 the preparation ran on one core
+                os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+            prepared = module.prepare_data(cfg, root)
+            train, val, _ = module.split_cases(prepared, cfg)
+            module.decode(train + val, cfg.image_size)
+        elif kind == "covid":
+            from monai.data import DataLoader
+            from monai.utils import first
 
-
-def prepare_rsna(path: Path) -> dict:
-    from data_cleaning import read_radiograph
-
-    pixels, _ = read_radiograph(path)
-    return {"image": _resize(pixels, SIZE["rsna_dicom"]).round().astype(np.uint8)}
-
-
-def prepare_nerve(path: Path) -> dict:
-    from data_cleaning import read_gray
-
-    return {"image": _resize(read_gray(path), SIZE["nerve_tiff"]).round().astype(np.uint8)}
-
-
-def prepare_montgomery(path: Path) -> dict:
-    from data_cleaning import read_gray
-
-    return {"image": _resize(read_gray(path), SIZE["montgomery_png"]).round().astype(np.uint8)}
-
-
-def prepare_covid(path: Path) -> dict:
-    import nibabel as nib
-    from scipy import ndimage
-
-    image = nib.load(path)
-    volume = np.asarray(image.dataobj, dtype=np.float32)
-    zoom = [s / SIZE["covid_nifti"] for s in image.header.get_zooms()[:2]] + [1.0]  # 4 mm in-plane, as QUICK
-    small = ndimage.zoom(volume, zoom, order=1)
-    return {"image": np.clip((small + 1000) / 1500, 0, 1).astype(np.float16)}
-
-
-def measure(kind: str, mode: str, sources: list[Path], cache_dir: Path) -> dict:
-    """One way of preparing every source, in this (fresh) process: seconds and peak RSS."""
-    from data_cleaning import DiskCache, Skipped, prepare_cached
-
-    start = time.perf_counter()
-    if mode == "today":
-        for source in sources:
-            prepare(kind)(source)
-        built = read = 0
-    else:
-        cache = DiskCache(cache_dir / kind, {"kind": kind, "size": SIZE[kind], "version": 1}, ("image",))
-        prepare_cached(sources, lambda s: [s], prepare(kind), cache, Skipped("file"), desc=kind)
-        built, read = cache.built, cache.read
-    seconds = time.perf_counter() - start
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"seconds": seconds, "per_file_s": seconds / len(sources), "built": built, "read": read,
+            cases = [{"case": p.name[17:21], "image": str(p), "label": str(p).replace("_ct.", "_seg.")}
+                     for p in sorted((root / "Train").glob("*_ct.nii.gz"))]  # fmt: skip
+            transforms = module.build_transforms(cfg, "train")
+            transforms.set_random_state(seed=0)
+            dataset = module.preprocessed(cases, transforms, cfg, "train", say=True)
+            first(DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=0))
+        else:
+            skipped = Skipped("case")
+            module.load_cases(module.find_cases(root, "first", skipped), cfg, skipped)
+    seconds = time.perf_counter() - begin
+    said = out.getvalue()
+    counts = re.search(r"Disk cache .*?: (\d+) \w+ (?:\w+ )?read back, (\d+)", said)
+    read, built = (int(n) for n in counts.groups()) if counts else (0, 0)
+    if kind == "pneumonia" and cache is not None:
+        read, built = cache.read, cache.built
+    if kind == "lung" and "Reusing the prepared cases" in said:
+        read = COUNTS_USED[kind]  # segmentation/ read as prepared: every film
+    return {"seconds": seconds, "read": read, "built": built, "reused": "Reusing the prepared" in said,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_rss_worker_mib": children}  # fmt: skip
+            "peak_rss_worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}  # fmt: skip
+
+
+COUNTS_USED: dict[str, int] = {}
+
+
+def pneumonia_dataset(module, cfg, root: Path):
+    """(DetectionDataset, its DiskCache or None): every radiograph of `root`, loaded as the script's Data cell does
+    (no boxes: a start-up, not a training)."""
+    import distributed
+    from data_cleaning import Skipped
+
+    patients = [
+        {"patient_id": p.stem, "path": p, "boxes": np.zeros((0, 4))} for p in sorted((root / "train").iterdir())
+    ]
+    cache = module.radiograph_cache(cfg)
+    with distributed.main_first():  # under torchrun process 0 builds the cache, as the script's Data cell does
+        items = module.load_patients(patients, cfg.image_size, Skipped("radiograph"), progress=False, cache=cache)
+    return module.DetectionDataset(items, module.build_transforms(cfg, True)), cache
+
+
+def pneumonia_loader(module, cfg, dataset, sampler=None):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                      collate_fn=module.collate)  # fmt: skip
+
+
+def distributed_epoch(mode: str, root: Path, cache_dir: Path, report: Path) -> None:
+    """Under torchrun: pneumonia's data loaded as the script loads it, then one epoch of this process's shard read
+    through the transforms; peak RSS and PSS of this process into report/rank<N>.json."""
+    import distributed
+
+    distributed.setup()
+    from torch.utils.data.distributed import DistributedSampler
+
+    module = load_script("pneumonia")
+    cfg = replace(module.Config(), cache=mode != "today", cache_dir=cache_dir, data_dir=root.parent)
+    begin = time.perf_counter()
+    dataset, _ = pneumonia_dataset(module, cfg, root)
+    for _ in pneumonia_loader(module, cfg, dataset, DistributedSampler(dataset, shuffle=True, seed=0)):
+        pass
+    pss = sum(int(line.split()[1]) for line in Path("/proc/self/smaps_rollup").read_text().splitlines()
+              if line.startswith("Pss:")) / 1024  # fmt: skip
+    result = {"seconds": time.perf_counter() - begin, "pss_mib": pss,
+              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+    (report / f"rank{distributed.rank()}.json").write_text(json.dumps(result))
+
+
+# %% The whole benchmark
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--counts", type=int, default=None, help="cases per pipeline (default: COUNTS)")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--kinds", nargs="*", default=list(SCRIPTS), choices=list(SCRIPTS))
+    parser.add_argument("--no-torchrun", action="store_true", help="skip pneumonia's 2-process memory measurement")
+    parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # internal: kind, mode, scratch folder
+    parser.add_argument("--epoch", nargs=2, help=argparse.SUPPRESS)  # internal, under torchrun: mode, scratch
+    args = parser.parse_args()
+    if args.one:  # a child process: one measurement, printed as JSON
+        kind, mode, scratch = args.one
+        COUNTS_USED[kind] = int(os.environ["STARTUP_BENCH_COUNT"])
+        print(json.dumps(start(kind, mode, Path(scratch) / "data" / kind, Path(scratch) / "cache" / kind)))
+        return
+    if args.epoch:
+        mode, scratch = args.epoch
+        distributed_epoch(mode, Path(scratch) / "data" / "pneumonia", Path(scratch) / "cache" / "pneumonia",
+                          Path(scratch))  # fmt: skip
+        return
+    report = {"counts": {}, "results": {}, "torchrun": {}}
+    with tempfile.TemporaryDirectory(prefix="startup_bench_") as scratch:
+        for kind in args.kinds:
+            count = args.counts or COUNTS[kind]
+            root = Path(scratch) / "data" / kind
+            begin = time.perf_counter()
+            write_sources(kind, root, count)
+            print(f"{kind}: {count} stand-ins written in {time.perf_counter() - begin:.0f} s", file=sys.stderr)
+            report["counts"][kind] = count
+            report["results"][kind] = {}
+            for mode in ("today", "cold", "warm"):
+                if mode != "warm":  # lung's prepared folder: written again by today's way and the cold one
+                    shutil.rmtree(root.parent / "segmentation", ignore_errors=True)
+                env = os.environ | {"STARTUP_BENCH_COUNT": str(count)}
+                run = subprocess.run([sys.executable, __file__, "--one", kind, mode, scratch], capture_output=True,
+                                     text=True, env=env)  # fmt: skip
+                if run.returncode:
+                    sys.exit(f"{kind} {mode} failed:\n{run.stderr[-4000:]}")
+                report["results"][kind][mode] = json.loads(run.stdout.strip().splitlines()[-1])
+                print(f"  {mode}: {report['results'][kind][mode]['seconds']:.1f} s", file=sys.stderr)
+            if kind == "pneumonia" and not args.no_torchrun:
+                for mode in ("today", "warm"):
+                    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", __file__, "--epoch",
+                               mode, scratch]  # fmt: skip
+                    run = subprocess.run(command, capture_output=True, text=True)
+                    if run.returncode:
+                        sys.exit(f"pneumonia under torchrun ({mode}) failed:\n{run.stderr[-4000:]}")
+                    report["torchrun"][mode] = [json.loads((Path(scratch) / f"rank{r}.json").read_text())
+                                                for r in (0, 1)]  # fmt: skip
+            shutil.rmtree(root)  # the disk holds one pipeline's stand-ins at a time
+        report["labels"] = read_labels(Path(scratch))
+    print(table(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
 
 
 def read_labels(folder: Path, rows: int = 30_000) -> dict:
@@ -158,53 +294,32 @@ def read_labels(folder: Path, rows: int = 30_000) -> dict:
                           "Target": target.astype(int)})  # fmt: skip
     path = folder / "stage_2_train_labels.csv"
     table.to_csv(path, index=False)
-    start = time.perf_counter()
+    start_time = time.perf_counter()
     labels = read_table(path, {"patientId": "str", "x": "number", "y": "number", "width": "number",
                                "height": "number", "Target": "int"})  # fmt: skip
     boxes = {pid: rows[["x", "y", "width", "height"]].to_numpy() for pid, rows in labels.groupby("patientId")}
-    return {"rows": rows, "patients": len(boxes), "seconds": time.perf_counter() - start}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--counts", type=int, default=24, help="files per kind (COVID: a quarter of them)")
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--kinds", nargs="*", default=list(FULL_COUNTS))
-    parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # internal: kind, mode, scratch folder
-    args = parser.parse_args()
-    if args.one:  # a child process: one measurement, printed as JSON
-        kind, mode, scratch = args.one
-        sources = sorted((Path(scratch) / kind).glob("*.*"))
-        print(json.dumps(measure(kind, mode, sources, Path(scratch) / "cache")))
-        return
-    report = {"counts": {}, "results": {}}
-    with tempfile.TemporaryDirectory(prefix="startup_bench_") as scratch:
-        for kind in args.kinds:
-            count = max(2, args.counts // 4) if kind == "covid_nifti" else args.counts
-            write_sources(kind, Path(scratch) / kind, count)
-            report["counts"][kind] = count
-            report["results"][kind] = {}
-            for mode in ("today", "cold", "warm"):
-                run = subprocess.run([sys.executable, __file__, "--one", kind, mode, scratch], capture_output=True,
-                                     text=True, check=True)  # fmt: skip
-                report["results"][kind][mode] = json.loads(run.stdout.strip().splitlines()[-1])
-        report["labels"] = read_labels(Path(scratch))
-    print(table(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    return {"rows": rows, "patients": len(boxes), "seconds": time.perf_counter() - start_time}
 
 
 def table(report: dict) -> str:
-    lines = ["| source (full size) | files | today, per file | cold, per file (all cores) | warm, per file | "
-             "warm / cold | cold speed-up | full dataset: today / cold / warm |",
+    lines = ["| pipeline (source, full size) | cases | to the first batch: today / cold / warm | per case: today / "
+             "cold / warm | warm / cold | cold speed-up | peak RSS today / cold / warm (workers) | full dataset: today "
+             "/ cold / warm |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for kind, result in report["results"].items():
-        today, cold, warm = (result[mode]["per_file_s"] for mode in ("today", "cold", "warm"))
-        full = FULL_COUNTS[kind]
-        minutes = " / ".join(f"{seconds * full / 60:.1f}" for seconds in (today, cold, warm))
-        per_file = f"{today * 1e3:.1f} ms | {cold * 1e3:.1f} ms | {warm * 1e3:.2f} ms"
-        lines.append(f"| {FULL_SIZE[kind]} | {report['counts'][kind]} | {per_file} | {warm / cold:.1%} | "
-                     f"{today / cold:.2f}x | {full:,}: {minutes} min |")  # fmt: skip
+        count, full = report["counts"][kind], FULL_COUNTS[kind]
+        seconds = [result[mode]["seconds"] for mode in ("today", "cold", "warm")]
+        per_case = " / ".join(f"{s / count * 1e3:.1f} ms" if s / count < 1 else f"{s / count:.2f} s" for s in seconds)
+        rss = " / ".join(f"{result[m]['peak_rss_mib']:.0f}" for m in ("today", "cold", "warm"))
+        rss += f" MiB ({result['cold']['peak_rss_worker_mib']:.0f})"
+        extrapolated = " / ".join(f"{s / count * full / 60:.1f}" for s in seconds)
+        lines.append(f"| {kind} ({SOURCE[kind]}) | {count} | {' / '.join(f'{s:.1f}' for s in seconds)} s | {per_case} "
+                     f"| {seconds[2] / seconds[1]:.1%} | {seconds[0] / seconds[1]:.2f}x | {rss} | {full:,}: "
+                     f"{extrapolated} min |")  # fmt: skip
+    for mode, ranks in report.get("torchrun", {}).items():
+        figures = ", ".join(f"process {r}: peak RSS {x['peak_rss_mib']:.0f} MiB, PSS {x['pss_mib']:.0f} MiB"
+                            for r, x in enumerate(ranks))  # fmt: skip
+        lines.append(f"\nPneumonia under torchrun, 2 processes, {mode} (data loaded, one epoch's reads): {figures}")
     labels = report["labels"]
     lines.append(f"\nRSNA labels: {labels['rows']:,} rows, {labels['patients']:,} patients read, checked and grouped "
                  f"in {labels['seconds']:.2f} s")  # fmt: skip

@@ -301,6 +301,46 @@ def test_the_disk_cache_reads_each_series_once_rebuilds_what_changed_and_gives_w
     assert ": 0 cases read back, 10 read and prepared" in capsys.readouterr().out
 
 
+def test_a_run_killed_while_it_builds_the_cache_leaves_nothing_wrong_for_the_next(pe, pleural_copy, tmp_path, capsys):
+    """kill -9 of the Data stage (and of its workers) while it writes the disk cache: the next run reads back the
+    entries that were complete, prepares the others, and its cases are exactly those read without the cache."""
+    import signal
+
+    folder = pleural_copy.parent / "cache" / "pleural_effusion_3d"
+    repo = Path(__file__).resolve().parents[1]
+    code = (
+        "import os, sys, importlib.util\n"
+        f"sys.path.insert(0, {str(repo)!r})\n"
+        "os.environ['QUICK'] = '1'\n"
+        f"spec = importlib.util.spec_from_file_location('{PLEURAL_SCRIPT}', {str(repo / (PLEURAL_SCRIPT + '.py'))!r})\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules[spec.name] = m; spec.loader.exec_module(m)\n"
+        "from dataclasses import replace\n"
+        f"m.load_data(replace(m.cfg, data_dir=m.Path({str(pleural_copy.parent)!r}), max_cases=None,\n"
+        f"                    output_dir=m.Path({str(tmp_path / 'killed')!r})))\n"
+    )
+    run = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(folder.rglob("*.npy")) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(run.pid, signal.SIGKILL)  # the process and its forked workers, at once
+    run.wait()
+    complete = {path.name.split(".")[0] for path in folder.rglob("*.image.npy")}
+    assert len(complete) < 10  # killed while building: some cases never reached the cache
+
+    cfg = tiny_config(pe, tmp_path, pleural_copy.parent, max_cases=None)
+    capsys.readouterr()
+    data = pe.load_data(cfg)
+    read_back = int(
+        re.search(r"Disk cache .*: (\d+) cases read back, (\d+) read and prepared", capsys.readouterr().out)[1]
+    )
+    assert read_back <= len(complete)  # an entry with an array missing (killed between its arrays) is prepared again
+    plain = pe.load_data(replace(cfg, cache=False))
+    for side in ("train", "val", "test"):
+        for item, reference in zip(getattr(data, side), getattr(plain, side), strict=True):
+            assert item["case"] == reference["case"]
+            assert torch.equal(item["image"], reference["image"]) and torch.equal(item["label"], reference["label"])
+
+
 def test_nothing_usable_is_one_clear_error(pe, pleural_copy, tmp_path):
     for path in (pleural_copy / "Effusions").rglob("*.nii.gz"):
         path.unlink()
