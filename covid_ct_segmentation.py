@@ -291,7 +291,8 @@ def build_transforms(cfg: Config, mode: str) -> Compose:
         transforms += [
             # Volumes smaller than a crop (few slices, small field of view) are mirrored at the edges.
             SpatialPadd(keys, spatial_size=cfg.roi_size, mode="reflect"),
-            # Everything up to here is deterministic and cached by CacheDataset; what follows runs every step.
+            # Everything up to here is deterministic and cached (on disk, or by CacheDataset); what follows runs
+            # every step.
             RandAffined(
                 keys,
                 prob=cfg.affine_prob,
@@ -316,7 +317,8 @@ def build_transforms(cfg: Config, mode: str) -> Compose:
 
 def preview_batch(cfg: Config, data: Data) -> dict:
     """One training batch as the network gets it: the first batch_size training cases through the training
-    transforms, read from disk here (fit caches the training set, once), num_samples crops each."""
+    transforms, read from the files here (fit preprocesses each case once, into the disk cache), num_samples crops
+    each."""
     transforms = build_transforms(cfg, "train")
     loader = DataLoader(Dataset(data.train[: cfg.batch_size], transforms), batch_size=cfg.batch_size,
                         generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip

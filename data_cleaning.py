@@ -559,27 +559,18 @@ def prepare_lung_segmentation(
 
     Idempotent: a complete folder prepared with the same settings is reused as it is. Bad cases (an image
     without a mask, a mask without an image, an unreadable PNG, a mask of another size) are named, skipped
-    and counted; with no usable case left, a FileNotFoundError says what was expected where.
-
-    The films are decoded and shrunk on every core. With `cache_dir`, each film's result is also kept there
-    (DiskCache, keyed by `size` and its files' path, size and modification time): when one film or mask changes,
-    the folder is written again from the others' entries, and only that film is decoded again.
+    and counted; with no usable case left, a FileNotFoundError says what was expected where. The films are decoded
+    on every core; with `cache_dir`, also kept there (`_write_prepared_cases`): one film changed, one decoded.
     """
     montgomery_dir = Path(montgomery_dir).resolve()
     out_dir = (montgomery_dir.parent / "segmentation" if out_dir is None else Path(out_dir)).resolve()
     if out_dir.is_relative_to(montgomery_dir):
         raise ValueError(f"{out_dir} is inside the download {montgomery_dir}, which is never modified")
-    settings = {
-        "version": 1,
-        "source": montgomery_dir.name,
-        "size": size,
-        "test_fraction": test_fraction,
-        "seed": seed,
-        "shenzhen": None if shenzhen_dir is None else Path(shenzhen_dir).name,
-        # every source file's path, size and modification time: a film added, removed, replaced or restored
-        # after a failed read makes the preparation run again
-        "download": download_stamp(montgomery_dir, shenzhen_dir),
-    }
+    settings = {"version": 1, "source": montgomery_dir.name, "size": size, "test_fraction": test_fraction, "seed": seed,
+                "shenzhen": None if shenzhen_dir is None else Path(shenzhen_dir).name,
+                # every source file's path, size and modification time: a film added, removed, replaced or restored
+                # after a failed read makes the preparation run again
+                "download": download_stamp(montgomery_dir, shenzhen_dir)}  # fmt: skip
     if _prepared_with(out_dir, settings):
         return out_dir
     if shenzhen_dir is not None and not (Path(shenzhen_dir) / SHENZHEN_IMAGE_FOLDER).is_dir():
@@ -589,12 +580,7 @@ def prepare_lung_segmentation(
     cases = find_lung_cases(montgomery_dir, None if shenzhen_dir is None else Path(shenzhen_dir), skipped)
     partial = out_dir.with_name(f".{out_dir.name}.partial")  # renamed into place at the end: never half-written
     shutil.rmtree(partial, ignore_errors=True)
-    cache = (
-        None
-        if cache_dir is None
-        else DiskCache(cache_dir, {"size": size, **LUNG_PREPARATION}, ("image", "mask", "shape"))
-    )
-    rows = _write_prepared_cases(cases, size, partial, out_dir.parent, skipped, cache)
+    rows = _write_prepared_cases(cases, size, partial, out_dir.parent, skipped, cache_dir)
     if not rows:
         shutil.rmtree(partial)
         raise DatasetError(
@@ -644,14 +630,16 @@ def _prepared_with(out_dir: Path, settings: dict) -> bool:
 
 
 def _write_prepared_cases(cases: list[dict], size: int, partial: Path, base: Path, skipped: Skipped,
-                          cache: DiskCache | None = None) -> list[dict]:  # fmt: skip
-    """Each usable case's image and mask at `size` into `partial/{image,mask}/<name>.png`, decoded on every core
-    (read back from `cache` where it holds them): one row per case written (its original size, its source files
-    relative to `base`); the bad ones named, skipped and counted."""
+                          cache_dir: Path | None = None) -> list[dict]:  # fmt: skip
+    """Each usable case's image and mask at `size` into `partial/{image,mask}/<name>.png`, decoded on every core:
+    one row per case written (its original size, its source files relative to `base`); the bad ones named, skipped
+    and counted. With `cache_dir`, each film's result is also kept there (a DiskCache keyed by `size` and its files'
+    path, size and modification time): when a film or mask changes, only that film is decoded again."""
     for folder in ("image", "mask"):
         (partial / folder).mkdir(parents=True)
     jobs = [(case, size) for case in cases]
-    if cache is not None:
+    if cache_dir is not None:
+        cache = DiskCache(cache_dir, {"size": size, **LUNG_PREPARATION}, ("image", "mask", "shape"))
         done = prepare_cached(jobs, lambda job: [job[0]["image"], *job[0]["masks"]], _prepare_lung_job, cache, skipped,
                               desc="Preparing lung cases", name_of=lambda job: job[0]["name"])  # fmt: skip
         print(f"Disk cache {cache.folder}: {cache.read} films read back, {cache.built} decoded and written")
@@ -934,10 +922,16 @@ def persistent_dataset(files: list[dict], transforms, folder: Path, settings: di
         builder = persistent(missing, Compose(chain[:first]), cache_dir=folder, **options)
         if workers is None:
             workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = min(workers, len(missing)) if len(missing) > 1 else 0
+        # Forked workers: they have the script's transforms without importing it (spawned ones, macOS's default,
+        # would have to pickle them); where fork is missing, this process builds the entries itself.
+        import multiprocessing
+
+        forks = "fork" in multiprocessing.get_all_start_methods()
+        workers = min(workers, len(missing)) if len(missing) > 1 and forks else 0
         # Its own generator: a DataLoader draws its workers' seeds from the global one otherwise, and a first run
         # would then train with other random numbers (dropout, crops) than the runs after it
-        loader = DataLoader(_BuildEntries(builder), batch_size=None, num_workers=workers, generator=torch.Generator())
+        loader = DataLoader(_BuildEntries(builder), batch_size=None, num_workers=workers, generator=torch.Generator(),
+                            multiprocessing_context="fork" if workers else None)  # fmt: skip
         for problem in tqdm(loader, total=len(missing), desc=desc, leave=False, disable=None):
             if problem:
                 raise DatasetError(f"{problem}: {DAMAGED_CASE_ADVICE}")
