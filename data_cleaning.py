@@ -6,6 +6,7 @@ when the prepared output is missing, and can also be run by hand.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -28,6 +29,7 @@ from pydicom.pixels import get_decoder
 from tqdm import tqdm
 
 from checkpoints import CheckpointError, OutputError, make_folder, save_atomically
+from distributed import usable_cores
 
 
 class DatasetError(FileNotFoundError):
@@ -299,7 +301,7 @@ def prepare_cached(items: list, sources_of, prepare, cache: DiskCache, skipped: 
     found = [cache.get(sources_of(item)) for item in items]
     missing = [i for i, arrays in enumerate(found) if arrays is None]
     if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = usable_cores()
     with parallel_map(prepare, [items[i] for i in missing], workers) as results:
         for i, result in zip(missing, tqdm(results, total=len(missing), desc=desc, leave=False, disable=None)):
             if isinstance(result, Unusable):
@@ -321,7 +323,6 @@ def parallel_map(function, items: list, workers: int):
     """function(item) for each item, in order, as an iterator: in `workers` forked processes where there are
     several items and cores (Linux, macOS with fork), else in this one. An Unusable is returned as the result."""
     import concurrent.futures
-    import functools
     import multiprocessing
 
     call = functools.partial(_unusable_as_result, function)
@@ -645,7 +646,7 @@ def _write_prepared_cases(cases: list[dict], size: int, partial: Path, base: Pat
         print(f"Disk cache {cache.folder}: {cache.read} films read back, {cache.built} decoded and written")
     else:
         done = []
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = usable_cores()
         with parallel_map(_prepare_lung_job, jobs, workers) as results:
             for job, result in zip(jobs, tqdm(results, total=len(jobs), desc="Preparing lung cases", disable=None)):
                 if isinstance(result, Unusable):
@@ -836,6 +837,7 @@ def stamped_hash(item: dict, settings: str = "", keys: tuple[str, ...] = ("image
     return pickle_hashing({**item, "_settings": settings, "_stamp": source_stamp(files)})
 
 
+@functools.cache  # one class, defined when first needed: MONAI is imported by the 3D scripts only
 def _persistent_class():
     from monai.data import PersistentDataset
 
@@ -899,7 +901,7 @@ def persistent_dataset(files: list[dict], transforms, folder: Path, settings: di
     were there already. Later epochs read the entries back from disk, a page cache that every process of the
     machine shares. A file that cannot be decoded stops the run with one line naming it. Under torchrun, call it
     inside distributed.main_first(): process 0 builds, the others then find every entry built."""
-    import functools
+    import multiprocessing
 
     import torch
     from monai.data.utils import json_hashing
@@ -921,11 +923,9 @@ def persistent_dataset(files: list[dict], transforms, folder: Path, settings: di
         first = next((i for i, t in enumerate(chain) if not _deterministic(t)), len(chain))
         builder = persistent(missing, Compose(chain[:first]), cache_dir=folder, **options)
         if workers is None:
-            workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            workers = usable_cores()
         # Forked workers: they have the script's transforms without importing it (spawned ones, macOS's default,
         # would have to pickle them); where fork is missing, this process builds the entries itself.
-        import multiprocessing
-
         forks = "fork" in multiprocessing.get_all_start_methods()
         workers = min(workers, len(missing)) if len(missing) > 1 and forks else 0
         # Its own generator: a DataLoader draws its workers' seeds from the global one otherwise, and a first run

@@ -53,13 +53,17 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may use (its affinity where the system has one, e.g. under a job scheduler)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cpu_threads() -> int:
     """Threads for torch on the CPU, where OMP_NUM_THREADS does not say: half the cores this process may use (the
     other half feeds it: decoding, augmentation, the OS), split between torchrun's processes, at least 1. torch's
     default, every core, was 2.6x (lung) and 5x (nerve) slower for the quick runs on a shared 2-core machine."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, cores // 2 // processes)
+    return max(1, usable_cores() // 2 // processes)
 
 
 def device() -> torch.device:

@@ -21,7 +21,7 @@ epoch's reads long (every image of the process's shard through the transforms, n
 resident memory with each shared page divided among the processes sharing it) per process, today and warm.
 It extrapolates to the full datasets, writes JSON (--json) and prints a Markdown table for the README.
 
-    python benchmarks/startup_bench.py                          # about 10 minutes on 2 cores
+    python benchmarks/startup_bench.py                          # about 5 minutes on 2 cores
     python benchmarks/startup_bench.py --kinds nerve --counts 40 --json out.json
 """
 
@@ -53,7 +53,7 @@ SCRIPTS = {"pneumonia": "pneumonia_detection", "nerve": "nerve_ultrasound_segmen
 COUNTS = {"pneumonia": 1000, "nerve": 500, "lung": 24, "covid": 12, "pleural": 8}  # what fits this machine
 FULL_COUNTS = {"pneumonia": 26_684, "nerve": 5_635, "lung": 138, "covid": 199, "pleural": 78}
 SOURCE = {"pneumonia": "1024x1024 JPEG DICOM", "nerve": "580x420 TIFF + mask", "lung": "4020x4892 16-bit PNG + 2 masks",
-          "covid": "512x512x120 CT + mask NIfTI", "pleural": f"512x512x{100} DICOM series + mask"}  # fmt: skip
+          "covid": "512x512x120 CT + mask NIfTI", "pleural": "512x512x100 DICOM series + mask"}  # fmt: skip
 SERIES_SLICES = 100
 
 
@@ -126,8 +126,9 @@ def write_sources(kind: str, root: Path, count: int) -> None:
 # %% One way of starting one pipeline, in this (fresh) process
 
 
-def start(kind: str, mode: str, root: Path, cache_dir: Path) -> dict:
-    """The script's data path up to its first training batch: seconds, and what the disk cache read and built."""
+def start(kind: str, mode: str, root: Path, cache_dir: Path, count: int) -> dict:
+    """The script's data path up to its first training batch (`count` cases): seconds, and what the disk cache read
+    and built."""
     from data_cleaning import Skipped
 
     module = load_script(kind)
@@ -168,13 +169,10 @@ def start(kind: str, mode: str, root: Path, cache_dir: Path) -> dict:
     if kind == "pneumonia" and cache is not None:
         read, built = cache.read, cache.built
     if kind == "lung" and "Reusing the prepared cases" in said:
-        read = COUNTS_USED[kind]  # segmentation/ read as prepared: every film
+        read = count  # segmentation/ read as prepared: every film
     return {"seconds": seconds, "read": read, "built": built, "reused": "Reusing the prepared" in said,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_rss_worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}  # fmt: skip
-
-
-COUNTS_USED: dict[str, int] = {}
 
 
 def pneumonia_dataset(module, cfg, root: Path):
@@ -229,13 +227,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--kinds", nargs="*", default=list(SCRIPTS), choices=list(SCRIPTS))
     parser.add_argument("--no-torchrun", action="store_true", help="skip pneumonia's 2-process memory measurement")
-    parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # internal: kind, mode, scratch folder
+    parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # internal: kind, mode, scratch folder, count
     parser.add_argument("--epoch", nargs=2, help=argparse.SUPPRESS)  # internal, under torchrun: mode, scratch
     args = parser.parse_args()
     if args.one:  # a child process: one measurement, printed as JSON
-        kind, mode, scratch = args.one
-        COUNTS_USED[kind] = int(os.environ["STARTUP_BENCH_COUNT"])
-        print(json.dumps(start(kind, mode, Path(scratch) / "data" / kind, Path(scratch) / "cache" / kind)))
+        kind, mode, scratch, count = args.one
+        print(json.dumps(start(kind, mode, Path(scratch) / "data" / kind, Path(scratch) / "cache" / kind, int(count))))
         return
     if args.epoch:
         mode, scratch = args.epoch
@@ -255,9 +252,8 @@ def main() -> None:
             for mode in ("today", "cold", "warm"):
                 if mode != "warm":  # lung's prepared folder: written again by today's way and the cold one
                     shutil.rmtree(root.parent / "segmentation", ignore_errors=True)
-                env = os.environ | {"STARTUP_BENCH_COUNT": str(count)}
-                run = subprocess.run([sys.executable, __file__, "--one", kind, mode, scratch], capture_output=True,
-                                     text=True, env=env)  # fmt: skip
+                run = subprocess.run([sys.executable, __file__, "--one", kind, mode, scratch, str(count)],
+                                     capture_output=True, text=True)  # fmt: skip
                 if run.returncode:
                     sys.exit(f"{kind} {mode} failed:\n{run.stderr[-4000:]}")
                 report["results"][kind][mode] = json.loads(run.stdout.strip().splitlines()[-1])
