@@ -10,6 +10,7 @@ import functools
 import gzip
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -226,9 +227,9 @@ class Skipped:
 # Decoding and resizing a real dataset takes minutes (26,684 DICOMs; 78 JPEG-2000 series) and gives the same arrays
 # every run. As nnU-Net does, each source file is prepared once and its arrays kept on disk: one entry per source,
 # named by a hash of the preparation settings and the source's path, size and modification time, so a changed
-# setting or a touched file rebuilds exactly its own entries and nothing else. Each array is a plain .npy, read back
-# memory-mapped: under torchrun the processes of one machine share the pages of one copy. Entries are written
-# atomically (a killed run leaves none half-written); one that cannot be read is rebuilt, with one line.
+# setting or a touched file rebuilds exactly its own entries and nothing else. An entry is one file of .npy records,
+# read back memory-mapped: under torchrun the processes of one machine share the pages of one copy. Entries are
+# written atomically (a killed run leaves none half-written); one that cannot be read is rebuilt, with one line.
 
 
 def source_stamp(sources) -> list:
@@ -246,47 +247,76 @@ class DiskCache:
     depends on (sizes, windows, the script's preparation version): entries of other settings are never read.
     `names` are the arrays every entry holds. `built` and `read` count entries.
 
-    An array of MMAP_BYTES or more is memory-mapped, copy-on-write: its pages are read from disk when first used
-    and shared with every process of the machine that maps the same file (torchrun's), until one writes to them
-    (then that process gets its own copy of the page; the file never changes). Smaller ones are read into memory:
-    a mapping each would exhaust the system's limit on mappings (65,530 by default) long before memory."""
+    An entry is one file: its arrays as .npy records one after the other (NumPy's own format, each record starting
+    at a multiple of 64 bytes), in the order of `names`. One file, not one per array: creating a file is what
+    writing a small entry costs most (0.4 ms here, against 0.02 ms to write 60 KB into it), and a kill cannot fall
+    between the arrays of an entry. An array of MMAP_BYTES or more is memory-mapped, copy-on-write: its pages are
+    read from disk when first used and shared with every process of the machine that maps the same file
+    (torchrun's), until one writes to them (then that process gets its own copy of the page; the file never
+    changes). Smaller ones are read into memory: a mapping each would exhaust the system's limit on mappings
+    (65,530 by default) long before memory."""
 
     MMAP_BYTES = 1 << 16
+    FORMAT = 2  # in the key: entries of the earlier layout (one .npy per array) are never read
 
     def __init__(self, folder: Path, settings: dict, names: tuple[str, ...]):
         self.folder, self.names = Path(folder), names
-        self.settings = json.dumps(settings, sort_keys=True, default=str)
+        self.settings = json.dumps({**settings, "cache format": self.FORMAT}, sort_keys=True, default=str)
         self.built = self.read = 0
 
     def entry(self, sources) -> Path:
         digest = hashlib.sha1(json.dumps([self.settings, source_stamp(sources)]).encode()).hexdigest()
-        return self.folder / digest[:2] / digest
+        return self.folder / digest[:2] / f"{digest}.arrays"
 
-    def get(self, sources, count: bool = True) -> dict[str, np.ndarray] | None:
-        entry = self.entry(sources)
-        files = {name: entry.with_name(f"{entry.name}.{name}.npy") for name in self.names}
-        if not all(path.is_file() for path in files.values()):
-            return None  # never built, or a kill fell between its arrays: built again
+    def get(self, sources, entry: Path | None = None, count: bool = True) -> dict[str, np.ndarray] | None:
+        """The entry of `sources` (at `entry`, where the caller has it already), or None."""
+        entry = entry or self.entry(sources)
+        if not entry.is_file():
+            return None  # never built
         try:
-            arrays = {name: np.load(path, mmap_mode="c" if path.stat().st_size >= self.MMAP_BYTES else None)
-                      for name, path in files.items()}  # fmt: skip
+            arrays = self._read(entry)
         except (OSError, ValueError, EOFError) as err:
             print(f"Cache entry {entry} of {', '.join(map(str, sources))} cannot be read ({err}): rebuilding it")
-            for path in files.values():
-                path.unlink(missing_ok=True)
+            entry.unlink(missing_ok=True)
             return None
         self.read += count
         return arrays
 
-    def put(self, sources, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        entry = self.entry(sources)
-        for name in self.names:
-            path = entry.with_name(f"{entry.name}.{name}.npy")
-            save_atomically(path, lambda partial: np.save(partial.open("wb"), np.asarray(arrays[name])))  # noqa: B023
+    def put(self, sources, arrays: dict[str, np.ndarray], entry: Path | None = None) -> dict[str, np.ndarray]:
+        entry = entry or self.entry(sources)
+        save_atomically(entry, lambda partial: self._write(partial, arrays))
         self.built += 1
         # Read back as the next run will (the large arrays memory-mapped): the prepared copies are then freed, and a
         # cold run holds no more memory than a warm one
-        return self.get(sources, count=False) or arrays
+        return self.get(sources, entry, count=False) or arrays
+
+    def _write(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
+        with path.open("wb") as file:
+            for name in self.names:
+                np.lib.format.write_array(file, np.asarray(arrays[name]), allow_pickle=False)
+                file.write(bytes(-file.tell() % 64))  # the next record aligned, as NumPy aligns an array's data
+
+    def _read(self, path: Path) -> dict[str, np.ndarray]:
+        arrays = {}
+        with path.open("rb") as file:
+            for name in self.names:
+                version = np.lib.format.read_magic(file)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f"unexpected .npy version {version}")
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0  # fmt: skip
+                shape, fortran, dtype = read_header(file)
+                size, order = math.prod(shape), "F" if fortran else "C"
+                if size * dtype.itemsize >= self.MMAP_BYTES:
+                    arrays[name] = np.memmap(path, dtype, "c", file.tell(), shape, order)
+                    file.seek(size * dtype.itemsize, os.SEEK_CUR)
+                else:
+                    flat = np.fromfile(file, dtype, size)
+                    if flat.size < size:
+                        raise ValueError(f"{name} is cut short")
+                    arrays[name] = flat.reshape(shape, order=order)
+                file.seek(-file.tell() % 64, os.SEEK_CUR)
+        return arrays
 
 
 def prepare_cached(items: list, sources_of, prepare, cache: DiskCache, skipped: Skipped, desc: str = "preparing",
@@ -298,7 +328,10 @@ def prepare_cached(items: list, sources_of, prepare, cache: DiskCache, skipped: 
     `prepare` decodes with NumPy, Pillow, pydicom, nibabel: not torch, whose threads do not survive a fork. Under
     torchrun, call it inside distributed.main_first(): process 0 builds, the others then read its entries.
     `name_of(item)` names a skipped item (default: its first source)."""
-    found = [cache.get(sources_of(item)) for item in items]
+    # Each entry is named from its sources' size and time before they are read: a file changed while it is being
+    # prepared is then prepared again next run
+    entries = [cache.entry(sources_of(item)) for item in items]
+    found = [cache.get(sources_of(item), entry) for item, entry in zip(items, entries)]
     missing = [i for i, arrays in enumerate(found) if arrays is None]
     if workers is None:
         workers = usable_cores()
@@ -307,7 +340,7 @@ def prepare_cached(items: list, sources_of, prepare, cache: DiskCache, skipped: 
             if isinstance(result, Unusable):
                 skipped.skip(name_of(items[i]) if name_of else sources_of(items[i])[0], result)
             else:
-                found[i] = cache.put(sources_of(items[i]), result)
+                found[i] = cache.put(sources_of(items[i]), result, entries[i])
     return [(item, arrays) for item, arrays in zip(items, found) if arrays is not None]
 
 

@@ -272,13 +272,15 @@ def test_the_disk_cache_builds_once_and_rebuilds_exactly_what_changed(tmp_path, 
     assert run()[0].built == 1
     assert run({"size": 3})[0].built == 5  # another setting: every entry built anew, the old ones never read
     entry = cache.entry([sources[1]])
-    entry.with_name(f"{entry.name}.image.npy").write_bytes(b"\x93NUMPY garbage")  # damaged
+    entry.write_bytes(b"\x93NUMPY garbage")  # damaged
     half = cache.entry([sources[4]])
-    half.with_name(f"{half.name}.label.npy").unlink()  # a kill between the arrays of one entry
+    half.write_bytes(half.read_bytes()[: half.stat().st_size // 2])  # cut short: its label missing
     sources[3].write_text("3")  # same content, new time: rebuilt
     capsys.readouterr()
     cache, _, prepared = run()
     assert cache.built == 3 and not list(folder.rglob("*.partial"))
+    assert len(list(folder.rglob("*.arrays"))) == 5 + 2 + 5  # one file per entry: size 2 (the 2 touched files
+    # have a new entry each; their old ones stay until the cache is cleared) and size 3
     assert f"Cache entry {entry} of {sources[1]} cannot be read" in capsys.readouterr().out
     assert np.array_equal(dict(prepared)[sources[1]]["image"], np.full((2, 2), 1))
     sources[5].write_text("5")  # the bad file repaired: taken now
