@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import sys
 import zlib
 from collections import Counter
@@ -227,18 +228,32 @@ class Skipped:
 # Decoding and resizing a real dataset takes minutes (26,684 DICOMs; 78 JPEG-2000 series) and gives the same arrays
 # every run. As nnU-Net does, each source file is prepared once and its arrays kept on disk: one entry per source,
 # named by a hash of the preparation settings and the source's path, size and modification time, so a changed
-# setting or a touched file rebuilds exactly its own entries and nothing else. An entry is one file of .npy records,
-# read back memory-mapped: under torchrun the processes of one machine share the pages of one copy. Entries are
+# setting or a touched file rebuilds exactly its own entries and nothing else. An entry is one file of arrays, read
+# back memory-mapped: under torchrun the processes of one machine share the pages of one copy. Entries are
 # written atomically (a killed run leaves none half-written); one that cannot be read is rebuilt, with one line.
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)  # one lstat per part of the path: paid once per folder, not once per file
 
 
 def source_stamp(sources) -> list:
     """(path, size, modification time) of each source file, or of each file in a source folder (a DICOM series)."""
     stamp = []
-    for source in map(Path, sources):
-        files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
-        stamp += [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    for source in sources:
+        status = os.stat(source)
+        if stat.S_ISDIR(status.st_mode):
+            files = sorted(p for p in Path(source).rglob("*") if p.is_file())
+            stamp += [(os.path.join(_real_folder(str(f.parent)), f.name), *_size_and_time(f.stat())) for f in files]
+        else:
+            head, name = os.path.split(os.path.abspath(source))
+            stamp.append((os.path.join(_real_folder(head), name), *_size_and_time(status)))
     return stamp
+
+
+def _size_and_time(status: os.stat_result) -> tuple[int, int]:
+    return status.st_size, status.st_mtime_ns
 
 
 class DiskCache:
@@ -247,17 +262,18 @@ class DiskCache:
     depends on (sizes, windows, the script's preparation version): entries of other settings are never read.
     `names` are the arrays every entry holds. `built` and `read` count entries.
 
-    An entry is one file: its arrays as .npy records one after the other (NumPy's own format, each record starting
-    at a multiple of 64 bytes), in the order of `names`. One file, not one per array: creating a file is what
-    writing a small entry costs most (0.4 ms here, against 0.02 ms to write 60 KB into it), and a kill cannot fall
-    between the arrays of an entry. An array of MMAP_BYTES or more is memory-mapped, copy-on-write: its pages are
-    read from disk when first used and shared with every process of the machine that maps the same file
-    (torchrun's), until one writes to them (then that process gets its own copy of the page; the file never
-    changes). Smaller ones are read into memory: a mapping each would exhaust the system's limit on mappings
-    (65,530 by default) long before memory."""
+    An entry is one file, `<folder>/<hash>.arrays`: an 8-byte length, a JSON index (each array's name, dtype, shape
+    and offset), then each array's bytes, starting at a multiple of 64 bytes as in NumPy's .npy. One file, not one
+    per array: creating a file is what writing a small entry costs most (0.4 ms here, against 0.02 ms to write
+    60 KB into it), and a kill cannot fall between the arrays of an entry. JSON, not .npy headers: NumPy parses
+    each .npy header as Python source, which was most of the time a warm start took to read small entries. An
+    array of MMAP_BYTES or more is memory-mapped, copy-on-write: its pages are read from disk when first used and
+    shared with every process of the machine that maps the same file (torchrun's), until one writes to them (then
+    that process gets its own copy of the page; the file never changes). Smaller ones are read into memory: a
+    mapping each would exhaust the system's limit on mappings (65,530 by default) long before memory."""
 
     MMAP_BYTES = 1 << 16
-    FORMAT = 2  # in the key: entries of the earlier layout (one .npy per array) are never read
+    FORMAT = 3  # in the key: entries of an earlier layout (2: .npy records in 256 subfolders) are never read
 
     def __init__(self, folder: Path, settings: dict, names: tuple[str, ...]):
         self.folder, self.names = Path(folder), names
@@ -266,16 +282,16 @@ class DiskCache:
 
     def entry(self, sources) -> Path:
         digest = hashlib.sha1(json.dumps([self.settings, source_stamp(sources)]).encode()).hexdigest()
-        return self.folder / digest[:2] / f"{digest}.arrays"
+        return self.folder / f"{digest}.arrays"
 
     def get(self, sources, entry: Path | None = None, count: bool = True) -> dict[str, np.ndarray] | None:
         """The entry of `sources` (at `entry`, where the caller has it already), or None."""
         entry = entry or self.entry(sources)
-        if not entry.is_file():
-            return None  # never built
         try:
             arrays = self._read(entry)
-        except (OSError, ValueError, EOFError) as err:
+        except FileNotFoundError:
+            return None  # never built
+        except (OSError, ValueError, TypeError, KeyError) as err:  # damaged: its index or arrays unreadable
             print(f"Cache entry {entry} of {', '.join(map(str, sources))} cannot be read ({err}): rebuilding it")
             entry.unlink(missing_ok=True)
             return None
@@ -284,38 +300,50 @@ class DiskCache:
 
     def put(self, sources, arrays: dict[str, np.ndarray], entry: Path | None = None) -> dict[str, np.ndarray]:
         entry = entry or self.entry(sources)
+        arrays = {name: np.asarray(arrays[name], order="C") for name in self.names}  # written as is
         save_atomically(entry, lambda partial: self._write(partial, arrays))
         self.built += 1
+        if all(array.nbytes < self.MMAP_BYTES for array in arrays.values()):
+            return arrays  # what reading it back would give: the same values, in memory
         # Read back as the next run will (the large arrays memory-mapped): the prepared copies are then freed, and a
         # cold run holds no more memory than a warm one
         return self.get(sources, entry, count=False) or arrays
 
     def _write(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
+        index, offset = [], 0
+        for name, array in arrays.items():
+            if array.dtype.hasobject or array.dtype.fields:
+                raise ValueError(f"{name}: a {array.dtype} array cannot be cached (plain numbers only)")
+            index.append({"name": name, "dtype": array.dtype.str, "shape": array.shape, "offset": offset})
+            offset += -(-array.nbytes // 64) * 64
+        header = json.dumps(index).encode()
+        start = -(-(8 + len(header)) // 64) * 64  # the arrays' bytes begin here, aligned
         with path.open("wb") as file:
-            for name in self.names:
-                np.lib.format.write_array(file, np.asarray(arrays[name]), allow_pickle=False)
-                file.write(bytes(-file.tell() % 64))  # the next record aligned, as NumPy aligns an array's data
+            file.write(len(header).to_bytes(8, "little") + header + bytes(start - 8 - len(header)))
+            for item, array in zip(index, arrays.values()):
+                file.seek(start + item["offset"])
+                file.write(array.data)
 
     def _read(self, path: Path) -> dict[str, np.ndarray]:
         arrays = {}
         with path.open("rb") as file:
-            for name in self.names:
-                version = np.lib.format.read_magic(file)
-                if version not in ((1, 0), (2, 0)):
-                    raise ValueError(f"unexpected .npy version {version}")
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                    np.lib.format.read_array_header_2_0  # fmt: skip
-                shape, fortran, dtype = read_header(file)
-                size, order = math.prod(shape), "F" if fortran else "C"
-                if size * dtype.itemsize >= self.MMAP_BYTES:
-                    arrays[name] = np.memmap(path, dtype, "c", file.tell(), shape, order)
-                    file.seek(size * dtype.itemsize, os.SEEK_CUR)
+            length = int.from_bytes(file.read(8), "little")
+            index = json.loads(file.read(min(length, 1 << 20)))  # a damaged length: too short to parse, ValueError
+            start, size = -(-(8 + length) // 64) * 64, os.fstat(file.fileno()).st_size
+            if [item["name"] for item in index] != list(self.names):
+                raise ValueError(f"holds {[item['name'] for item in index]}, not {list(self.names)}")
+            for item in index:
+                dtype, shape, offset = np.dtype(item["dtype"]), tuple(item["shape"]), start + item["offset"]
+                nbytes = math.prod(shape) * dtype.itemsize
+                if offset + nbytes > size:
+                    raise ValueError(f"{item['name']} is cut short")
+                if nbytes >= self.MMAP_BYTES:
+                    arrays[item["name"]] = np.memmap(file, dtype, "c", offset, shape)
                 else:
-                    flat = np.fromfile(file, dtype, size)
-                    if flat.size < size:
-                        raise ValueError(f"{name} is cut short")
-                    arrays[name] = flat.reshape(shape, order=order)
-                file.seek(-file.tell() % 64, os.SEEK_CUR)
+                    file.seek(offset)
+                    data = bytearray(nbytes)  # writable, as a copy-on-write mapping is
+                    file.readinto(data)
+                    arrays[item["name"]] = np.frombuffer(data, dtype).reshape(shape)
         return arrays
 
 

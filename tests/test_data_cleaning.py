@@ -288,6 +288,33 @@ def test_the_disk_cache_builds_once_and_rebuilds_exactly_what_changed(tmp_path, 
     assert (cache.built, len(prepared), skipped.counts.total()) == (1, 6, 0)
 
 
+def test_a_cache_entry_gives_back_each_array_as_written_and_a_damaged_index_is_rebuilt(tmp_path, capsys):
+    """Every kind of array the scripts keep comes back equal, with its dtype and shape (0-d, empty, bool, a strided
+    view, one large enough to be memory-mapped); an entry whose index is not the expected one, or is garbage, is
+    rebuilt with one line."""
+    from data_cleaning import DiskCache
+
+    source = tmp_path / "frame.tif"
+    source.write_bytes(b"pixels")
+    big = np.arange(40_000, dtype=np.float32).reshape(100, 400)
+    arrays = {"big": big[:, ::2], "scalar": np.array(7, np.int64), "empty": np.zeros((0, 4)), "flags": big[0] > 5}
+    cache = DiskCache(tmp_path / "cache", {"size": 1}, tuple(arrays))
+    cache.put([source], arrays)
+    back = DiskCache(tmp_path / "cache", {"size": 1}, tuple(arrays)).get([source])
+    assert isinstance(back["big"], np.memmap) and not isinstance(back["scalar"], np.memmap)
+    for name, array in arrays.items():
+        assert back[name].dtype == array.dtype and back[name].shape == array.shape
+        assert np.array_equal(back[name], array) and back[name].flags.writeable
+    renamed = DiskCache(tmp_path / "cache", {"size": 1}, ("big", "scalar"))  # the script's arrays changed
+    assert renamed.get([source]) is None and "cannot be read (holds ['big', 'scalar', 'empty', 'flags']" in \
+        capsys.readouterr().out  # fmt: skip
+    cache.put([source], arrays)
+    entry = cache.entry([source])
+    entry.write_bytes((3).to_bytes(8, "little") + b"[1]")  # an index that parses but is not one
+    assert cache.get([source]) is None and f"Cache entry {entry} of {source} cannot be read" in capsys.readouterr().out
+    assert not entry.exists()
+
+
 def test_the_3d_prediction_loop_lists_its_skips_and_a_file_in_place_of_its_folder_is_one_output_problem(tmp_path):
     """segment_cts (COVID and pleural): every skipped input in predictions/skipped.csv beside predictions.csv; a
     plain file where predictions/ should be is one OutputError naming it, before any CT is read."""
