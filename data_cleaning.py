@@ -16,9 +16,10 @@ import re
 import shutil
 import stat
 import sys
+import time
 import zlib
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -347,19 +348,20 @@ class DiskCache:
         return arrays
 
 
-def prepare_cached(items: list, sources_of, prepare, cache: DiskCache, skipped: Skipped, desc: str = "preparing",
-                   workers: int | None = None, name_of=None) -> list:  # fmt: skip
+def prepare_cached(items: list, sources_of, prepare, cache: DiskCache | None, skipped: Skipped,
+                   desc: str = "preparing", workers: int | None = None, name_of=None) -> list:  # fmt: skip
     """[(item, arrays)] for every usable item, in order: arrays from `cache` where built, else `prepare(item)`
     (a module-level function returning {name: array}, raising Unusable for a bad input), run in parallel on every
-    core this process may use (`workers`) and written to the cache. Items that raise Unusable are skipped (and
+    core this process may use (`workers`) and written to the cache (cache=None: none read or written). Items that
+    raise Unusable are skipped (and
     tried again next run: a repaired file is then taken). `sources_of(item)` lists the files its arrays come from.
     `prepare` decodes with NumPy, Pillow, pydicom, nibabel: not torch, whose threads do not survive a fork. Under
     torchrun, call it inside distributed.main_first(): process 0 builds, the others then read its entries.
     `name_of(item)` names a skipped item (default: its first source)."""
     # Each entry is named from its sources' size and time before they are read: a file changed while it is being
     # prepared is then prepared again next run
-    entries = [cache.entry(sources_of(item)) for item in items]
-    found = [cache.get(sources_of(item), entry) for item, entry in zip(items, entries)]
+    entries = [cache.entry(sources_of(item)) if cache else None for item in items]
+    found = [cache.get(sources_of(item), entry) if cache else None for item, entry in zip(items, entries)]
     missing = [i for i, arrays in enumerate(found) if arrays is None]
     if workers is None:
         workers = usable_cores()
@@ -368,7 +370,7 @@ def prepare_cached(items: list, sources_of, prepare, cache: DiskCache, skipped: 
             if isinstance(result, Unusable):
                 skipped.skip(name_of(items[i]) if name_of else sources_of(items[i])[0], result)
             else:
-                found[i] = cache.put(sources_of(items[i]), result, entries[i])
+                found[i] = cache.put(sources_of(items[i]), result, entries[i]) if cache else result
     return [(item, arrays) for item, arrays in zip(items, found) if arrays is not None]
 
 
@@ -700,20 +702,11 @@ def _write_prepared_cases(cases: list[dict], size: int, partial: Path, base: Pat
     for folder in ("image", "mask"):
         (partial / folder).mkdir(parents=True)
     jobs = [(case, size) for case in cases]
-    if cache_dir is not None:
-        cache = DiskCache(cache_dir, {"size": size, **LUNG_PREPARATION}, ("image", "mask", "shape"))
-        done = prepare_cached(jobs, lambda job: [job[0]["image"], *job[0]["masks"]], _prepare_lung_job, cache, skipped,
-                              desc="Preparing lung cases", name_of=lambda job: job[0]["name"])  # fmt: skip
+    cache = DiskCache(cache_dir, {"size": size, **LUNG_PREPARATION}, ("image", "mask", "shape")) if cache_dir else None
+    done = prepare_cached(jobs, lambda job: [job[0]["image"], *job[0]["masks"]], _prepare_lung_job, cache, skipped,
+                          desc="Preparing lung cases", name_of=lambda job: job[0]["name"])  # fmt: skip
+    if cache:
         print(f"Disk cache {cache.folder}: {cache.read} films read back, {cache.built} decoded and written")
-    else:
-        done = []
-        workers = usable_cores()
-        with parallel_map(_prepare_lung_job, jobs, workers) as results:
-            for job, result in zip(jobs, tqdm(results, total=len(jobs), desc="Preparing lung cases", disable=None)):
-                if isinstance(result, Unusable):
-                    skipped.skip(job[0]["name"], result)
-                else:
-                    done.append((job, result))
     rows = []
     for (case, _), arrays in done:
         height, width = (int(n) for n in arrays["shape"])
@@ -970,6 +963,7 @@ def persistent_dataset(files: list[dict], transforms, folder: Path, settings: di
     from torch.utils.data import DataLoader  # torch's: one item at a time, no collation
 
     folder = make_folder(Path(folder))
+    remove_leftovers(folder)
     key = functools.partial(stamped_hash, settings=json.dumps(settings, sort_keys=True, default=str))
     persistent = _persistent_class()
     # track_meta: the entries keep their MetaTensors' affine and applied operations, which Invertd needs to put a
@@ -997,6 +991,17 @@ def persistent_dataset(files: list[dict], transforms, folder: Path, settings: di
             if problem:
                 raise DatasetError(f"{problem}: {DAMAGED_CASE_ADVICE}")
     return dataset, len(files) - len(missing), len(missing)
+
+
+def remove_leftovers(folder: Path, age_s: float = 600.0) -> None:
+    """The temporary folders (tmp*) a killed build left in a PersistentDataset's folder: MONAI writes each entry in a
+    folder of its own and moves it out; kill -9 leaves that folder, with half an entry, for good. Removed once older
+    than any entry's write takes (10 minutes), so that a build running beside this one keeps its own."""
+    now = time.time()
+    for leftover in folder.glob("tmp*"):
+        with suppress(OSError):  # gone already: another run removed it
+            if leftover.is_dir() and now - leftover.stat().st_mtime > age_s:
+                shutil.rmtree(leftover)
 
 
 def _deterministic(transform) -> bool:

@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -578,7 +579,12 @@ def test_the_disk_cache_preprocesses_each_case_once_rebuilds_what_changed_and_tr
 
     touched = Path(data.train[0]["image"])
     os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    for leftover in ("tmpkilled", "tmpbuilding"):  # MONAI's temporary folders: of a build killed an hour ago, of one
+        (folder / leftover).mkdir()  # running now
+        (folder / leftover / "half.pt").write_bytes(b"half an entry")
+    os.utime(folder / "tmpkilled", (time.time() - 3600,) * 2)
     covid.build_loaders(cfg, data)
+    assert not (folder / "tmpkilled").exists() and (folder / "tmpbuilding" / "half.pt").is_file()
     out = capsys.readouterr().out
     assert ": 3 train cases read back, 1 preprocessed" in out and ": 4 val cases read back, 0 preprocessed" in out
     entry = val_ds.entry(val_ds.data[0])
