@@ -217,18 +217,24 @@ def read_patients(root: Path) -> list[dict]:
         first = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
         print(f"{len(unknown)} patient{'s' * (len(unknown) != 1)} of {LABELS_CSV} not in {CLASSES_CSV}, kept "
               f"with class 'unknown': {first}")  # fmt: skip
-    patients = []
-    for patient_id, rows in labels.groupby("patientId", sort=True):
-        xywh = rows.loc[rows["Target"] == 1, ["x", "y", "width", "height"]].to_numpy(np.float64)
-        patients.append(
-            {
-                "patient_id": patient_id,
-                "class": classes.get(patient_id, "unknown"),
-                "path": root / TRAIN_IMAGES / f"{patient_id}.dcm",
-                "boxes": np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1),  # (k, 4)
-            }
-        )
-    return patients
+    # One pass over the table, not a pandas lookup per patient (26,684 of them: 10 s on a 2-core machine): every
+    # row's box as one array, sorted by patientId, then cut at each patient's first row
+    order = np.argsort(labels["patientId"].to_numpy(), kind="stable")
+    ids, target = labels["patientId"].to_numpy()[order], labels["Target"].to_numpy()[order]
+    xywh = labels[["x", "y", "width", "height"]].to_numpy(np.float64)[order]
+    corners = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)  # x1, y1, x2, y2
+    patient_ids, starts = np.unique(ids, return_index=True)
+    ends = np.append(starts[1:], len(ids))
+    class_of = classes.reindex(patient_ids, fill_value="unknown")
+    return [
+        {
+            "patient_id": patient_id,
+            "class": name,
+            "path": root / TRAIN_IMAGES / f"{patient_id}.dcm",
+            "boxes": corners[start:end][target[start:end] == 1],  # (k, 4); k = 0 for a negative
+        }
+        for patient_id, name, start, end in zip(patient_ids, class_of, starts, ends)
+    ]
 
 
 def sample_patients(patients: list[dict], per_class: int | None, seed: int) -> list[dict]:

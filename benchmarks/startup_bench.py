@@ -207,13 +207,14 @@ def distributed_epoch(mode: str, root: Path, cache_dir: Path, report: Path) -> N
 
     module = load_script("pneumonia")
     cfg = replace(module.Config(), cache=mode != "today", cache_dir=cache_dir, data_dir=root.parent)
+    libraries = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # torch and the rest, before any radiograph
     begin = time.perf_counter()
     dataset, _ = pneumonia_dataset(module, cfg, root)
     for _ in pneumonia_loader(module, cfg, dataset, DistributedSampler(dataset, shuffle=True, seed=0)):
         pass
     pss = sum(int(line.split()[1]) for line in Path("/proc/self/smaps_rollup").read_text().splitlines()
               if line.startswith("Pss:")) / 1024  # fmt: skip
-    result = {"seconds": time.perf_counter() - begin, "pss_mib": pss,
+    result = {"seconds": time.perf_counter() - begin, "pss_mib": pss, "libraries_rss_mib": libraries,
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
     (report / f"rank{distributed.rank()}.json").write_text(json.dumps(result))
 
@@ -229,7 +230,11 @@ def main() -> None:
     parser.add_argument("--no-torchrun", action="store_true", help="skip pneumonia's 2-process memory measurement")
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # internal: kind, mode, scratch folder, count
     parser.add_argument("--epoch", nargs=2, help=argparse.SUPPRESS)  # internal, under torchrun: mode, scratch
+    parser.add_argument("--labels", type=Path, help=argparse.SUPPRESS)  # internal: the folder of the label CSVs
     args = parser.parse_args()
+    if args.labels:
+        print(json.dumps(time_read_patients(args.labels)))
+        return
     if args.one:  # a child process: one measurement, printed as JSON
         kind, mode, scratch, count = args.one
         print(json.dumps(start(kind, mode, Path(scratch) / "data" / kind, Path(scratch) / "cache" / kind, int(count))))
@@ -275,26 +280,32 @@ def main() -> None:
 
 
 def read_labels(folder: Path, rows: int = 30_000) -> dict:
-    """The RSNA label CSV at the real size: read and checked (read_table), grouped per patient."""
+    """The RSNA label and class CSVs at the real size, read by pneumonia's own `read_patients` (read, checked, one
+    dict per patient with its boxes), in a fresh process as a run reads them."""
     import pandas as pd
 
-    from data_cleaning import read_table
-
     rng = np.random.default_rng(0)
-    patients = rng.integers(0, 26_684, rows)
+    patients = [f"{p:08x}-0000" for p in rng.integers(0, 26_684, rows)]
     target = rng.random(rows) < 0.3
-    table = pd.DataFrame({"patientId": [f"{p:08x}-0000" for p in patients],
+    table = pd.DataFrame({"patientId": patients,
                           "x": np.where(target, rng.uniform(0, 700, rows).round(), np.nan),
                           "y": np.where(target, rng.uniform(0, 700, rows).round(), np.nan),
                           "width": np.where(target, 200.0, np.nan), "height": np.where(target, 300.0, np.nan),
                           "Target": target.astype(int)})  # fmt: skip
-    path = folder / "stage_2_train_labels.csv"
-    table.to_csv(path, index=False)
-    start_time = time.perf_counter()
-    labels = read_table(path, {"patientId": "str", "x": "number", "y": "number", "width": "number",
-                               "height": "number", "Target": "int"})  # fmt: skip
-    boxes = {pid: rows[["x", "y", "width", "height"]].to_numpy() for pid, rows in labels.groupby("patientId")}
-    return {"rows": rows, "patients": len(boxes), "seconds": time.perf_counter() - start_time}
+    table.to_csv(folder / "stage_2_train_labels.csv", index=False)
+    classes = pd.DataFrame({"patientId": patients, "class": np.where(target, "Lung Opacity", "Normal")})
+    classes.to_csv(folder / "stage_2_detailed_class_info.csv", index=False)
+    run = subprocess.run([sys.executable, __file__, "--labels", str(folder)], capture_output=True, text=True)
+    if run.returncode:
+        sys.exit(f"reading the labels failed:\n{run.stderr[-4000:]}")
+    return {"rows": rows, **json.loads(run.stdout.strip().splitlines()[-1])}
+
+
+def time_read_patients(folder: Path) -> dict:
+    module = load_script("pneumonia")
+    begin = time.perf_counter()
+    patients = module.read_patients(folder)
+    return {"patients": len(patients), "seconds": time.perf_counter() - begin}
 
 
 def table(report: dict) -> str:
@@ -313,12 +324,12 @@ def table(report: dict) -> str:
                      f"| {seconds[2] / seconds[1]:.1%} | {seconds[0] / seconds[1]:.2f}x | {rss} | {full:,}: "
                      f"{extrapolated} min |")  # fmt: skip
     for mode, ranks in report.get("torchrun", {}).items():
-        figures = ", ".join(f"process {r}: peak RSS {x['peak_rss_mib']:.0f} MiB, PSS {x['pss_mib']:.0f} MiB"
-                            for r, x in enumerate(ranks))  # fmt: skip
+        figures = ", ".join(f"process {r}: peak RSS {x['peak_rss_mib']:.0f} MiB ({x['libraries_rss_mib']:.0f} before "
+                            f"any radiograph), PSS {x['pss_mib']:.0f} MiB" for r, x in enumerate(ranks))  # fmt: skip
         lines.append(f"\nPneumonia under torchrun, 2 processes, {mode} (data loaded, one epoch's reads): {figures}")
     labels = report["labels"]
-    lines.append(f"\nRSNA labels: {labels['rows']:,} rows, {labels['patients']:,} patients read, checked and grouped "
-                 f"in {labels['seconds']:.2f} s")  # fmt: skip
+    lines.append(f"\nRSNA labels (read_patients): {labels['rows']:,} rows, {labels['patients']:,} patients read, "
+                 f"checked and grouped in {labels['seconds']:.2f} s")  # fmt: skip
     return "\n".join(lines)
 
 
