@@ -245,16 +245,11 @@ def source_stamp(sources) -> list:
     for source in sources:
         status = os.stat(source)
         if stat.S_ISDIR(status.st_mode):
-            files = sorted(p for p in Path(source).rglob("*") if p.is_file())
-            stamp += [(os.path.join(_real_folder(str(f.parent)), f.name), *_size_and_time(f.stat())) for f in files]
+            files = [(f, f.stat()) for f in sorted(p for p in Path(source).rglob("*") if p.is_file())]
         else:
-            head, name = os.path.split(os.path.abspath(source))
-            stamp.append((os.path.join(_real_folder(head), name), *_size_and_time(status)))
+            files = [(Path(os.path.abspath(source)), status)]
+        stamp += [(os.path.join(_real_folder(str(f.parent)), f.name), s.st_size, s.st_mtime_ns) for f, s in files]
     return stamp
-
-
-def _size_and_time(status: os.stat_result) -> tuple[int, int]:
-    return status.st_size, status.st_mtime_ns
 
 
 class DiskCache:
@@ -353,8 +348,8 @@ def prepare_cached(items: list, sources_of, prepare, cache: DiskCache | None, sk
     """[(item, arrays)] for every usable item, in order: arrays from `cache` where built, else `prepare(item)`
     (a module-level function returning {name: array}, raising Unusable for a bad input), run in parallel on every
     core this process may use (`workers`) and written to the cache (cache=None: none read or written). Items that
-    raise Unusable are skipped (and
-    tried again next run: a repaired file is then taken). `sources_of(item)` lists the files its arrays come from.
+    raise Unusable are skipped (and tried again next run: a repaired file is then taken). `sources_of(item)` lists
+    the files its arrays come from.
     `prepare` decodes with NumPy, Pillow, pydicom, nibabel: not torch, whose threads do not survive a fork. Under
     torchrun, call it inside distributed.main_first(): process 0 builds, the others then read its entries.
     `name_of(item)` names a skipped item (default: its first source)."""

@@ -90,6 +90,24 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2"
 # Data: one radiograph per patient, sampling and splitting by patient
 
 
+def test_a_patients_rows_are_gathered_wherever_they_stand_in_the_csv(det, tmp_path):
+    """read_patients against pandas' own grouping on a table whose patients' rows are interleaved, with a patient
+    missing from the class CSV and a negative row beside a box."""
+    labels = pd.DataFrame({"patientId": ["b", "a", "c", "b", "a", "b"], "x": [1, None, 5, 2, 3, 9],
+                           "y": [1, None, 5, 2, 3, 9], "width": [4, None, 1, 4, 2, 1],
+                           "height": [4, None, 1, 4, 2, 1], "Target": [1, 0, 1, 1, 1, 1]})  # fmt: skip
+    labels.to_csv(tmp_path / det.LABELS_CSV, index=False)
+    pd.DataFrame({"patientId": ["a", "b"], "class": ["Lung Opacity", "Normal"]}).to_csv(tmp_path / det.CLASSES_CSV)
+    patients = det.read_patients(tmp_path)
+    assert [(p["patient_id"], p["class"]) for p in patients] == [("a", "Lung Opacity"), ("b", "Normal"),
+                                                                 ("c", "unknown")]  # fmt: skip
+    for patient, (_, rows) in zip(patients, labels.groupby("patientId"), strict=True):
+        rows = rows[rows["Target"] == 1]
+        expected = np.c_[rows[["x", "y"]], rows[["x", "y"]].to_numpy() + rows[["width", "height"]].to_numpy()]
+        assert patient["boxes"].shape == (len(rows), 4)
+        np.testing.assert_array_equal(patient["boxes"], expected)
+
+
 def test_label_rows_are_grouped_by_patient(det, sample_root):
     labels = pd.read_csv(sample_root / RSNA / "stage_2_train_labels.csv")
     patients = det.read_patients(sample_root / RSNA)
