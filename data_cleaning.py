@@ -6,6 +6,7 @@ when the prepared output is missing, and can also be run by hand.
 
 from __future__ import annotations
 
+import errno
 import functools
 import gzip
 import hashlib
@@ -27,6 +28,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pydicom
+import torch
 from PIL import Image
 from pydicom.pixels import get_decoder
 from tqdm import tqdm
@@ -263,10 +265,12 @@ class DiskCache:
     per array: creating a file is what writing a small entry costs most (0.4 ms here, against 0.02 ms to write
     60 KB into it), and a kill cannot fall between the arrays of an entry. JSON, not .npy headers: NumPy parses
     each .npy header as Python source, which was most of the time a warm start took to read small entries. An
-    array of MMAP_BYTES or more is memory-mapped, copy-on-write: its pages are read from disk when first used and
-    shared with every process of the machine that maps the same file (torchrun's), until one writes to them (then
-    that process gets its own copy of the page; the file never changes). Smaller ones are read into memory: a
-    mapping each would exhaust the system's limit on mappings (65,530 by default) long before memory."""
+    array of MMAP_BYTES or more is memory-mapped, copy-on-write (one mapping per entry, no file left open): its pages
+    are read from disk when first used and shared with every process of the machine that maps the same file
+    (torchrun's), until one writes to them (then that process gets its own copy of the page; the file never
+    changes). Smaller ones are read into memory: a mapping each would exhaust the system's limit on mappings (65,530
+    by default) long before memory. An entry that cannot be opened for want of file handles or memory is kept (the
+    error is raised): only an entry that is itself unreadable is deleted and rebuilt."""
 
     MMAP_BYTES = 1 << 16
     FORMAT = 3  # in the key: entries of an earlier layout (2: .npy records in 256 subfolders) are never read
@@ -287,12 +291,18 @@ class DiskCache:
             arrays = self._read(entry)
         except FileNotFoundError:
             return None  # never built
-        except (OSError, ValueError, TypeError, KeyError) as err:  # damaged: its index or arrays unreadable
-            print(f"Cache entry {entry} of {', '.join(map(str, sources))} cannot be read ({err}): rebuilding it")
-            entry.unlink(missing_ok=True)
-            return None
+        except OSError as err:
+            if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):  # the machine's limit, not the entry's fault
+                raise OSError(err.errno, f"{err.strerror} while reading the cache entry {entry}: it is kept") from err
+            return self._damaged(sources, entry, err)
+        except (ValueError, TypeError, KeyError) as err:  # damaged: its index or arrays unreadable
+            return self._damaged(sources, entry, err)
         self.read += count
         return arrays
+
+    def _damaged(self, sources, entry: Path, err: BaseException) -> None:
+        print(f"Cache entry {entry} of {', '.join(map(str, sources))} cannot be read ({err}): rebuilding it")
+        entry.unlink(missing_ok=True)
 
     def put(self, sources, arrays: dict[str, np.ndarray], entry: Path | None = None) -> dict[str, np.ndarray]:
         entry = entry or self.entry(sources)
@@ -321,7 +331,7 @@ class DiskCache:
                 file.write(array.data)
 
     def _read(self, path: Path) -> dict[str, np.ndarray]:
-        arrays = {}
+        arrays, mapped = {}, None
         with path.open("rb") as file:
             length = int.from_bytes(file.read(8), "little")
             index = json.loads(file.read(min(length, 1 << 20)))  # a damaged length: too short to parse, ValueError
@@ -334,13 +344,26 @@ class DiskCache:
                 if offset + nbytes > size:
                     raise ValueError(f"{item['name']} is cut short")
                 if nbytes >= self.MMAP_BYTES:
-                    arrays[item["name"]] = np.memmap(file, dtype, "c", offset, shape)
+                    mapped = self._map(path, size) if mapped is None else mapped
+                    arrays[item["name"]] = mapped[offset : offset + nbytes].view(dtype).reshape(shape)
                 else:
                     file.seek(offset)
                     data = bytearray(nbytes)  # writable, as a copy-on-write mapping is
                     file.readinto(data)
                     arrays[item["name"]] = np.frombuffer(data, dtype).reshape(shape)
         return arrays
+
+    @staticmethod
+    def _map(path: Path, size: int) -> np.ndarray:
+        """The whole entry file, memory-mapped copy-on-write, as uint8. torch's mapping, not NumPy's np.memmap:
+        NumPy's keeps a file descriptor open per mapping, and a process may have 1,024 open at once on many Linux
+        systems (with RSNA's 26,684 entries, every one past the limit was taken for damaged); torch closes the file.
+        Where the system refuses the mapping (its limit on mappings, a platform without private file mappings), the
+        file is read into memory instead: the same values, not shared between processes."""
+        try:
+            return torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8).numpy()
+        except RuntimeError:
+            return np.fromfile(path, np.uint8, size)
 
 
 def prepare_cached(items: list, sources_of, prepare, cache: DiskCache | None, skipped: Skipped,

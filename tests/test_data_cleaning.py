@@ -235,6 +235,42 @@ def _prepare_square(path: Path) -> dict:
     return {"image": np.full((2, 2), value * value, np.int64), "label": np.array(value % 2, np.uint8)}
 
 
+def _mapped_files() -> set[str]:
+    """The files memory-mapped into this process (Linux)."""
+    return {line.split(maxsplit=5)[5].strip() for line in Path("/proc/self/maps").read_text().splitlines()
+            if len(line.split(maxsplit=5)) == 6}  # fmt: skip
+
+
+def test_memory_mapped_entries_hold_no_open_file_so_more_entries_than_the_open_file_limit_are_read(tmp_path, capsys):
+    """A process may have only so many files open (1,024 on many Linux systems, fewer than RSNA's 26,684 entries):
+    an entry read memory-mapped keeps no file open, so many more entries than the limit are read back, each equal to
+    what was written, and none is taken for damaged and deleted; with no file left to open, the error says so and
+    the entry is kept."""
+    import os
+    import resource
+
+    from data_cleaning import DiskCache
+
+    sources = [tmp_path / f"{i}.dcm" for i in range(300)]
+    cache = DiskCache(tmp_path / "cache", {"size": 1}, ("image",))
+    for i, source in enumerate(sources):
+        source.write_text(str(i))
+        cache.put([source], {"image": np.full(DiskCache.MMAP_BYTES, i % 251, np.uint8)})
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 50, hard))
+    try:
+        back = [cache.get([source]) for source in sources]  # all kept alive: 300 mappings at once
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) - 1, hard))  # none left
+        with pytest.raises(OSError, match=f"while reading the cache entry {cache.entry([sources[0]])}: it is kept"):
+            cache.get([sources[0]])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert cache.read == 300 and "cannot be read" not in capsys.readouterr().out
+    assert all(arrays["image"][[0, -1]].tolist() == [i % 251] * 2 for i, arrays in enumerate(back))
+    assert len(list((tmp_path / "cache").glob("*.arrays"))) == 300
+    assert str(cache.entry([sources[-1]])) in _mapped_files()
+
+
 def test_the_disk_cache_builds_once_and_rebuilds_exactly_what_changed(tmp_path, capsys, monkeypatch):
     """Second run: nothing prepared, every entry read; a touched source rebuilds its entry alone; other settings
     rebuild everything; a damaged entry and an entry half written by a killed run are rebuilt; arrays equal the
@@ -265,7 +301,7 @@ def test_the_disk_cache_builds_once_and_rebuilds_exactly_what_changed(tmp_path, 
         assert all(np.array_equal(arrays[name], expected[name]) for name in expected)
     cache, _, again = run()
     assert (cache.built, cache.read) == (0, 5) and [s for s, _ in again] == [s for s, _ in prepared]
-    assert isinstance(again[0][1]["image"], np.memmap)  # read, not decoded: memory-mapped
+    assert str(cache.entry([sources[0]])) in _mapped_files()  # read, not decoded: memory-mapped
     again[0][1]["image"][0, 0] = 7  # copy-on-write: this process's copy changes, the entry on disk does not
     assert np.array_equal(run()[2][0][1]["image"], _prepare_square(sources[0])["image"])
     os.utime(sources[2], ns=(0, sources[2].stat().st_mtime_ns + 10**9))  # touched: only its entry is redone
@@ -301,7 +337,7 @@ def test_a_cache_entry_gives_back_each_array_as_written_and_a_damaged_index_is_r
     cache = DiskCache(tmp_path / "cache", {"size": 1}, tuple(arrays))
     cache.put([source], arrays)
     back = DiskCache(tmp_path / "cache", {"size": 1}, tuple(arrays)).get([source])
-    assert isinstance(back["big"], np.memmap) and not isinstance(back["scalar"], np.memmap)
+    assert str(cache.entry([source])) in _mapped_files() and back["scalar"].base is not None  # the small ones read
     for name, array in arrays.items():
         assert back[name].dtype == array.dtype and back[name].shape == array.shape
         assert np.array_equal(back[name], array) and back[name].flags.writeable
