@@ -17,12 +17,15 @@ array shared between the ways; the operating system's page cache is, as on a use
 "today" is each script's `cache=False`, which is what every script did before the disk cache (lung: the same on one
 core, as its preparation was). Each way reports seconds, seconds per case, peak RSS of the process and of its
 workers, and what the cache read back and built. Under torchrun with 2 processes, pneumonia is also measured one
-epoch's reads long (every image of the process's shard through the transforms, no model): peak RSS and PSS (the
-resident memory with each shared page divided among the processes sharing it) per process, today and warm.
-It extrapolates to the full datasets, writes JSON (--json) and prints a Markdown table for the README.
+epoch's reads long (every image of the process's shard through the transforms, no model), then a second epoch's:
+peak RSS, PSS (the resident memory with each shared page divided among the processes sharing it) and private memory
+(the pages no other process maps) per process, today, cold and warm, on --torchrun-count radiographs (copies of the
+stand-ins beyond --counts). It extrapolates to the full datasets, writes JSON (--json) and prints Markdown tables.
 
     python benchmarks/startup_bench.py                          # about 5 minutes on 2 cores
     python benchmarks/startup_bench.py --kinds nerve --counts 40 --json out.json
+    python benchmarks/startup_bench.py --kinds pneumonia --torchrun-count 26684    # RSNA's full count: 12 GB of disk,
+                                                                # 15 GB of memory, 15 minutes
 """
 
 from __future__ import annotations
@@ -207,16 +210,48 @@ def distributed_epoch(mode: str, root: Path, cache_dir: Path, report: Path) -> N
 
     module = load_script("pneumonia")
     cfg = replace(module.Config(), cache=mode != "today", cache_dir=cache_dir, data_dir=root.parent)
-    libraries = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # torch and the rest, before any radiograph
+    libraries = memory()  # torch and the rest, before any radiograph
     begin = time.perf_counter()
     dataset, _ = pneumonia_dataset(module, cfg, root)
-    for _ in pneumonia_loader(module, cfg, dataset, DistributedSampler(dataset, shuffle=True, seed=0)):
+    sampler = DistributedSampler(dataset, shuffle=True, seed=0)
+    for _ in pneumonia_loader(module, cfg, dataset, sampler):
         pass
-    pss = sum(int(line.split()[1]) for line in Path("/proc/self/smaps_rollup").read_text().splitlines()
-              if line.startswith("Pss:")) / 1024  # fmt: skip
-    result = {"seconds": time.perf_counter() - begin, "pss_mib": pss, "libraries_rss_mib": libraries,
-              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+    seconds = time.perf_counter() - begin
+    result = {"seconds": seconds, "radiographs": len(dataset), **measured_together(),
+              **{f"libraries_{name}": value for name, value in libraries.items()}}  # fmt: skip
+    sampler.set_epoch(1)  # another shard, drawn from every radiograph: a process now maps pages of both halves
+    for _ in pneumonia_loader(module, cfg, dataset, sampler):
+        pass
+    result.update({f"epoch2_{name}": value for name, value in measured_together().items()})
     (report / f"rank{distributed.rank()}.json").write_text(json.dumps(result))
+
+
+def measured_together() -> dict:
+    """memory() once every process has got here, before any goes on: a page's share in PSS depends on how many
+    processes map it at that moment (a process that has gone, or not yet read, shares none)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    figures = memory()
+    dist.barrier()
+    return figures
+
+
+def memory() -> dict:
+    """This process's peak RSS (every resident page it maps, shared or not), PSS (each shared page divided among
+    the processes mapping it: what the processes add up to) and private memory (the pages no other process maps),
+    in MiB."""
+    rollup = {line.split()[0]: int(line.split()[1]) for line in Path("/proc/self/smaps_rollup").read_text().splitlines()
+              if line.split()[0].endswith(":")}  # fmt: skip
+    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "pss_mib": rollup["Pss:"] / 1024,
+            "private_mib": (rollup["Private_Clean:"] + rollup["Private_Dirty:"]) / 1024}  # fmt: skip
+
+
+def copy_sources(root: Path, count: int, total: int) -> None:
+    """Radiographs `count`..`total` - 1 as copies of the first `count` under their own names: each is its own file
+    and cache entry (the key holds the path), decoded like any other, without encoding thousands more JPEGs."""
+    for i in range(count, total):
+        shutil.copyfile(root / "train" / f"p{i % count:05d}.dcm", root / "train" / f"p{i:05d}.dcm")
 
 
 # %% The whole benchmark
@@ -228,10 +263,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--kinds", nargs="*", default=list(SCRIPTS), choices=list(SCRIPTS))
     parser.add_argument("--no-torchrun", action="store_true", help="skip pneumonia's 2-process memory measurement")
+    parser.add_argument("--torchrun-count", type=int, default=0, help="radiographs under torchrun (default: as "
+                        "--counts; more are copies of those, e.g. 26684 for RSNA's full count)")  # fmt: skip
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # internal: kind, mode, scratch folder, count
     parser.add_argument("--epoch", nargs=2, help=argparse.SUPPRESS)  # internal, under torchrun: mode, scratch
     parser.add_argument("--labels", type=Path, help=argparse.SUPPRESS)  # internal: the folder of the label CSVs
     args = parser.parse_args()
+    args.torchrun_count = max(args.torchrun_count, args.counts or COUNTS["pneumonia"])
     if args.labels:
         print(json.dumps(time_read_patients(args.labels)))
         return
@@ -264,7 +302,9 @@ def main() -> None:
                 report["results"][kind][mode] = json.loads(run.stdout.strip().splitlines()[-1])
                 print(f"  {mode}: {report['results'][kind][mode]['seconds']:.1f} s", file=sys.stderr)
             if kind == "pneumonia" and not args.no_torchrun:
-                for mode in ("today", "warm"):
+                copy_sources(root, count, args.torchrun_count)
+                shutil.rmtree(Path(scratch) / "cache" / kind)  # cold: process 0 builds it, the other waits
+                for mode in ("today", "cold", "warm"):
                     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", __file__, "--epoch",
                                mode, scratch]  # fmt: skip
                     run = subprocess.run(command, capture_output=True, text=True)
@@ -323,10 +363,18 @@ def table(report: dict) -> str:
         lines.append(f"| {kind} ({SOURCE[kind]}) | {count} | {' / '.join(f'{s:.1f}' for s in seconds)} s | {per_case} "
                      f"| {seconds[2] / seconds[1]:.1%} | {seconds[0] / seconds[1]:.2f}x | {rss} | {full:,}: "
                      f"{extrapolated} min |")  # fmt: skip
-    for mode, ranks in report.get("torchrun", {}).items():
-        figures = ", ".join(f"process {r}: peak RSS {x['peak_rss_mib']:.0f} MiB ({x['libraries_rss_mib']:.0f} before "
-                            f"any radiograph), PSS {x['pss_mib']:.0f} MiB" for r, x in enumerate(ranks))  # fmt: skip
-        lines.append(f"\nPneumonia under torchrun, 2 processes, {mode} (data loaded, one epoch's reads): {figures}")
+    runs = report.get("torchrun", {})
+    if runs:
+        lines += [f"\nPneumonia under torchrun, 2 processes, {runs['today'][0]['radiographs']:,} radiographs (data "
+                  "loaded, one epoch's shard read), per process, in MiB (before any radiograph):\n",
+                  "| way | peak RSS | PSS | private | peak RSS / today's | after a second epoch: peak RSS, PSS |",
+                  "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for mode, ranks in runs.items():
+        figures = [" / ".join(f"{x[name]:.0f} ({x[f'libraries_{name}']:.0f})" for x in ranks)
+                   for name in ("peak_rss_mib", "pss_mib", "private_mib")]  # fmt: skip
+        ratio = " / ".join(f"{x['peak_rss_mib'] / t['peak_rss_mib']:.2f}x" for x, t in zip(ranks, runs["today"]))
+        second = " / ".join(f"{x['epoch2_peak_rss_mib']:.0f}, {x['epoch2_pss_mib']:.0f}" for x in ranks)
+        lines.append(f"| {mode} | {' | '.join(figures)} | {ratio} | {second} |")
     labels = report["labels"]
     lines.append(f"\nRSNA labels (read_patients): {labels['rows']:,} rows, {labels['patients']:,} patients read, "
                  f"checked and grouped in {labels['seconds']:.2f} s")  # fmt: skip
