@@ -324,10 +324,10 @@ def test_the_disk_cache_builds_once_and_rebuilds_exactly_what_changed(tmp_path, 
     assert (cache.built, len(prepared), skipped.counts.total()) == (1, 6, 0)
 
 
-def test_a_cache_entry_gives_back_each_array_as_written_and_a_damaged_index_is_rebuilt(tmp_path, capsys):
+def test_a_cache_entry_gives_back_each_array_as_written_and_a_damaged_index_is_rebuilt(tmp_path, capsys, monkeypatch):
     """Every kind of array the scripts keep comes back equal, with its dtype and shape (0-d, empty, bool, a strided
-    view, one large enough to be memory-mapped); an entry whose index is not the expected one, or is garbage, is
-    rebuilt with one line."""
+    view, one large enough to be memory-mapped, and the same where the system refuses the mapping); an entry whose
+    index is not the expected one, or is garbage, is rebuilt with one line."""
     from data_cleaning import DiskCache
 
     source = tmp_path / "frame.tif"
@@ -337,10 +337,23 @@ def test_a_cache_entry_gives_back_each_array_as_written_and_a_damaged_index_is_r
     cache = DiskCache(tmp_path / "cache", {"size": 1}, tuple(arrays))
     cache.put([source], arrays)
     back = DiskCache(tmp_path / "cache", {"size": 1}, tuple(arrays)).get([source])
-    assert str(cache.entry([source])) in _mapped_files() and back["scalar"].base is not None  # the small ones read
+    scalar = back["scalar"]
+    while isinstance(scalar, np.ndarray):  # to the memory under the views: the small arrays are read, not mapped
+        scalar = scalar.base
+    assert str(cache.entry([source])) in _mapped_files() and isinstance(memoryview(scalar).obj, bytearray)
+    refused = []
+
+    def refuse(*args, **kwargs):
+        refused.append(1)
+        raise RuntimeError("no private file mappings here")
+
+    monkeypatch.setattr("data_cleaning.torch.from_file", refuse)
+    unmapped = cache.get([source])  # a system that refuses the mapping: read into memory instead
+    assert refused == [1] and unmapped is not None
     for name, array in arrays.items():
-        assert back[name].dtype == array.dtype and back[name].shape == array.shape
-        assert np.array_equal(back[name], array) and back[name].flags.writeable
+        for got in (back[name], unmapped[name]):
+            assert got.dtype == array.dtype and got.shape == array.shape
+            assert np.array_equal(got, array) and got.flags.writeable
     renamed = DiskCache(tmp_path / "cache", {"size": 1}, ("big", "scalar"))  # the script's arrays changed
     assert renamed.get([source]) is None and "cannot be read (holds ['big', 'scalar', 'empty', 'flags']" in \
         capsys.readouterr().out  # fmt: skip
